@@ -1,0 +1,174 @@
+"""The search-augmented reasoning protocol: the one place that defines prompt, tags, parsing and documents.
+
+Training, evaluation and inference all build prompts, environment text and parsed actions through this
+module; nothing else in the project spells a tag or a template.
+
+A trajectory reads
+
+    <think> … </think> <search> query </search>
+    <documents> Doc 1(Title: …) … </documents>          (inserted by the environment)
+    <refine> … </refine> … <answer> final answer </answer>
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from autorefine.retrieval import Document
+
+THINK, SEARCH, DOCUMENTS, REFINE, ANSWER = "think", "search", "documents", "refine", "answer"
+TAGS = (THINK, SEARCH, DOCUMENTS, REFINE, ANSWER)
+
+# Generation of one model turn stops right after one of these; EOS stops it too.
+STOP_STRINGS = (f"</{SEARCH}>", f"</{ANSWER}>")
+
+DOCUMENTS_OPEN = f"\n\n<{DOCUMENTS}>\n"
+DOCUMENTS_CLOSE = f"\n</{DOCUMENTS}>\n\n"
+
+# Inserted after a turn that ends without a usable action, so the model can recover.
+CORRECTION_MESSAGE = (
+    f"\n\n<{DOCUMENTS}>\nNo search was run. To search, write <{SEARCH}> query </{SEARCH}>; "
+    f"to finish, write <{ANSWER}> final answer </{ANSWER}>.\n</{DOCUMENTS}>\n\n"
+)
+
+DEFAULT_TEMPLATE_NAME = "autorefine.txt"
+
+
+def _tag_pattern(tag: str) -> re.Pattern[str]:
+    # Tolerates letter case and blanks inside the brackets; the body may not contain another opening tag,
+    # so `<search> a <search> b </search>` yields the innermost, complete block "b".
+    open_, close = rf"<\s*{tag}\s*>", rf"<\s*/\s*{tag}\s*>"
+    return re.compile(rf"{open_}((?:(?!{open_}).)*?){close}", re.IGNORECASE | re.DOTALL)
+
+
+_BLOCK = {tag: _tag_pattern(tag) for tag in TAGS}
+# A <documents> block, or an unclosed one running to the end of the text.
+_DOCUMENTS_SPAN = re.compile(
+    rf"<\s*{DOCUMENTS}\s*>.*?(?:<\s*/\s*{DOCUMENTS}\s*>|\Z)", re.IGNORECASE | re.DOTALL
+)
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """An instruction template with a `{question}` and an optional `{topk}` placeholder."""
+
+    text: str
+    source: str = "<inline>"
+
+    def __post_init__(self) -> None:
+        if "{question}" not in self.text:
+            raise ValueError(f"prompt template {self.source} has no {{question}} placeholder")
+        try:
+            self.text.format(question="", topk=0)
+        except (KeyError, IndexError, ValueError) as err:
+            raise ValueError(
+                f"prompt template {self.source} may use only {{question}} and {{topk}} "
+                f"(write literal braces as {{{{ }}}}): {err!r}"
+            ) from err
+
+    @classmethod
+    def load(cls, path: str | Path | None = None) -> PromptTemplate:
+        """Load a user template file, or the packaged default when `path` is None."""
+        if path is None:
+            text = resources.files("autorefine.templates").joinpath(DEFAULT_TEMPLATE_NAME).read_text("utf-8")
+            return cls(text, source=f"autorefine/templates/{DEFAULT_TEMPLATE_NAME}")
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"prompt template file not found: {path}")
+        return cls(path.read_text(encoding="utf-8"), source=str(path))
+
+    def render(self, question: str, topk: int) -> str:
+        """The instruction text for one question."""
+        return self.text.format(question=normalize_question(question), topk=topk)
+
+
+def normalize_question(question: str) -> str:
+    """Strip the question and end it with a question mark."""
+    question = question.strip()
+    return question if question.endswith("?") else question + "?"
+
+
+def build_prompt(
+    question: str, tokenizer: PreTrainedTokenizerBase, template: PromptTemplate, topk: int
+) -> str:
+    """The full prompt text: the instruction as one user turn of the chat template, or plain text without one."""
+    instruction = template.render(question, topk)
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": instruction}], add_generation_prompt=True, tokenize=False
+        )
+    return instruction
+
+
+def split_title(contents: str) -> tuple[str, str]:
+    """Split FlashRAG `contents` into (title, text): the title is the first line, quoted or not."""
+    title, _, text = contents.partition("\n")
+    title = title.strip()
+    if len(title) >= 2 and title[0] == title[-1] == '"':
+        title = title[1:-1]
+    return title, text.strip()
+
+
+def format_documents(documents: list[Document]) -> str:
+    """One line per passage: `Doc i(Title: t) text`."""
+    lines = []
+    for i, doc in enumerate(documents, start=1):
+        title, text = split_title(doc.contents)
+        lines.append(f"Doc {i}(Title: {title}) {text}")
+    return "\n".join(lines)
+
+
+def strip_documents(text: str) -> str:
+    """Remove every `<documents>` block (closed or running to the end) so nothing inside is parsed."""
+    return _DOCUMENTS_SPAN.sub(" ", text)
+
+
+def find_blocks(text: str, tag: str) -> list[str]:
+    """Stripped bodies of every complete `<tag>…</tag>` block outside documents, in order."""
+    return [m.group(1).strip() for m in _BLOCK[tag].finditer(strip_documents(text))]
+
+
+ActionKind = Literal["search", "answer"]
+
+
+@dataclass(frozen=True)
+class Action:
+    """What one model turn asked for: a search query or a final answer."""
+
+    kind: ActionKind
+    content: str
+
+
+def parse_action(turn_text: str) -> Action | None:
+    """The first complete, non-empty `<search>` or `<answer>` block of one model turn; None when there is none."""
+    text = strip_documents(turn_text)
+    found: list[tuple[int, Action]] = []
+    for kind in (SEARCH, ANSWER):
+        for match in _BLOCK[kind].finditer(text):
+            content = " ".join(match.group(1).split())
+            if content:
+                found.append((match.end(), Action(kind, content)))
+                break
+    if not found:
+        return None
+    return min(found, key=lambda item: item[0])[1]
+
+
+def block_sequence(text: str) -> list[str]:
+    """Tags of the complete think/search/refine/answer blocks outside documents, in order of appearance."""
+    text = strip_documents(text)
+    found = [(m.start(), tag) for tag in (THINK, SEARCH, REFINE, ANSWER) for m in _BLOCK[tag].finditer(text)]
+    return [tag for _, tag in sorted(found)]
+
+
+def final_answer(model_text: str) -> str | None:
+    """The last `<answer>` block of a model's own text (documents excluded), or None."""
+    answers = find_blocks(model_text, ANSWER)
+    return answers[-1] if answers else None

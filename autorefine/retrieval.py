@@ -1,0 +1,138 @@
+"""HTTP client for any Search-R1-style retrieval server (`POST /retrieve`, `GET /health`).
+
+The trainer talks to the retriever only through this client, so the retriever can live on its own node.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+logger = logging.getLogger(__name__)
+
+
+class RetrieverError(RuntimeError):
+    """The retriever answered, but not with what the API promises (4xx, malformed JSON)."""
+
+
+class RetrieverUnavailableError(RetrieverError):
+    """The retriever could not be reached (or kept failing) after every retry."""
+
+
+@dataclass(frozen=True)
+class Document:
+    """One retrieved passage: FlashRAG `contents` is the title on the first line, then the text."""
+
+    id: str
+    contents: str
+    score: float | None = None
+
+
+class RetrieverClient:
+    """Batched search over HTTP with connection reuse, timeouts and bounded retries with backoff."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float = 60.0,
+        max_retries: int = 5,
+        backoff: float = 0.5,
+        max_backoff: float = 8.0,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.max_retries = max_retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self._jitter = random.Random()  # private, so retries never shift the training RNG
+        self._http = httpx.Client(timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)))
+
+    def close(self) -> None:
+        """Close pooled connections."""
+        self._http.close()
+
+    def __enter__(self) -> RetrieverClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def search(self, queries: list[str], topk: int = 3) -> list[list[Document]]:
+        """Top-k documents for each query, best first; one request for the whole batch."""
+        if not queries:
+            return []
+        body = {"queries": list(queries), "topk": topk, "return_scores": True}
+        payload = self._request("POST", "/retrieve", json=body)
+        try:
+            result = payload["result"]
+            if len(result) != len(queries):
+                raise ValueError(f"{len(result)} result lists for {len(queries)} queries")
+            return [[_parse_document(item) for item in hits] for hits in result]
+        except (KeyError, TypeError, ValueError) as err:
+            raise RetrieverError(f"unexpected response from {self.url}/retrieve: {err}") from err
+
+    def health(self) -> dict[str, Any]:
+        """The server's `/health` answer (one attempt, no retries)."""
+        response = self._http.get(f"{self.url}/health")
+        response.raise_for_status()
+        return response.json()
+
+    def wait_until_ready(self, timeout: float = 120.0, interval: float = 0.5) -> dict[str, Any]:
+        """Poll `/health` until the server reports ready; raise RetrieverUnavailableError after `timeout` s."""
+        deadline = time.monotonic() + timeout
+        last_error = "no answer"
+        while True:
+            try:
+                status = self.health()
+                if status.get("status", "ready") == "ready":
+                    return status
+                last_error = f"status {status.get('status')!r}"
+            except (httpx.HTTPError, ValueError) as err:
+                last_error = _describe(err)
+            if time.monotonic() >= deadline:
+                raise RetrieverUnavailableError(
+                    f"retriever at {self.url} not ready after {timeout:.0f} s ({last_error}); "
+                    "is `retriever-server serve` running there?"
+                )
+            time.sleep(interval)
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        url = f"{self.url}{path}"
+        for attempt in range(self.max_retries + 1):
+            try:
+                response = self._http.request(method, url, **kwargs)
+            except httpx.TransportError as err:
+                problem = _describe(err)
+            else:
+                if response.status_code < 400:
+                    try:
+                        return response.json()
+                    except ValueError as err:
+                        raise RetrieverError(f"{url} answered with invalid JSON: {err}") from err
+                if response.status_code < 500:
+                    raise RetrieverError(f"{url} rejected the request ({response.status_code}): {response.text}")
+                problem = f"HTTP {response.status_code}"
+            if attempt == self.max_retries:
+                raise RetrieverUnavailableError(
+                    f"retriever at {url} unreachable after {self.max_retries + 1} attempts ({problem})"
+                )
+            delay = min(self.max_backoff, self.backoff * 2**attempt) * (0.5 + self._jitter.random() / 2)
+            logger.warning("retriever %s: %s; retry %d/%d in %.1f s", url, problem, attempt + 1, self.max_retries, delay)
+            time.sleep(delay)
+        raise AssertionError("unreachable")
+
+
+def _parse_document(item: dict[str, Any]) -> Document:
+    # With return_scores the server nests the passage under "document"; without, the passage is the item.
+    doc = item.get("document", item)
+    score = item.get("score") if "document" in item else None
+    return Document(id=str(doc["id"]), contents=str(doc["contents"]), score=score)
+
+
+def _describe(err: Exception) -> str:
+    return f"{type(err).__name__}: {err}" if str(err) else type(err).__name__

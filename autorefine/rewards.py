@@ -1,0 +1,153 @@
+"""Answer metrics and the AutoRefine reward, computed from the model's own text only.
+
+`model_text` everywhere below is the concatenation of the tokens the model generated: retrieved documents and
+environment messages are never part of it, so a passage that contains `<answer>X</answer>` cannot change a score.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+from autorefine.protocol import ANSWER, REFINE, SEARCH, THINK, block_sequence, final_answer, find_blocks
+
+OutcomeMetric = Literal["f1", "em", "cover_em"]
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+# Special answers that only match themselves: partial token overlap with "yes" is meaningless.
+_CLOSED_ANSWERS = frozenset({"yes", "no", "noanswer"})
+
+
+def normalize_answer(text: str) -> str:
+    """Lowercase, drop ASCII punctuation, drop the words a/an/the, collapse whitespace."""
+    text = text.lower().translate(_PUNCTUATION)
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+def _golds(golds: str | Sequence[str]) -> list[str]:
+    return [golds] if isinstance(golds, str) else list(golds)
+
+
+def exact_match(pred: str | None, golds: str | Sequence[str]) -> float:
+    """1.0 when the normalized prediction equals some normalized gold answer."""
+    if pred is None:
+        return 0.0
+    p = normalize_answer(pred)
+    return float(any(p == normalize_answer(g) for g in _golds(golds)))
+
+
+def cover_exact_match(pred: str | None, golds: str | Sequence[str]) -> float:
+    """1.0 when some normalized gold answer is a substring of the normalized prediction."""
+    if pred is None:
+        return 0.0
+    p = normalize_answer(pred)
+    return float(any((g := normalize_answer(gold)) and g in p for gold in _golds(golds)))
+
+
+def _token_f1(pred: str, gold: str) -> float:
+    if (pred in _CLOSED_ANSWERS or gold in _CLOSED_ANSWERS) and pred != gold:
+        return 0.0
+    common = Counter(pred.split()) & Counter(gold.split())
+    overlap = sum(common.values())
+    if overlap == 0:
+        return 0.0
+    precision = overlap / len(pred.split())
+    recall = overlap / len(gold.split())
+    return 2 * precision * recall / (precision + recall)
+
+
+def f1_score(pred: str | None, golds: str | Sequence[str]) -> float:
+    """Token-level F1 between normalized prediction and gold, maximised over the gold answers."""
+    if pred is None:
+        return 0.0
+    p = normalize_answer(pred)
+    return max((_token_f1(p, normalize_answer(g)) for g in _golds(golds)), default=0.0)
+
+
+def refine_hit(refine_texts: Sequence[str], golds: str | Sequence[str]) -> float:
+    """1.0 when some normalized gold answer is a substring of all refine blocks joined and normalized."""
+    joined = normalize_answer(" ".join(refine_texts))
+    return float(any((g := normalize_answer(gold)) and g in joined for gold in _golds(golds)))
+
+
+def follows_format(model_text: str) -> bool:
+    """Think first, a refine after every search before the next action, and a final answer at the end."""
+    tags = block_sequence(model_text)
+    if not tags or tags[0] != THINK or tags[-1] != ANSWER or tags.count(ANSWER) != 1:
+        return False
+    pending_search = False
+    for tag in tags:
+        if tag in (SEARCH, ANSWER) and pending_search:
+            return False
+        if tag == SEARCH:
+            pending_search = True
+        elif tag == REFINE:
+            pending_search = False
+    return True
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """How a trajectory is scored (defaults: the AutoRefine paper)."""
+
+    outcome_metric: OutcomeMetric = "f1"
+    refine_bonus: float = 0.1
+    format_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.outcome_metric not in _OUTCOME:
+            raise ValueError(f"outcome_metric must be one of {sorted(_OUTCOME)}, got {self.outcome_metric!r}")
+
+
+@dataclass(frozen=True)
+class RewardBreakdown:
+    """The reward and every component it was built from, for logging."""
+
+    reward: float
+    outcome: float
+    em: float
+    f1: float
+    cover_em: float
+    refine_hit: float
+    has_answer: float
+    format: float
+
+    def as_dict(self) -> dict[str, float]:
+        """Plain dict of all fields."""
+        return asdict(self)
+
+
+_OUTCOME = {"f1": f1_score, "em": exact_match, "cover_em": cover_exact_match}
+
+
+def score_model_text(
+    model_text: str, golds: str | Sequence[str], config: RewardConfig = RewardConfig()
+) -> RewardBreakdown:
+    """AutoRefine reward: 0 without an answer; the outcome metric when > 0; else the refine bonus on a hit."""
+    answer = final_answer(model_text)
+    refines = find_blocks(model_text, REFINE)
+    hit = refine_hit(refines, golds)
+    outcome = _OUTCOME[config.outcome_metric](answer, golds)
+    if answer is None:
+        reward = 0.0
+    elif outcome > 0:
+        reward = outcome
+    else:
+        reward = config.refine_bonus * hit
+    fmt = float(follows_format(model_text))
+    return RewardBreakdown(
+        reward=reward + config.format_weight * fmt,
+        outcome=outcome,
+        em=exact_match(answer, golds),
+        f1=f1_score(answer, golds),
+        cover_em=cover_exact_match(answer, golds),
+        refine_hit=hit,
+        has_answer=float(answer is not None),
+        format=fmt,
+    )
