@@ -1,0 +1,18 @@
+"""Search-augmented rollouts: the agent loop, its generation engines and the trajectories they produce."""
+
+from autorefine.rollout.agent import AgentLoop, RolloutConfig, RolloutTimings, Searcher
+from autorefine.rollout.engine import Generation, GenerationEngine, SamplingParams
+from autorefine.rollout.trajectory import FinishReason, Segment, Trajectory
+
+__all__ = [
+    "AgentLoop",
+    "FinishReason",
+    "Generation",
+    "GenerationEngine",
+    "RolloutConfig",
+    "RolloutTimings",
+    "SamplingParams",
+    "Searcher",
+    "Segment",
+    "Trajectory",
+]

@@ -1,0 +1,118 @@
+"""The small interface every generation engine implements, and the stop logic they share."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, Protocol
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+GenerationFinish = Literal["stop", "eos", "length"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens. `temperature == 0` means greedy decoding."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        """True when decoding takes the arg-max token."""
+        return self.temperature == 0
+
+
+@dataclass
+class Generation:
+    """One continuation: the sampled ids, their log-probs, and what stopped it."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    finish: GenerationFinish
+
+
+class GenerationEngine(Protocol):
+    """Continues many token sequences at once, each until a stop string, EOS or its own token budget."""
+
+    tokenizer: PreTrainedTokenizerBase
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: Sequence[int],
+        params: SamplingParams,
+        stop: Sequence[str],
+    ) -> list[Generation]:
+        """One `Generation` per prompt, in order."""
+        ...
+
+
+def eos_token_ids(tokenizer: PreTrainedTokenizerBase, generation_eos: int | Sequence[int] | None = None) -> set[int]:
+    """Every id that ends a generation: the tokenizer's EOS plus the model's generation-config EOS ids."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    if isinstance(generation_eos, int):
+        ids.add(generation_eos)
+    elif generation_eos is not None:
+        ids.update(generation_eos)
+    if not ids:
+        raise ValueError("the tokenizer has no EOS token and none was given")
+    return ids
+
+
+def finish_generation(
+    token_ids: Sequence[int],
+    logprobs: Sequence[float],
+    budget: int,
+    stop: Sequence[str],
+    eos_ids: set[int],
+    tokenizer: PreTrainedTokenizerBase,
+) -> Generation:
+    """Cut raw engine output at the first stop string or EOS (inclusive), else at `budget` tokens.
+
+    Engines may run past a row's own stop (batched decoding pads finished rows, a server applies one
+    max_tokens to all); this is the single place that decides where each continuation really ends.
+    """
+    ids = list(token_ids[:budget])
+    eos_at = next((i for i, t in enumerate(ids) if t in eos_ids), None)
+    searched = ids if eos_at is None else ids[:eos_at]
+    cut = _stop_position(searched, stop, tokenizer)
+    if cut is not None:
+        end, finish = cut, "stop"
+    elif eos_at is not None:
+        end, finish = eos_at + 1, "eos"
+    else:
+        end, finish = len(ids), "length"
+    return Generation(token_ids=ids[:end], logprobs=[float(x) for x in logprobs[:end]], finish=finish)
+
+
+def _stop_position(ids: list[int], stop: Sequence[str], tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """Smallest n such that the first n tokens decode to text containing a stop string, or None."""
+    if not stop or not ids:
+        return None
+
+    def contains_stop(n: int) -> bool:
+        text = tokenizer.decode(ids[:n], skip_special_tokens=False)
+        return any(s in text for s in stop)
+
+    if not contains_stop(len(ids)):
+        return None
+    # Containment only grows with n, so bisect instead of decoding every prefix.
+    lo, hi = 1, len(ids)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if contains_stop(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
