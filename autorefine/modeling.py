@@ -16,7 +16,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def resolve_dtype(name: str) -> torch.dtype:
     """Torch dtype from its config name ('auto' picks bf16 on a bf16-capable GPU, else float32)."""
     if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+        return (
+            torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+        )
     if name not in DTYPES:
         raise ValueError(f"dtype must be one of {['auto', *DTYPES]}, got {name!r}")
     return DTYPES[name]

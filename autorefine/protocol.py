@@ -13,6 +13,7 @@ A trajectory reads
 from __future__ import annotations
 
 import re
+import string
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -63,15 +64,20 @@ class PromptTemplate:
     source: str = "<inline>"
 
     def __post_init__(self) -> None:
-        if "{question}" not in self.text:
+        # Parse the placeholders rather than search the text: `{{question}}` is a literal, not a placeholder.
+        rule = f"prompt template {self.source} may use only {{question}} and {{topk}} (write literal braces as {{{{ }}}})"
+        try:
+            fields = {name for _, name, _, _ in string.Formatter().parse(self.text) if name is not None}
+        except ValueError as err:
+            raise ValueError(f"{rule}: {err}") from err
+        if unknown := fields - {"question", "topk"}:
+            raise ValueError(f"{rule}: {sorted(unknown)}")
+        if "question" not in fields:
             raise ValueError(f"prompt template {self.source} has no {{question}} placeholder")
         try:
             self.text.format(question="", topk=0)
-        except (KeyError, IndexError, ValueError) as err:
-            raise ValueError(
-                f"prompt template {self.source} may use only {{question}} and {{topk}} "
-                f"(write literal braces as {{{{ }}}}): {err!r}"
-            ) from err
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{rule}: {err}") from err
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> PromptTemplate:
@@ -169,6 +175,7 @@ def block_sequence(text: str) -> list[str]:
 
 
 def final_answer(model_text: str) -> str | None:
-    """The last `<answer>` block of a model's own text (documents excluded), or None."""
-    answers = find_blocks(model_text, ANSWER)
+    """The last non-empty `<answer>` block of a model's own text (documents excluded), or None."""
+    # An empty block is no answer, as it is no action for `parse_action`.
+    answers = [a for a in find_blocks(model_text, ANSWER) if a]
     return answers[-1] if answers else None

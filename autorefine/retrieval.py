@@ -115,14 +115,18 @@ class RetrieverClient:
                     except ValueError as err:
                         raise RetrieverError(f"{url} answered with invalid JSON: {err}") from err
                 if response.status_code < 500:
-                    raise RetrieverError(f"{url} rejected the request ({response.status_code}): {response.text}")
+                    raise RetrieverError(
+                        f"{url} rejected the request ({response.status_code}): {response.text}"
+                    )
                 problem = f"HTTP {response.status_code}"
             if attempt == self.max_retries:
                 raise RetrieverUnavailableError(
                     f"retriever at {url} unreachable after {self.max_retries + 1} attempts ({problem})"
                 )
             delay = min(self.max_backoff, self.backoff * 2**attempt) * (0.5 + self._jitter.random() / 2)
-            logger.warning("retriever %s: %s; retry %d/%d in %.1f s", url, problem, attempt + 1, self.max_retries, delay)
+            logger.warning(
+                "retriever %s: %s; retry %d/%d in %.1f s", url, problem, attempt + 1, self.max_retries, delay
+            )
             time.sleep(delay)
         raise AssertionError("unreachable")
 

@@ -35,11 +35,11 @@ def _golds(golds: str | Sequence[str]) -> list[str]:
 
 
 def exact_match(pred: str | None, golds: str | Sequence[str]) -> float:
-    """1.0 when the normalized prediction equals some normalized gold answer."""
+    """1.0 when the normalized prediction equals some normalized gold answer that is not empty."""
     if pred is None:
         return 0.0
     p = normalize_answer(pred)
-    return float(any(p == normalize_answer(g) for g in _golds(golds)))
+    return float(any((g := normalize_answer(gold)) and p == g for gold in _golds(golds)))
 
 
 def cover_exact_match(pred: str | None, golds: str | Sequence[str]) -> float:
@@ -70,10 +70,15 @@ def f1_score(pred: str | None, golds: str | Sequence[str]) -> float:
     return max((_token_f1(p, normalize_answer(g)) for g in _golds(golds)), default=0.0)
 
 
-def refine_hit(refine_texts: Sequence[str], golds: str | Sequence[str]) -> float:
-    """1.0 when some normalized gold answer is a substring of all refine blocks joined and normalized."""
-    joined = normalize_answer(" ".join(refine_texts))
+def contains_answer(texts: Sequence[str], golds: str | Sequence[str]) -> float:
+    """1.0 when some normalized gold answer is a substring of the texts joined by a space and normalized."""
+    joined = normalize_answer(" ".join(texts))
     return float(any((g := normalize_answer(gold)) and g in joined for gold in _golds(golds)))
+
+
+def refine_hit(refine_texts: Sequence[str], golds: str | Sequence[str]) -> float:
+    """1.0 when the model's refine blocks contain a gold answer (the AutoRefine refine reward)."""
+    return contains_answer(refine_texts, golds)
 
 
 def follows_format(model_text: str) -> bool:

@@ -35,7 +35,9 @@ class RolloutConfig:
     max_turns: int = 5  # searches per trajectory; one more turn without search follows the last one
     max_new_tokens: int = 512  # per model turn
     max_obs_tokens: int = 512  # per documents block
-    max_completion_tokens: int = 4096  # the whole completion, documents included (TRL's max_completion_length)
+    max_completion_tokens: int = (
+        4096  # the whole completion, documents included (TRL's max_completion_length)
+    )
     topk: int = 3  # documents per search
 
     def __post_init__(self) -> None:
@@ -161,7 +163,9 @@ class AgentLoop:
     def _room(self, a: _Active) -> int:
         return self.config.max_completion_tokens - len(a.trajectory.completion_ids)
 
-    def _append(self, a: _Active, kind: SegmentKind, ids: list[int], logprobs: list[float] | None = None) -> str:
+    def _append(
+        self, a: _Active, kind: SegmentKind, ids: list[int], logprobs: list[float] | None = None
+    ) -> str:
         """Add tokens to the trajectory and the model's context; returns their text."""
         t = a.trajectory
         start = len(t.completion_ids)

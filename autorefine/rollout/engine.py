@@ -58,7 +58,9 @@ class GenerationEngine(Protocol):
         ...
 
 
-def eos_token_ids(tokenizer: PreTrainedTokenizerBase, generation_eos: int | Sequence[int] | None = None) -> set[int]:
+def eos_token_ids(
+    tokenizer: PreTrainedTokenizerBase, generation_eos: int | Sequence[int] | None = None
+) -> set[int]:
     """Every id that ends a generation: the tokenizer's EOS plus the model's generation-config EOS ids."""
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     if isinstance(generation_eos, int):

@@ -57,7 +57,9 @@ class VLLMEngine:
         self._sampling_params_cls = vllm.SamplingParams
 
     @classmethod
-    def from_server(cls, tokenizer: PreTrainedTokenizerBase, base_url: str, timeout: float = 240.0) -> VLLMEngine:
+    def from_server(
+        cls, tokenizer: PreTrainedTokenizerBase, base_url: str, timeout: float = 240.0
+    ) -> VLLMEngine:
         """Engine talking to `trl vllm-serve` at `base_url` over HTTP (weights are synced by TRL itself)."""
         try:
             from trl.generation.vllm_client import VLLMClient
@@ -97,7 +99,9 @@ class VLLMEngine:
             completion = output.outputs[0]
             ids = list(completion.token_ids)
             # With logprobs=0 vLLM returns, per position, a dict holding the sampled token's Logprob.
-            logprobs = [step[token].logprob for step, token in zip(completion.logprobs or [], ids, strict=False)]
+            logprobs = [
+                step[token].logprob for step, token in zip(completion.logprobs or [], ids, strict=False)
+            ]
             logprobs += [0.0] * (len(ids) - len(logprobs))
             results.append(finish_generation(ids, logprobs, budget, stop, self.eos_ids, self.tokenizer))
         return results
@@ -123,7 +127,9 @@ class VLLMEngine:
             generation_kwargs=extra,
         )
         results = []
-        for ids, token_logprobs, budget in zip(out["completion_ids"], out["logprobs"], max_new_tokens, strict=True):
+        for ids, token_logprobs, budget in zip(
+            out["completion_ids"], out["logprobs"], max_new_tokens, strict=True
+        ):
             logprobs = [step[0] if step else 0.0 for step in token_logprobs]
             results.append(finish_generation(ids, logprobs, budget, stop, self.eos_ids, self.tokenizer))
         return results

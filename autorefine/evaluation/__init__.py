@@ -1,0 +1,1 @@
+"""Scoring trajectories against gold answers, and evaluation runs over QA benchmarks."""
