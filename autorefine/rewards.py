@@ -86,6 +86,8 @@ def follows_format(model_text: str) -> bool:
     tags = block_sequence(model_text)
     if not tags or tags[0] != THINK or tags[-1] != ANSWER or tags.count(ANSWER) != 1:
         return False
+    if final_answer(model_text) is None:  # the one answer block is empty
+        return False
     pending_search = False
     for tag in tags:
         if tag in (SEARCH, ANSWER) and pending_search:
