@@ -1,0 +1,177 @@
+"""Shared test fixtures.
+
+Retriever fixtures (reusable by any test):
+- `demo_bm25_index`: BM25 index of data/demo/corpus.jsonl (session; ~1 s to build).
+- `wiki200_corpus`, `wiki200_flat_index`: the first 200 wiki-18 sample passages and their MiniLM flat index.
+- `demo_flat_index`: MiniLM flat index of the whole demo corpus, embedding shards kept under
+  `<index>/embeddings` for building other index types without encoding again (session; ~2–3 min: slow).
+- `minilm_encoder`: the embedded all-MiniLM-L6-v2 as a `DenseEncoder` (session).
+- `start_retriever`: a function `start_retriever(index_dir, **flags)`, a context manager yielding
+  `(url, process)`: a real `python -m retriever_server.cli serve` subprocess on a free 127.0.0.1 port,
+  ready when entered, always terminated on exit. Flags map to CLI options (`batch_wait_ms=0` →
+  `--batch-wait-ms 0`, `verify_corpus_hash=True` → `--verify-corpus-hash`); `port=` fixes the port.
+- `demo_bm25_server`: URL of one BM25 demo server shared by the whole session.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+# Never touch the Hugging Face hub; keep tokenizers from forking thread pools in subprocesses.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEMO_DIR = REPO_ROOT / "data" / "demo"
+DEMO_CORPUS = DEMO_DIR / "corpus.jsonl"
+WIKI18_SAMPLE = DEMO_DIR / "wiki18_sample.jsonl"
+HOTPOTQA_DEV = DEMO_DIR / "hotpotqa_dev.jsonl"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _serve_command(index_dir: Path, port: int, flags: dict[str, Any]) -> list[str]:
+    command = [sys.executable, "-m", "retriever_server.cli", "serve", "--index", str(index_dir), "--port", str(port)]
+    for name, value in flags.items():
+        option = "--" + name.replace("_", "-")
+        if value is True:
+            command.append(option)
+        elif value not in (False, None):
+            command += [option, str(value)]
+    return command
+
+
+def _log_tail(log: Path) -> str:
+    return log.read_text("utf-8", errors="replace")[-3000:] if log.exists() else ""
+
+
+def wait_until_ready(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 120.0) -> None:
+    """Poll `url/health` until 200; fail with the server log if it exits or times out first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"retriever exited with {process.returncode} before ready:\n{_log_tail(log)}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/health", timeout=2.0).status_code == 200:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"retriever at {url} not ready after {timeout} s:\n{_log_tail(log)}")
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    """Terminate a process we started (SIGTERM, then SIGKILL after 10 s)."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def launch_retriever(
+    index_dir: str | os.PathLike[str], *, port: int | None = None, wait: bool = True, timeout: float = 120.0, **flags: Any
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Run `retriever-server serve` as a subprocess on 127.0.0.1; yield (url, process) once ready."""
+    port = port or free_port()
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryDirectory(prefix="retriever-log-") as tmp:
+        log = Path(tmp) / "server.log"
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                _serve_command(Path(index_dir), port, flags), stdout=out, stderr=subprocess.STDOUT, cwd=REPO_ROOT
+            )
+        process.log_path = log  # type: ignore[attr-defined]  # for tests that read the server's output
+        try:
+            if wait:
+                wait_until_ready(url, process, log, timeout)
+            yield url, process
+        finally:
+            stop_process(process)
+
+
+@pytest.fixture(scope="session")
+def start_retriever() -> Any:
+    """The `launch_retriever` context-manager factory (see the module docstring)."""
+    return launch_retriever
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """Directory of the embedded all-MiniLM-L6-v2 weights."""
+    from retriever_server.encoders import embedded_model_path
+
+    return embedded_model_path()
+
+
+@pytest.fixture(scope="session")
+def minilm_encoder() -> Any:
+    """The embedded MiniLM as a DenseEncoder, loaded once."""
+    from retriever_server.encoders import DenseEncoder, resolve_encoder_spec
+
+    return DenseEncoder(resolve_encoder_spec(None))
+
+
+@pytest.fixture(scope="session")
+def demo_bm25_index(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """BM25 index of the demo corpus."""
+    from retriever_server.build import build_index
+
+    out = tmp_path_factory.mktemp("demo-bm25")
+    build_index(DEMO_CORPUS, out, index_type="bm25", progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def wiki200_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first 200 passages of the wiki-18 sample as a corpus file."""
+    path = tmp_path_factory.mktemp("wiki200") / "wiki200.jsonl"
+    with WIKI18_SAMPLE.open("rb") as src:
+        path.write_bytes(b"".join(line for _, line in zip(range(200), src, strict=False)))
+    return path
+
+
+@pytest.fixture(scope="session")
+def wiki200_flat_index(tmp_path_factory: pytest.TempPathFactory, wiki200_corpus: Path) -> Path:
+    """MiniLM flat index of `wiki200_corpus` (~10 s)."""
+    from retriever_server.build import build_index
+
+    out = tmp_path_factory.mktemp("wiki200-flat")
+    build_index(wiki200_corpus, out, shard_size=64, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_flat_index(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """MiniLM flat index of the whole demo corpus; shards kept in `<index>/embeddings` (slow)."""
+    from retriever_server.build import build_index
+
+    out = tmp_path_factory.mktemp("demo-flat")
+    build_index(DEMO_CORPUS, out, shard_size=1024, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_bm25_server(demo_bm25_index: Path) -> Iterator[str]:
+    """URL of a BM25 demo server shared by the session (max_queries 8 to test the limit cheaply)."""
+    with launch_retriever(demo_bm25_index, max_queries=8, max_topk=50) as (url, _):
+        yield url
