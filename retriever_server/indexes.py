@@ -1,0 +1,308 @@
+"""Search indexes behind one interface: FAISS inner-product flat / HNSW / IVF-PQ, and BM25 (bm25s).
+
+`search(queries, k) -> (scores, rows)`: `queries` are embeddings (n, dim) for FAISS and strings for BM25;
+both outputs are (n, k') arrays, best first, with k' = min(k, corpus size). Rows index the corpus's
+offsets table. FAISS indexes go to all visible GPUs when there are any (HNSW stays on CPU).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+FAISS_TYPES = ("flat", "hnsw", "ivfpq")
+INDEX_TYPES = (*FAISS_TYPES, "bm25")
+FAISS_FILE = "index.faiss"
+BM25_DIR = "bm25"
+
+# Tuning knobs per index type; `None` means "derive from corpus size and dim" (see default_params).
+_PARAM_NAMES: dict[str, tuple[str, ...]] = {
+    "flat": (),
+    "hnsw": ("M", "efConstruction", "efSearch"),
+    "ivfpq": ("nlist", "m", "nbits", "nprobe", "refine", "k_factor"),
+    "bm25": ("k1", "b"),
+}
+# What each parameter may change after the build: search-time knobs can be overridden when serving.
+SEARCH_TIME_PARAMS = ("efSearch", "nprobe", "k_factor")
+REFINE_CHOICES = ("flat", "sq8", "none")
+_GPU_PQ_M = (1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96)
+
+
+class IndexBuildError(ValueError):
+    """An index cannot be built or loaded with the given parameters."""
+
+
+class SearchIndex(Protocol):
+    """What the server needs from any index."""
+
+    kind: str
+    ntotal: int
+
+    def search(self, queries: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k `(scores, rows)` per query, best first."""
+        ...
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (affinity-aware)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def configure_threads(threads: int | None = None, *, torch_threads: bool = True) -> int:
+    """Size FAISS's OpenMP pool (and torch's, when asked) to `threads`, default the available cores."""
+    import faiss
+
+    n = threads or available_cores()
+    faiss.omp_set_num_threads(n)
+    if torch_threads:
+        import torch
+
+        torch.set_num_threads(n)
+    return n
+
+
+def default_params(kind: str, n: int, dim: int) -> dict[str, Any]:
+    """Sensible parameters for an index over `n` vectors of `dim` dimensions."""
+    if kind == "flat":
+        return {}
+    if kind == "hnsw":
+        return {"M": 32, "efConstruction": 200, "efSearch": 128}
+    if kind == "ivfpq":
+        # ~4·sqrt(n) lists, but at least 39 training points per centroid (FAISS's own lower bound).
+        nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))
+        # Sub-quantizers of >= 4 dimensions, among the code sizes GPU IVF-PQ supports (384 → 96, 768 → 96).
+        m = max((c for c in _GPU_PQ_M if dim % c == 0 and c <= max(1, dim // 4)), default=1)
+        # 2^nbits centroids per sub-quantizer, again with >= 39 training points each.
+        nbits = max(1, min(8, int(math.log2(max(2, n // 39)))))
+        return {
+            "nlist": nlist,
+            "m": m,
+            "nbits": nbits,
+            "nprobe": min(nlist, max(32, nlist // 32)),
+            "refine": "sq8",
+            "k_factor": 8,
+        }
+    if kind == "bm25":
+        return {"k1": 1.5, "b": 0.75}
+    raise IndexBuildError(f"unknown index type {kind!r} (choose from {', '.join(INDEX_TYPES)})")
+
+
+def resolve_params(kind: str, n: int, dim: int, given: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Defaults for `kind` updated with `given`; unknown names and invalid values are errors."""
+    params = default_params(kind, n, dim)
+    for name, value in (given or {}).items():
+        if name not in _PARAM_NAMES[kind]:
+            allowed = ", ".join(_PARAM_NAMES[kind]) or "none"
+            raise IndexBuildError(f"index type {kind!r} has no parameter {name!r} (allowed: {allowed})")
+        if value is not None:
+            params[name] = value
+    if kind == "ivfpq":
+        if dim % params["m"]:
+            raise IndexBuildError(f"ivfpq: m={params['m']} must divide the embedding dimension {dim}")
+        if params["refine"] not in REFINE_CHOICES:
+            raise IndexBuildError(f"ivfpq: refine must be one of {', '.join(REFINE_CHOICES)}")
+        if params["nlist"] > n:
+            raise IndexBuildError(f"ivfpq: nlist={params['nlist']} exceeds the {n} vectors to cluster")
+    for name in ("M", "efConstruction", "efSearch", "nlist", "m", "nbits", "nprobe", "k_factor"):
+        if name in params and (not isinstance(params[name], int) or params[name] <= 0):
+            raise IndexBuildError(f"{kind}: {name} must be a positive integer, got {params[name]!r}")
+    return params
+
+
+def build_faiss_index(
+    kind: str,
+    dim: int,
+    params: dict[str, Any],
+    batches: Callable[[], Iterator[np.ndarray]],
+    train_sample: Callable[[], np.ndarray] | None = None,
+) -> Any:
+    """Create, train (IVF-PQ) and fill a CPU FAISS index from a re-iterable stream of embedding batches."""
+    import faiss
+
+    ip = faiss.METRIC_INNER_PRODUCT
+    if kind == "flat":
+        index = faiss.IndexFlatIP(dim)
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, params["M"], ip)
+        index.hnsw.efConstruction = params["efConstruction"]
+        index.hnsw.efSearch = params["efSearch"]
+    elif kind == "ivfpq":
+        if train_sample is None:
+            raise IndexBuildError("ivfpq needs a training sample")
+        quantizer = faiss.IndexFlatIP(dim)
+        ivf = faiss.IndexIVFPQ(quantizer, dim, params["nlist"], params["m"], params["nbits"], ip)
+        ivf.nprobe = params["nprobe"]
+        sample = np.ascontiguousarray(train_sample(), dtype=np.float32)
+        ivf.train(sample)
+        index = _with_refinement(ivf, dim, params, sample)
+    else:
+        raise IndexBuildError(f"not a FAISS index type: {kind!r}")
+    for batch in batches():
+        index.add(np.ascontiguousarray(batch, dtype=np.float32))
+    return index
+
+
+def _with_refinement(ivf: Any, dim: int, params: dict[str, Any], sample: np.ndarray) -> Any:
+    # PQ codes alone rank coarsely; re-scoring the k·k_factor PQ candidates with better vectors restores
+    # recall. Memory per vector: m·nbits/8 bytes of PQ code, plus dim bytes (sq8) or 4·dim bytes (flat)
+    # for the refinement vectors; "none" keeps only the PQ codes.
+    import faiss
+
+    if params["refine"] == "none":
+        return ivf
+    if params["refine"] == "flat":
+        refine = faiss.IndexFlatIP(dim)
+    else:
+        refine = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
+        refine.train(sample)  # per-dimension ranges of the 8-bit codes
+    index = faiss.IndexRefine(ivf, refine)
+    index.k_factor = params["k_factor"]
+    return index
+
+
+class FaissIndex:
+    """A FAISS inner-product index (CPU or all visible GPUs) with its build parameters."""
+
+    def __init__(self, index: Any, kind: str, params: dict[str, Any]) -> None:
+        self.index = index
+        self.kind = kind
+        self.params = dict(params)
+        self.ntotal = int(index.ntotal)
+        self.dim = int(index.d)
+        self.on_gpu = False
+        self._keep: list[Any] = []  # SWIG objects the GPU wrapper points into
+        self.search_seconds = 0.0
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], kind: str, params: dict[str, Any], *, use_gpu: bool = True) -> FaissIndex:
+        """Read an index file; apply search-time parameters; move it to the GPUs when there are any."""
+        import faiss
+
+        if not Path(path).is_file():
+            raise IndexBuildError(f"index file not found: {path}")
+        loaded = cls(faiss.read_index(str(path)), kind, params)
+        loaded.set_search_params(params)
+        if use_gpu and kind != "hnsw" and faiss.get_num_gpus() > 0:
+            loaded._to_all_gpus()
+        return loaded
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the (CPU) index atomically."""
+        import faiss
+
+        tmp = Path(str(path) + ".tmp")
+        faiss.write_index(self.index, str(tmp))
+        tmp.replace(path)
+
+    def set_search_params(self, params: dict[str, Any]) -> None:
+        """Apply efSearch / nprobe / k_factor (CPU index)."""
+        import faiss
+
+        if self.kind == "hnsw" and params.get("efSearch"):
+            faiss.downcast_index(self.index).hnsw.efSearch = int(params["efSearch"])
+        if self.kind == "ivfpq":
+            if params.get("nprobe"):
+                faiss.extract_index_ivf(self.index).nprobe = int(params["nprobe"])
+            if params.get("k_factor") and isinstance(self.index, faiss.IndexRefine):
+                self.index.k_factor = float(params["k_factor"])
+
+    def _to_all_gpus(self) -> None:
+        # Thin wrapper over FAISS's documented multi-GPU cloner: shard the vectors over the GPUs, fp16.
+        import faiss
+
+        options = faiss.GpuMultipleClonerOptions()
+        options.shard = True
+        options.useFloat16 = True
+        if isinstance(self.index, faiss.IndexRefine):
+            # The GPU cloner cannot copy IndexRefine: the IVF-PQ stage goes to the GPUs, refinement stays on CPU.
+            base = faiss.index_cpu_to_all_gpus(faiss.downcast_index(self.index.base_index), co=options)
+            faiss.GpuParameterSpace().set_index_parameter(base, "nprobe", int(self.params["nprobe"]))
+            refine = faiss.downcast_index(self.index.refine_index)
+            wrapped = faiss.IndexRefine(base, refine)
+            wrapped.k_factor = self.index.k_factor
+            self._keep = [self.index, base, refine]
+            self.index = wrapped
+        else:
+            self.index = faiss.index_cpu_to_all_gpus(self.index, co=options)
+            if self.kind == "ivfpq":
+                faiss.GpuParameterSpace().set_index_parameter(self.index, "nprobe", int(self.params["nprobe"]))
+        self.on_gpu = True
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k inner products for L2-normalized query embeddings."""
+        import time
+
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        k = min(k, self.ntotal)
+        if len(queries) == 0 or k <= 0:
+            return np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64)
+        start = time.perf_counter()
+        scores, rows = self.index.search(queries, k)
+        self.search_seconds += time.perf_counter() - start
+        return scores, rows
+
+
+class BM25Index:
+    """BM25 (bm25s) over the corpus; queries are raw strings."""
+
+    kind = "bm25"
+
+    def __init__(self, retriever: Any, params: dict[str, Any]) -> None:
+        self.retriever = retriever
+        self.params = dict(params)
+        self.ntotal = int(retriever.scores["num_docs"])
+        self.search_seconds = 0.0
+
+    @classmethod
+    def build(cls, texts: Iterator[str], params: dict[str, Any], *, show_progress: bool = False) -> BM25Index:
+        """Tokenize and index passages (bm25s keeps the token lists in memory while indexing)."""
+        import bm25s
+
+        from retriever_server.encoders import bm25_tokenize
+
+        tokens: list[list[str]] = []
+        chunk: list[str] = []
+        for text in texts:
+            chunk.append(text)
+            if len(chunk) == 10_000:
+                tokens.extend(bm25_tokenize(chunk))
+                chunk = []
+        tokens.extend(bm25_tokenize(chunk))
+        retriever = bm25s.BM25(k1=params["k1"], b=params["b"])
+        retriever.index(tokens, show_progress=show_progress)
+        return cls(retriever, params)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str], params: dict[str, Any]) -> BM25Index:
+        """Load a saved index, memory-mapping its score matrix."""
+        import bm25s
+
+        if not Path(directory).is_dir():
+            raise IndexBuildError(f"BM25 index directory not found: {directory}")
+        return cls(bm25s.BM25.load(str(directory), mmap=True, show_progress=False, verbosity=0), params)
+
+    def save(self, directory: str | os.PathLike[str]) -> None:
+        """Write the index files into `directory`."""
+        self.retriever.save(str(directory), show_progress=False)
+
+    def search(self, queries: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k BM25 scores per query string."""
+        import time
+
+        from retriever_server.encoders import bm25_tokenize
+
+        k = min(k, self.ntotal)
+        if not queries or k <= 0:
+            return np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64)
+        start = time.perf_counter()
+        rows, scores = self.retriever.retrieve(bm25_tokenize(queries), k=k, show_progress=False)
+        self.search_seconds += time.perf_counter() - start
+        return np.asarray(scores, dtype=np.float32), np.asarray(rows, dtype=np.int64)
