@@ -1,0 +1,229 @@
+"""`retriever-server build` and `retriever-server serve`.
+
+Heavy libraries (torch, faiss, transformers) are imported only by the subcommand that needs them, so
+`--help` is instant. Errors print one line and exit non-zero; set RETRIEVER_SERVER_DEBUG=1 for tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+_EXAMPLES = """examples:
+  retriever-server build --corpus data/demo/corpus.jsonl --out runs/index/demo-minilm-flat
+  retriever-server build --corpus wiki-18.jsonl --encoder intfloat/e5-base-v2 --index-type ivfpq --out idx/
+  retriever-server build --corpus data/demo/corpus.jsonl --encoder bm25 --out runs/index/demo-bm25
+  retriever-server serve --index runs/index/demo-minilm-flat --port 8000
+"""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of both subcommands."""
+    parser = argparse.ArgumentParser(
+        prog="retriever-server",
+        description="FAISS / BM25 retrieval service speaking the Search-R1 HTTP API (POST /retrieve).",
+        epilog=_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{build,serve}")
+
+    build = sub.add_parser(
+        "build",
+        help="build an index (offsets, embeddings, FAISS/BM25 index, manifest.json) from a FlashRAG JSONL corpus",
+        description="Build an index directory from a FlashRAG JSONL corpus ({id, contents} or {id, title, text}). "
+        "Embeddings are written in shards, so an interrupted build resumes where it stopped.",
+    )
+    build.add_argument("--corpus", required=True, type=Path, help="corpus JSONL file")
+    build.add_argument("--out", required=True, type=Path, help="index directory to write")
+    build.add_argument(
+        "--encoder",
+        default=None,
+        help="hub name or local path of a dense encoder, or 'bm25'; default: the embedded all-MiniLM-L6-v2",
+    )
+    build.add_argument("--index-type", choices=("flat", "hnsw", "ivfpq", "bm25"), default=None,
+                       help="FAISS inner-product index type (default flat; bm25 with --encoder bm25)")
+    build.add_argument("--family", choices=("e5", "bge", "sentence-transformers"), default=None,
+                       help="encoder conventions (prefixes, pooling); detected from the name by default")
+    build.add_argument("--pooling", choices=("mean", "cls"), default=None, help="override the family's pooling")
+    build.add_argument("--max-length", type=_positive_int, default=256, help="max tokens per passage/query (default 256)")
+    build.add_argument("--batch-size", type=_positive_int, default=64, help="passages per encoder batch (default 64)")
+    build.add_argument("--shard-size", type=_positive_int, default=10_000,
+                       help="passages per embedding shard, the unit of resumption (default 10000)")
+    build.add_argument("--shards-dir", type=Path, default=None,
+                       help="embedding shards directory (default OUT/embeddings); point it at another build's "
+                       "shards to build another index type without encoding again")
+    build.add_argument("--delete-shards", action="store_true", help="delete the embedding shards after the build")
+    build.add_argument("--skip-malformed", action="store_true",
+                       help="skip malformed corpus lines (counted in the manifest) instead of failing")
+    build.add_argument("--force", action="store_true", help="overwrite a finished index built with another configuration")
+    build.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: available cores)")
+    build.add_argument("--no-progress", action="store_true", help="no progress bars")
+    params = build.add_argument_group("index parameters (default: derived from corpus size and dimension)")
+    params.add_argument("--hnsw-m", dest="M", type=_positive_int, help="hnsw: neighbours per node (32)")
+    params.add_argument("--ef-construction", dest="efConstruction", type=_positive_int, help="hnsw: build beam (200)")
+    params.add_argument("--ef-search", dest="efSearch", type=_positive_int, help="hnsw: search beam (128)")
+    params.add_argument("--nlist", type=_positive_int, help="ivfpq: inverted lists (~4·sqrt(N))")
+    params.add_argument("--pq-m", dest="m", type=_positive_int, help="ivfpq: PQ sub-quantizers, divides dim (~dim/8)")
+    params.add_argument("--nbits", type=_positive_int, help="ivfpq: bits per PQ code (8)")
+    params.add_argument("--nprobe", type=_positive_int, help="ivfpq: lists visited per query")
+    params.add_argument("--refine", choices=("flat", "sq8", "none"),
+                        help="ivfpq: re-rank PQ candidates with fp32 (flat, +4·dim B/vector), 8-bit (sq8, +dim B) or not")
+    params.add_argument("--k-factor", dest="k_factor", type=_positive_int, help="ivfpq: candidates re-ranked per hit (8)")
+    params.add_argument("--k1", type=float, help="bm25: term saturation (1.5)")
+    params.add_argument("--b", type=float, help="bm25: length normalization (0.75)")
+
+    serve = sub.add_parser(
+        "serve",
+        help="serve an index over HTTP (POST /retrieve, GET /health, GET /stats)",
+        description="Serve an index built by `retriever-server build`. The port opens at once; /health answers "
+        "503 until the index and encoder are loaded. Refuses an index whose manifest does not match the corpus "
+        "or the encoder given.",
+    )
+    serve.add_argument("--index", required=True, type=Path, help="index directory (with manifest.json)")
+    serve.add_argument("--corpus", type=Path, default=None, help="corpus file (default: the path in the manifest)")
+    serve.add_argument("--encoder", default=None,
+                       help="encoder to use; must be the one the index was built with (default: the manifest's)")
+    serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--topk", type=_positive_int, default=3, help="documents per query when a request names none (3)")
+    serve.add_argument("--max-topk", type=_positive_int, default=100, help="largest topk a request may ask (100)")
+    serve.add_argument("--max-queries", type=_positive_int, default=1024, help="most queries per request (1024)")
+    serve.add_argument("--batch-wait-ms", type=_non_negative_float, default=5.0,
+                       help="how long a batch waits for more requests (5; 0 disables micro-batching)")
+    serve.add_argument("--batch-max-size", type=_positive_int, default=256, help="most queries per merged batch (256)")
+    serve.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: available cores)")
+    serve.add_argument("--verify-corpus-hash", action="store_true", help="check the corpus's full sha256 at startup")
+    serve.add_argument("--ef-search", dest="efSearch", type=_positive_int, help="hnsw: override the search beam")
+    serve.add_argument("--nprobe", type=_positive_int, help="ivfpq: override the lists visited per query")
+    serve.add_argument("--k-factor", dest="k_factor", type=_positive_int, help="ivfpq: override the re-ranked candidates")
+    serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    serve.add_argument("--access-log", action="store_true", help="log every request (off: it costs throughput)")
+    return parser
+
+
+_BUILD_PARAMS = ("M", "efConstruction", "efSearch", "nlist", "m", "nbits", "nprobe", "refine", "k_factor", "k1", "b")
+
+
+def _build(args: argparse.Namespace) -> int:
+    from retriever_server.build import build_index
+
+    bm25 = (args.encoder or "").lower() == "bm25"
+    index_type = args.index_type or ("bm25" if bm25 else "flat")
+    result = build_index(
+        args.corpus,
+        args.out,
+        encoder=args.encoder,
+        index_type=index_type,
+        index_params={name: getattr(args, name) for name in _BUILD_PARAMS if getattr(args, name) is not None},
+        family=args.family,
+        pooling=args.pooling,
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        shard_size=args.shard_size,
+        shards_dir=args.shards_dir,
+        keep_shards=not args.delete_shards,
+        skip_malformed=args.skip_malformed,
+        force=args.force,
+        threads=args.threads,
+        progress=not args.no_progress,
+    )
+    manifest = result.manifest
+    corpus = manifest["corpus"]
+    state = "up to date" if result.up_to_date else f"built in {manifest['build']['seconds']:.1f} s"
+    print(
+        f"{args.out}: {manifest['index']['type']} index of {corpus['passages']} passages "
+        f"({corpus['skipped_lines']} malformed lines skipped), encoder {manifest['encoder']['name']}; {state}"
+    )
+    if result.shards_reused:
+        print(f"reused {len(result.shards_reused)} embedding shards, encoded {len(result.shards_encoded)}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from retriever_server.app import ServeConfig, create_app, plan_serving
+
+    config = ServeConfig(
+        index_dir=args.index,
+        corpus=args.corpus,
+        encoder=args.encoder,
+        topk=args.topk,
+        max_topk=args.max_topk,
+        max_queries=args.max_queries,
+        batch_wait_ms=args.batch_wait_ms,
+        batch_max_size=args.batch_max_size,
+        threads=args.threads,
+        verify_corpus_hash=args.verify_corpus_hash,
+        search_params={k: getattr(args, k) for k in ("efSearch", "nprobe", "k_factor") if getattr(args, k)},
+    )
+    plan = plan_serving(config)
+    fatal: list[str] = []
+    server: Any = None
+
+    def stop(message: str) -> None:
+        fatal.append(message)
+        server.should_exit = True
+
+    app = create_app(plan, on_fatal=stop)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log)
+    )
+    server.run()
+    if fatal:
+        raise RuntimeError(fatal[0])
+    return 0
+
+
+def _describe(err: Exception) -> str:
+    # Our own errors (all ValueError subclasses) already read as sentences; name the type of anything else.
+    message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    if isinstance(err, ValueError | OSError) and message:
+        return message
+    return f"{type(err).__name__}: {message}" if message else type(err).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `retriever-server` command."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(args, "log_level", "info").upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    for noisy in ("faiss", "bm25s", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return _build(args) if args.command == "build" else _serve(args)
+    except KeyboardInterrupt:
+        print("retriever-server: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if os.environ.get("RETRIEVER_SERVER_DEBUG"):
+            raise
+        print(f"retriever-server {args.command}: error: {_describe(err)}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
