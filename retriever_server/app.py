@@ -101,7 +101,9 @@ class Retriever:
         configure_threads(plan.config.threads, torch_threads=dense)
         store = DocumentStore(plan.corpus, index_dir / manifest["offsets"])
         if len(store) != manifest["corpus"]["passages"]:
-            raise ManifestMismatch(f"{index_dir}: offsets table has {len(store)} rows, manifest says {manifest['corpus']['passages']}")
+            raise ManifestMismatch(
+                f"{index_dir}: offsets table has {len(store)} rows, manifest says {manifest['corpus']['passages']}"
+            )
         info = manifest["index"]
         params = {**info["params"], **plan.config.search_params}
         if not dense:
@@ -111,7 +113,9 @@ class Retriever:
         assert plan.spec is not None
         encoder = DenseEncoder(plan.spec, batch_size=plan.config.batch_max_size)
         if encoder.dim != manifest["dim"]:
-            raise ManifestMismatch(f"encoder {plan.spec.name!r} makes {encoder.dim}-d vectors, the index holds {manifest['dim']}-d")
+            raise ManifestMismatch(
+                f"encoder {plan.spec.name!r} makes {encoder.dim}-d vectors, the index holds {manifest['dim']}-d"
+            )
         index = FaissIndex.load(index_dir / info["path"], info["type"], params)
         retriever = cls(plan, index, store, encoder)
         retriever.process([(["warm-up query"], 1)])  # first passes allocate; keep that out of request latency
@@ -133,7 +137,11 @@ class Retriever:
         for batch_queries, k in requests:
             per_query = []
             for i in range(at, at + len(batch_queries)):
-                hits = [(float(s), self.store.get(int(r))) for s, r in zip(scores[i, :k], rows[i, :k], strict=True) if r >= 0]
+                hits = [
+                    (float(s), self.store.get(int(r)))
+                    for s, r in zip(scores[i, :k], rows[i, :k], strict=True)
+                    if r >= 0
+                ]
                 per_query.append(hits)
             results.append(per_query)
             at += len(batch_queries)
@@ -231,9 +239,13 @@ def create_app(
     def load() -> None:
         try:
             state.retriever = loader(plan)
-            logger.info("ready: %d passages, %s index", len(state.retriever.store), plan.manifest["index"]["type"])
+            logger.info(
+                "ready: %d passages, %s index", len(state.retriever.store), plan.manifest["index"]["type"]
+            )
         except Exception as err:
-            state.error = f"{type(err).__name__}: {err}" if not isinstance(err, ManifestMismatch) else str(err)
+            state.error = (
+                f"{type(err).__name__}: {err}" if not isinstance(err, ManifestMismatch) else str(err)
+            )
             logger.error("loading the index failed: %s", state.error)
             if on_fatal is not None:
                 on_fatal(state.error)
@@ -302,7 +314,10 @@ def create_app(
         if not queries:
             return Response(b'{"result": []}', media_type="application/json")
         if state.retriever is None:
-            return _error(503, "index is still loading" if state.error is None else f"index failed to load: {state.error}")
+            return _error(
+                503,
+                "index is still loading" if state.error is None else f"index failed to load: {state.error}",
+            )
         try:
             hits = await batcher.submit(queries, topk)
         except asyncio.CancelledError:

@@ -58,7 +58,9 @@ class MicroBatcher(Generic[Result]):
     every request is processed on its own, in arrival order.
     """
 
-    def __init__(self, process: Callable[[list[Request]], list[Result]], *, wait_ms: float, max_size: int) -> None:
+    def __init__(
+        self, process: Callable[[list[Request]], list[Result]], *, wait_ms: float, max_size: int
+    ) -> None:
         if wait_ms < 0 or max_size <= 0:
             raise ValueError("wait_ms must be >= 0 and max_size > 0")
         self._process = process

@@ -83,7 +83,13 @@ def _progress(total: int, desc: str, unit: str, enabled: bool, initial: int = 0)
 
     scale = unit == "B"
     return tqdm(
-        total=total, initial=initial, desc=desc, unit=unit, unit_scale=scale, disable=not enabled, dynamic_ncols=True
+        total=total,
+        initial=initial,
+        desc=desc,
+        unit=unit,
+        unit_scale=scale,
+        disable=not enabled,
+        dynamic_ncols=True,
     )
 
 
@@ -155,7 +161,9 @@ def _prepare_shards(shards: Path, state: dict[str, Any]) -> None:
             return
         stale = sorted(shards.glob("emb_*.npy"))
         if stale:
-            logger.warning("discarding %d embedding shards of another corpus/encoder in %s", len(stale), shards)
+            logger.warning(
+                "discarding %d embedding shards of another corpus/encoder in %s", len(stale), shards
+            )
         for path in stale:
             path.unlink()
     state_file.write_text(json.dumps(state, indent=2) + "\n", "utf-8")
@@ -184,7 +192,12 @@ def encode_shards(
     """Embed every passage into `shards`, reusing complete shards; return (spec with dim, encoded, reused)."""
     n = len(store)
     n_shards = (n + shard_size - 1) // shard_size
-    identity = {"corpus_sha256": corpus_sha256, "passages": n, "shard_size": shard_size, "encoder": spec.to_dict()}
+    identity = {
+        "corpus_sha256": corpus_sha256,
+        "passages": n,
+        "shard_size": shard_size,
+        "encoder": spec.to_dict(),
+    }
     _prepare_shards(shards, identity)
     dim_file = shards / "dim.json"
     dim = json.loads(dim_file.read_text("utf-8"))["dim"] if dim_file.is_file() else None
@@ -268,7 +281,9 @@ def build_index(
     bm25 = index_type == BM25 or (encoder or "").lower() == BM25
     if bm25 and index_type != BM25:
         raise BuildError(f"--encoder bm25 goes with --index-type bm25, not {index_type!r}")
-    spec = None if bm25 else resolve_encoder_spec(encoder, family=family, pooling=pooling, max_length=max_length)
+    spec = (
+        None if bm25 else resolve_encoder_spec(encoder, family=family, pooling=pooling, max_length=max_length)
+    )
     given_params = dict(index_params or {})
     out.mkdir(parents=True, exist_ok=True)
     requested = _requested_config(corpus, spec, index_type, given_params, skip_malformed)
@@ -281,7 +296,9 @@ def build_index(
 
     scan_bar = _progress(corpus.stat().st_size, "scanning corpus", "B", progress)
     try:
-        scan = scan_corpus(corpus, out / OFFSETS_FILE, skip_malformed=skip_malformed, progress=scan_bar.update)
+        scan = scan_corpus(
+            corpus, out / OFFSETS_FILE, skip_malformed=skip_malformed, progress=scan_bar.update
+        )
     finally:
         scan_bar.close()
     if scan.skipped_lines:
@@ -301,7 +318,13 @@ def build_index(
             assert spec is not None
             shards = Path(shards_dir) if shards_dir else out / SHARDS_DIR
             spec, result.shards_encoded, result.shards_reused = encode_shards(
-                store, spec, shards, scan.sha256, shard_size=shard_size, batch_size=batch_size, progress=progress
+                store,
+                spec,
+                shards,
+                scan.sha256,
+                shard_size=shard_size,
+                batch_size=batch_size,
+                progress=progress,
             )
             assert spec.dim is not None
             params = resolve_params(index_type, scan.passages, spec.dim, given_params)
@@ -356,7 +379,13 @@ def _build_faiss(
     if raw.ntotal != n:
         raise BuildError(f"index holds {raw.ntotal} vectors for {n} passages")
     FaissIndex(raw, kind, params).save(out / FAISS_FILE)
-    return {"type": kind, "params": params, "path": FAISS_FILE, "ntotal": int(raw.ntotal), "metric": "inner_product"}
+    return {
+        "type": kind,
+        "params": params,
+        "path": FAISS_FILE,
+        "ntotal": int(raw.ntotal),
+        "metric": "inner_product",
+    }
 
 
 def _manifest(

@@ -61,35 +61,75 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="hub name or local path of a dense encoder, or 'bm25'; default: the embedded all-MiniLM-L6-v2",
     )
-    build.add_argument("--index-type", choices=("flat", "hnsw", "ivfpq", "bm25"), default=None,
-                       help="FAISS inner-product index type (default flat; bm25 with --encoder bm25)")
-    build.add_argument("--family", choices=("e5", "bge", "sentence-transformers"), default=None,
-                       help="encoder conventions (prefixes, pooling); detected from the name by default")
-    build.add_argument("--pooling", choices=("mean", "cls"), default=None, help="override the family's pooling")
-    build.add_argument("--max-length", type=_positive_int, default=256, help="max tokens per passage/query (default 256)")
-    build.add_argument("--batch-size", type=_positive_int, default=64, help="passages per encoder batch (default 64)")
-    build.add_argument("--shard-size", type=_positive_int, default=10_000,
-                       help="passages per embedding shard, the unit of resumption (default 10000)")
-    build.add_argument("--shards-dir", type=Path, default=None,
-                       help="embedding shards directory (default OUT/embeddings); point it at another build's "
-                       "shards to build another index type without encoding again")
-    build.add_argument("--delete-shards", action="store_true", help="delete the embedding shards after the build")
-    build.add_argument("--skip-malformed", action="store_true",
-                       help="skip malformed corpus lines (counted in the manifest) instead of failing")
-    build.add_argument("--force", action="store_true", help="overwrite a finished index built with another configuration")
-    build.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: available cores)")
+    build.add_argument(
+        "--index-type",
+        choices=("flat", "hnsw", "ivfpq", "bm25"),
+        default=None,
+        help="FAISS inner-product index type (default flat; bm25 with --encoder bm25)",
+    )
+    build.add_argument(
+        "--family",
+        choices=("e5", "bge", "sentence-transformers"),
+        default=None,
+        help="encoder conventions (prefixes, pooling); detected from the name by default",
+    )
+    build.add_argument(
+        "--pooling", choices=("mean", "cls"), default=None, help="override the family's pooling"
+    )
+    build.add_argument(
+        "--max-length", type=_positive_int, default=256, help="max tokens per passage/query (default 256)"
+    )
+    build.add_argument(
+        "--batch-size", type=_positive_int, default=64, help="passages per encoder batch (default 64)"
+    )
+    build.add_argument(
+        "--shard-size",
+        type=_positive_int,
+        default=10_000,
+        help="passages per embedding shard, the unit of resumption (default 10000)",
+    )
+    build.add_argument(
+        "--shards-dir",
+        type=Path,
+        default=None,
+        help="embedding shards directory (default OUT/embeddings); point it at another build's "
+        "shards to build another index type without encoding again",
+    )
+    build.add_argument(
+        "--delete-shards", action="store_true", help="delete the embedding shards after the build"
+    )
+    build.add_argument(
+        "--skip-malformed",
+        action="store_true",
+        help="skip malformed corpus lines (counted in the manifest) instead of failing",
+    )
+    build.add_argument(
+        "--force", action="store_true", help="overwrite a finished index built with another configuration"
+    )
+    build.add_argument(
+        "--threads", type=_positive_int, default=None, help="CPU threads (default: available cores)"
+    )
     build.add_argument("--no-progress", action="store_true", help="no progress bars")
     params = build.add_argument_group("index parameters (default: derived from corpus size and dimension)")
     params.add_argument("--hnsw-m", dest="M", type=_positive_int, help="hnsw: neighbours per node (32)")
-    params.add_argument("--ef-construction", dest="efConstruction", type=_positive_int, help="hnsw: build beam (200)")
+    params.add_argument(
+        "--ef-construction", dest="efConstruction", type=_positive_int, help="hnsw: build beam (200)"
+    )
     params.add_argument("--ef-search", dest="efSearch", type=_positive_int, help="hnsw: search beam (128)")
     params.add_argument("--nlist", type=_positive_int, help="ivfpq: inverted lists (~4·sqrt(N))")
-    params.add_argument("--pq-m", dest="m", type=_positive_int, help="ivfpq: PQ sub-quantizers, divides dim (~dim/8)")
+    params.add_argument(
+        "--pq-m", dest="m", type=_positive_int, help="ivfpq: PQ sub-quantizers, divides dim (~dim/8)"
+    )
     params.add_argument("--nbits", type=_positive_int, help="ivfpq: bits per PQ code (8)")
     params.add_argument("--nprobe", type=_positive_int, help="ivfpq: lists visited per query")
-    params.add_argument("--refine", choices=("flat", "sq8", "none"),
-                        help="ivfpq: re-rank PQ candidates with fp32 (flat, +4·dim B/vector), 8-bit (sq8, +dim B) or not")
-    params.add_argument("--k-factor", dest="k_factor", type=_positive_int, help="ivfpq: candidates re-ranked per hit (8)")
+    params.add_argument(
+        "--refine",
+        choices=("flat", "sq8", "none"),
+        help="ivfpq: re-rank PQ candidates with fp32 (flat, +4·dim B/vector), 8-bit (sq8, +dim B) or not",
+    )
+    params.add_argument(
+        "--k-factor", dest="k_factor", type=_positive_int, help="ivfpq: candidates re-ranked per hit (8)"
+    )
     params.add_argument("--k1", type=float, help="bm25: term saturation (1.5)")
     params.add_argument("--b", type=float, help="bm25: length normalization (0.75)")
 
@@ -101,28 +141,69 @@ def build_parser() -> argparse.ArgumentParser:
         "or the encoder given.",
     )
     serve.add_argument("--index", required=True, type=Path, help="index directory (with manifest.json)")
-    serve.add_argument("--corpus", type=Path, default=None, help="corpus file (default: the path in the manifest)")
-    serve.add_argument("--encoder", default=None,
-                       help="encoder to use; must be the one the index was built with (default: the manifest's)")
-    serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument(
+        "--corpus", type=Path, default=None, help="corpus file (default: the path in the manifest)"
+    )
+    serve.add_argument(
+        "--encoder",
+        default=None,
+        help="encoder to use; must be the one the index was built with (default: the manifest's)",
+    )
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)"
+    )
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    serve.add_argument("--topk", type=_positive_int, default=3, help="documents per query when a request names none (3)")
-    serve.add_argument("--max-topk", type=_positive_int, default=100, help="largest topk a request may ask (100)")
-    serve.add_argument("--max-queries", type=_positive_int, default=1024, help="most queries per request (1024)")
-    serve.add_argument("--batch-wait-ms", type=_non_negative_float, default=5.0,
-                       help="how long a batch waits for more requests (5; 0 disables micro-batching)")
-    serve.add_argument("--batch-max-size", type=_positive_int, default=256, help="most queries per merged batch (256)")
-    serve.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: available cores)")
-    serve.add_argument("--verify-corpus-hash", action="store_true", help="check the corpus's full sha256 at startup")
-    serve.add_argument("--ef-search", dest="efSearch", type=_positive_int, help="hnsw: override the search beam")
+    serve.add_argument(
+        "--topk", type=_positive_int, default=3, help="documents per query when a request names none (3)"
+    )
+    serve.add_argument(
+        "--max-topk", type=_positive_int, default=100, help="largest topk a request may ask (100)"
+    )
+    serve.add_argument(
+        "--max-queries", type=_positive_int, default=1024, help="most queries per request (1024)"
+    )
+    serve.add_argument(
+        "--batch-wait-ms",
+        type=_non_negative_float,
+        default=5.0,
+        help="how long a batch waits for more requests (5; 0 disables micro-batching)",
+    )
+    serve.add_argument(
+        "--batch-max-size", type=_positive_int, default=256, help="most queries per merged batch (256)"
+    )
+    serve.add_argument(
+        "--threads", type=_positive_int, default=None, help="CPU threads (default: available cores)"
+    )
+    serve.add_argument(
+        "--verify-corpus-hash", action="store_true", help="check the corpus's full sha256 at startup"
+    )
+    serve.add_argument(
+        "--ef-search", dest="efSearch", type=_positive_int, help="hnsw: override the search beam"
+    )
     serve.add_argument("--nprobe", type=_positive_int, help="ivfpq: override the lists visited per query")
-    serve.add_argument("--k-factor", dest="k_factor", type=_positive_int, help="ivfpq: override the re-ranked candidates")
+    serve.add_argument(
+        "--k-factor", dest="k_factor", type=_positive_int, help="ivfpq: override the re-ranked candidates"
+    )
     serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
-    serve.add_argument("--access-log", action="store_true", help="log every request (off: it costs throughput)")
+    serve.add_argument(
+        "--access-log", action="store_true", help="log every request (off: it costs throughput)"
+    )
     return parser
 
 
-_BUILD_PARAMS = ("M", "efConstruction", "efSearch", "nlist", "m", "nbits", "nprobe", "refine", "k_factor", "k1", "b")
+_BUILD_PARAMS = (
+    "M",
+    "efConstruction",
+    "efSearch",
+    "nlist",
+    "m",
+    "nbits",
+    "nprobe",
+    "refine",
+    "k_factor",
+    "k1",
+    "b",
+)
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -188,7 +269,9 @@ def _serve(args: argparse.Namespace) -> int:
 
     app = create_app(plan, on_fatal=stop)
     server = uvicorn.Server(
-        uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log)
+        uvicorn.Config(
+            app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log
+        )
     )
     server.run()
     if fatal:
@@ -208,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `retriever-server` command."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=getattr(args, "log_level", "info").upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=getattr(args, "log_level", "info").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     for noisy in ("faiss", "bm25s", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -57,7 +57,9 @@ class CorpusScan:
         }
 
 
-def parse_row(line: bytes | str, path: str | os.PathLike[str] = "<corpus>", lineno: int = 0) -> tuple[str, str]:
+def parse_row(
+    line: bytes | str, path: str | os.PathLike[str] = "<corpus>", lineno: int = 0
+) -> tuple[str, str]:
     """Parse one corpus line into `(id, contents)`; raise CorpusError naming file and line when malformed."""
     return _parse(line, f"{path}:{lineno}" if lineno > 0 else str(path))
 

@@ -183,7 +183,9 @@ def _pooled_module(model: Any, pooling: str, normalize: bool) -> torch.nn.Module
             super().__init__()
             self.model = model
 
-        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra: torch.Tensor) -> torch.Tensor:
+        def forward(
+            self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra: torch.Tensor
+        ) -> torch.Tensor:
             hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
             if pooling == "cls":
                 emb = hidden[:, 0]

@@ -182,7 +182,9 @@ class FaissIndex:
         self.search_seconds = 0.0
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], kind: str, params: dict[str, Any], *, use_gpu: bool = True) -> FaissIndex:
+    def load(
+        cls, path: str | os.PathLike[str], kind: str, params: dict[str, Any], *, use_gpu: bool = True
+    ) -> FaissIndex:
         """Read an index file; apply search-time parameters; move it to the GPUs when there are any."""
         import faiss
 
@@ -233,7 +235,9 @@ class FaissIndex:
         else:
             self.index = faiss.index_cpu_to_all_gpus(self.index, co=options)
             if self.kind == "ivfpq":
-                faiss.GpuParameterSpace().set_index_parameter(self.index, "nprobe", int(self.params["nprobe"]))
+                faiss.GpuParameterSpace().set_index_parameter(
+                    self.index, "nprobe", int(self.params["nprobe"])
+                )
         self.on_gpu = True
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

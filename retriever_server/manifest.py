@@ -37,7 +37,9 @@ def read_manifest(index_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """Load `manifest.json` of an index directory; a clear error when it is not a finished index."""
     path = Path(index_dir) / MANIFEST_FILE
     if not path.is_file():
-        raise ManifestMismatch(f"{index_dir} is not a finished index (no {MANIFEST_FILE}); run `retriever-server build`")
+        raise ManifestMismatch(
+            f"{index_dir} is not a finished index (no {MANIFEST_FILE}); run `retriever-server build`"
+        )
     try:
         manifest = json.loads(path.read_text("utf-8"))
     except ValueError as err:
@@ -55,7 +57,9 @@ def write_manifest(index_dir: str | os.PathLike[str], manifest: dict[str, Any]) 
     tmp.replace(path)
 
 
-def check_corpus(manifest: dict[str, Any], corpus: str | os.PathLike[str], *, full_hash: bool = False) -> None:
+def check_corpus(
+    manifest: dict[str, Any], corpus: str | os.PathLike[str], *, full_hash: bool = False
+) -> None:
     """Raise ManifestMismatch unless `corpus` is the file the index was built from (size, fingerprint, sha256)."""
     recorded = manifest["corpus"]
     path = Path(corpus)
@@ -92,7 +96,9 @@ def check_encoder(manifest: dict[str, Any], encoder: str | None) -> EncoderSpec 
     if encoder.lower() == BM25 or recorded is None:
         if (encoder.lower() == BM25) != (recorded is None):
             built = "BM25" if recorded is None else f"dense encoder {recorded.name!r}"
-            raise ManifestMismatch(f"encoder {encoder!r} does not match the index, which was built with {built}")
+            raise ManifestMismatch(
+                f"encoder {encoder!r} does not match the index, which was built with {built}"
+            )
         return recorded
     # Same conventions are required; the model itself may live at another path if its files are the same.
     given = resolve_encoder_spec(

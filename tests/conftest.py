@@ -49,12 +49,21 @@ def free_port() -> int:
 
 
 def _serve_command(index_dir: Path, port: int, flags: dict[str, Any]) -> list[str]:
-    command = [sys.executable, "-m", "retriever_server.cli", "serve", "--index", str(index_dir), "--port", str(port)]
+    command = [
+        sys.executable,
+        "-m",
+        "retriever_server.cli",
+        "serve",
+        "--index",
+        str(index_dir),
+        "--port",
+        str(port),
+    ]
     for name, value in flags.items():
         option = "--" + name.replace("_", "-")
         if value is True:
             command.append(option)
-        elif value not in (False, None):
+        elif value is not False and value is not None:  # 0 is a value, not "off"
             command += [option, str(value)]
     return command
 
@@ -89,7 +98,12 @@ def stop_process(process: subprocess.Popen[bytes]) -> None:
 
 @contextlib.contextmanager
 def launch_retriever(
-    index_dir: str | os.PathLike[str], *, port: int | None = None, wait: bool = True, timeout: float = 120.0, **flags: Any
+    index_dir: str | os.PathLike[str],
+    *,
+    port: int | None = None,
+    wait: bool = True,
+    timeout: float = 120.0,
+    **flags: Any,
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """Run `retriever-server serve` as a subprocess on 127.0.0.1; yield (url, process) once ready."""
     port = port or free_port()
@@ -98,7 +112,10 @@ def launch_retriever(
         log = Path(tmp) / "server.log"
         with log.open("wb") as out:
             process = subprocess.Popen(
-                _serve_command(Path(index_dir), port, flags), stdout=out, stderr=subprocess.STDOUT, cwd=REPO_ROOT
+                _serve_command(Path(index_dir), port, flags),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=REPO_ROOT,
             )
         process.log_path = log  # type: ignore[attr-defined]  # for tests that read the server's output
         try:

@@ -53,7 +53,14 @@ def test_int_ids_become_strings_and_unicode_is_preserved(tmp_path: Path) -> None
 
 
 def test_blank_lines_are_ignored(tmp_path: Path) -> None:
-    lines = ["", json.dumps({"id": "1", "contents": "A\na"}), "   ", "", json.dumps({"id": "2", "contents": "B\nb"}), ""]
+    lines = [
+        "",
+        json.dumps({"id": "1", "contents": "A\na"}),
+        "   ",
+        "",
+        json.dumps({"id": "2", "contents": "B\nb"}),
+        "",
+    ]
     store, scan = _store(tmp_path, lines)
     assert len(store) == scan.passages == 2
     assert [store.get(i)["id"] for i in range(2)] == ["1", "2"]
@@ -103,7 +110,10 @@ def test_skip_malformed_skips_and_counts(tmp_path: Path) -> None:
     assert scan.skipped_lines == 2
     assert any(":2:" in example for example in scan.skipped_examples)
     assert [store.get(i)["id"] for i in range(len(store))] == ["0", "2"]
-    assert list(iter_passages(tmp_path / "corpus.jsonl", skip_malformed=True)) == [("0", "A\na"), ("2", "B\nb")]
+    assert list(iter_passages(tmp_path / "corpus.jsonl", skip_malformed=True)) == [
+        ("0", "A\na"),
+        ("2", "B\nb"),
+    ]
 
 
 def test_empty_corpus_is_an_error(tmp_path: Path) -> None:
@@ -164,7 +174,9 @@ def test_scan_records_hashes_and_counts(tmp_path: Path) -> None:
 
 def test_parse_row_last_line_without_newline(tmp_path: Path) -> None:
     corpus = tmp_path / "c.jsonl"
-    corpus.write_text(json.dumps({"id": "1", "contents": "A\na"}) + "\n" + json.dumps({"id": "2", "contents": "B\nb"}))
+    corpus.write_text(
+        json.dumps({"id": "1", "contents": "A\na"}) + "\n" + json.dumps({"id": "2", "contents": "B\nb"})
+    )
     scan_corpus(corpus, tmp_path / "o.npy")
     assert DocumentStore(corpus, tmp_path / "o.npy").get(1) == {"id": "2", "contents": "B\nb"}
     assert parse_row(b'{"id": 3, "contents": "C\\nc"}\r\n') == ("3", "C\nc")
