@@ -1,0 +1,300 @@
+"""FAISS and BM25 indexes, and the resumable index builder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import pytest
+from conftest import DEMO_DIR
+
+from retriever_server.build import BuildError, build_index
+from retriever_server.corpus import CorpusError, DocumentStore, sha256_file
+from retriever_server.encoders import DenseEncoder
+from retriever_server.indexes import (
+    BM25Index,
+    FaissIndex,
+    IndexBuildError,
+    build_faiss_index,
+    configure_threads,
+    default_params,
+    resolve_params,
+)
+from retriever_server.manifest import read_manifest
+
+
+def _unit_vectors(n: int, dim: int, seed: int) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _numpy_topk(corpus: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    scores = queries @ corpus.T
+    rows = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, rows, axis=1), rows
+
+
+def _faiss(kind: str, x: np.ndarray, **given: Any) -> FaissIndex:
+    params = resolve_params(kind, len(x), x.shape[1], given)
+    return FaissIndex(
+        build_faiss_index(kind, x.shape[1], params, lambda: iter([x[:300], x[300:]]), lambda: x), kind, params
+    )
+
+
+def test_flat_equals_numpy_brute_force() -> None:
+    x, q = _unit_vectors(1000, 64, 0), _unit_vectors(50, 64, 1)
+    scores, rows = _faiss("flat", x).search(q, 5)
+    expected_scores, expected_rows = _numpy_topk(x, q, 5)
+    np.testing.assert_array_equal(rows, expected_rows)
+    np.testing.assert_allclose(scores, expected_scores, atol=1e-5)
+
+
+def test_flat_on_real_embeddings_equals_numpy(wiki200_flat_index: Path, minilm_encoder: DenseEncoder) -> None:
+    shards = sorted((wiki200_flat_index / "embeddings").glob("emb_*.npy"))
+    x = np.concatenate([np.load(p) for p in shards])
+    q = minilm_encoder.encode_queries(
+        ["who was a lobbyist for Genentech", "Algonkin vocabulary", "football club"]
+    )
+    index = FaissIndex.load(wiki200_flat_index / "index.faiss", "flat", {})
+    scores, rows = index.search(q, 10)
+    np.testing.assert_array_equal(rows, _numpy_topk(x, q, 10)[1])
+    np.testing.assert_allclose(scores, _numpy_topk(x, q, 10)[0], atol=1e-5)
+
+
+def test_k_larger_than_corpus_is_clamped() -> None:
+    x = _unit_vectors(7, 16, 2)
+    scores, rows = _faiss("flat", x).search(x[:2], 50)
+    assert rows.shape == scores.shape == (2, 7)
+    assert sorted(rows[0].tolist()) == list(range(7))
+
+
+def test_save_load_round_trip(tmp_path: Path) -> None:
+    x = _unit_vectors(500, 32, 3)
+    index = _faiss("hnsw", x, M=8, efConstruction=40, efSearch=32)
+    index.save(tmp_path / "i.faiss")
+    loaded = FaissIndex.load(tmp_path / "i.faiss", "hnsw", {**index.params, "efSearch": 64})
+    assert faiss.downcast_index(loaded.index).hnsw.efSearch == 64
+    np.testing.assert_array_equal(loaded.search(x[:20], 3)[1], index.search(x[:20], 3)[1])
+
+
+def test_ivfpq_defaults_follow_corpus_size_and_dim() -> None:
+    small, large = default_params("ivfpq", 4858, 384), default_params("ivfpq", 21_000_000, 768)
+    assert small["nlist"] * 39 <= 4858 and 2 ** small["nbits"] * 39 <= 4858
+    assert 384 % small["m"] == 0 and 768 % large["m"] == 0
+    assert large["nbits"] == 8 and large["nlist"] > 10_000
+    assert 1 <= small["nprobe"] <= small["nlist"]
+
+
+def test_bad_parameters_are_errors() -> None:
+    with pytest.raises(IndexBuildError, match="has no parameter 'nlist'"):
+        resolve_params("hnsw", 100, 32, {"nlist": 4})
+    with pytest.raises(IndexBuildError, match="must divide"):
+        resolve_params("ivfpq", 10_000, 384, {"m": 7})
+    with pytest.raises(IndexBuildError, match="positive integer"):
+        resolve_params("hnsw", 100, 32, {"M": 0})
+    with pytest.raises(IndexBuildError, match="unknown index type"):
+        resolve_params("lsh", 100, 32, {})
+
+
+def test_configure_threads_sets_faiss_pool() -> None:
+    assert configure_threads(1, torch_threads=False) == 1
+    assert faiss.omp_get_max_threads() == 1
+    configure_threads(None, torch_threads=False)
+
+
+def _recall_at_3(index_dir: Path, flat_dir: Path, queries: np.ndarray) -> float:
+    def rows(directory: Path) -> np.ndarray:
+        manifest = read_manifest(directory)
+        info = manifest["index"]
+        return FaissIndex.load(directory / info["path"], info["type"], info["params"]).search(queries, 3)[1]
+
+    approx, exact = rows(index_dir), rows(flat_dir)
+    return float(np.mean([len(set(a) & set(b)) / 3 for a, b in zip(approx, exact, strict=True)]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["hnsw", "ivfpq"])
+def test_approximate_indexes_reach_recall_at_3(
+    kind: str, demo_flat_index: Path, minilm_encoder: DenseEncoder, tmp_path: Path
+) -> None:
+    # The flat index's embedding shards are reused: no passage is encoded again.
+    result = build_index(
+        DEMO_DIR / "corpus.jsonl",
+        tmp_path / kind,
+        index_type=kind,
+        shard_size=1024,
+        shards_dir=demo_flat_index / "embeddings",
+        progress=False,
+    )
+    assert result.shards_encoded == [] and len(result.shards_reused) == 5
+    questions = [
+        json.loads(line)["question"]
+        for name in ("hotpotqa_dev.jsonl", "hotpotqa_train.jsonl")
+        for line in (DEMO_DIR / name).read_text("utf-8").splitlines()
+    ]
+    recall = _recall_at_3(tmp_path / kind, demo_flat_index, minilm_encoder.encode_queries(questions))
+    assert recall >= 0.95, f"{kind} recall@3 {recall:.3f} against flat"
+
+
+def test_bm25_build_and_search(demo_bm25_index: Path) -> None:
+    manifest = read_manifest(demo_bm25_index)
+    assert manifest["index"]["type"] == "bm25" and manifest["encoder"]["family"] == "bm25"
+    index = BM25Index.load(demo_bm25_index / "bm25", manifest["index"]["params"])
+    store = DocumentStore(manifest["corpus"]["path"], demo_bm25_index / "offsets.npy")
+    scores, rows = index.search(
+        ["Corliss Archer radio program Golden Age", "Shirley Temple Black actress diplomat"], 3
+    )
+    assert rows.shape == (2, 3) and np.all(np.diff(scores, axis=1) <= 0)
+    assert store.get(int(rows[0, 0]))["contents"].startswith('"Meet Corliss Archer"')
+    assert store.get(int(rows[1, 0]))["contents"].startswith('"Shirley Temple"')
+
+
+def test_bm25_query_of_unknown_words_still_answers(demo_bm25_index: Path) -> None:
+    index = BM25Index.load(demo_bm25_index / "bm25", {})
+    scores, rows = index.search(["zzzqqq xxyyzz", "the of and"], 2)
+    assert rows.shape == (2, 2) and np.all(scores == 0)
+
+
+def test_bm25_small_corpus_in_memory(tmp_path: Path) -> None:
+    index = BM25Index.build(iter(["alpha beta", "beta gamma", "gamma delta"]), {"k1": 1.5, "b": 0.75})
+    index.save(tmp_path / "bm25")
+    loaded = BM25Index.load(tmp_path / "bm25", {})
+    scores, rows = loaded.search(["delta"], 10)
+    assert rows.shape == (1, 3) and rows[0, 0] == 2 and scores[0, 0] > 0
+
+
+# ---- the builder -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def corpus48(wiki200_corpus: Path, tmp_path: Path) -> Path:
+    path = tmp_path / "c48.jsonl"
+    path.write_bytes(b"".join(wiki200_corpus.read_bytes().splitlines(keepends=True)[:48]))
+    return path
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def _count_encodes(monkeypatch: pytest.MonkeyPatch, crash_on_call: int | None = None) -> list[int]:
+    calls: list[int] = []
+    original = DenseEncoder.encode_passages
+
+    def counting(self: DenseEncoder, passages: list[str], batch_size: int | None = None) -> np.ndarray:
+        calls.append(len(passages))
+        if crash_on_call is not None and len(calls) == crash_on_call:
+            raise _Crash("simulated crash")
+        return original(self, passages, batch_size)
+
+    monkeypatch.setattr(DenseEncoder, "encode_passages", counting)
+    return calls
+
+
+def test_interrupted_build_resumes_from_completed_shards(
+    corpus48: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "resumed"
+    calls = _count_encodes(monkeypatch, crash_on_call=2)
+    with pytest.raises(_Crash):
+        build_index(corpus48, out, shard_size=16, progress=False)
+    assert not (out / "manifest.json").exists()  # an unfinished index is never mistaken for a finished one
+    first = out / "embeddings" / "emb_000000.npy"
+    assert first.is_file() and not (out / "embeddings" / "emb_000001.npy").exists()
+    first_mtime = first.stat().st_mtime_ns
+
+    monkeypatch.undo()
+    calls = _count_encodes(monkeypatch)
+    result = build_index(corpus48, out, shard_size=16, progress=False)
+    assert result.shards_reused == [0] and result.shards_encoded == [1, 2]
+    assert calls == [16, 16]  # only the two missing shards were encoded
+    assert first.stat().st_mtime_ns == first_mtime
+
+    fresh = build_index(corpus48, tmp_path / "fresh", shard_size=16, progress=False)
+    assert fresh.shards_encoded == [0, 1, 2]
+    for i in range(3):
+        name = f"emb_{i:06d}.npy"
+        np.testing.assert_allclose(
+            np.load(out / "embeddings" / name), np.load(tmp_path / "fresh" / "embeddings" / name), atol=1e-6
+        )
+    a = FaissIndex.load(out / "index.faiss", "flat", {})
+    b = FaissIndex.load(tmp_path / "fresh" / "index.faiss", "flat", {})
+    probe = np.load(out / "embeddings" / "emb_000002.npy")
+    np.testing.assert_array_equal(a.search(probe, 5)[1], b.search(probe, 5)[1])
+    assert result.manifest["corpus"]["passages"] == fresh.manifest["corpus"]["passages"] == 48
+
+
+def test_shards_of_another_encoder_are_not_reused(
+    corpus48: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "idx"
+    build_index(corpus48, out, shard_size=16, progress=False)
+    calls = _count_encodes(monkeypatch)
+    result = build_index(corpus48, out, shard_size=16, family="e5", force=True, progress=False)
+    assert result.shards_encoded == [0, 1, 2] and calls == [16, 16, 16]
+    assert result.manifest["encoder"]["passage_prefix"] == "passage: "
+
+
+def test_finished_index_not_overwritten_without_force(corpus48: Path, tmp_path: Path) -> None:
+    out = tmp_path / "idx"
+    build_index(corpus48, out, index_type="bm25", progress=False)
+    again = build_index(corpus48, out, index_type="bm25", progress=False)
+    assert again.up_to_date
+    with pytest.raises(BuildError, match=r"different configuration \(index.params differ\).*--force"):
+        build_index(corpus48, out, index_type="bm25", index_params={"k1": 0.9}, progress=False)
+    rebuilt = build_index(
+        corpus48, out, index_type="bm25", index_params={"k1": 0.9}, force=True, progress=False
+    )
+    assert rebuilt.manifest["index"]["params"]["k1"] == 0.9
+
+
+def test_changed_corpus_is_not_up_to_date(corpus48: Path, tmp_path: Path) -> None:
+    out = tmp_path / "idx"
+    build_index(corpus48, out, index_type="bm25", progress=False)
+    corpus48.write_bytes(corpus48.read_bytes().replace(b"Evan", b"Ivan", 1))  # same size, new content
+    with pytest.raises(BuildError, match="corpus"):
+        build_index(corpus48, out, index_type="bm25", progress=False)
+
+
+def test_manifest_records_corpus_encoder_index_and_versions(
+    wiki200_flat_index: Path, wiki200_corpus: Path
+) -> None:
+    manifest = read_manifest(wiki200_flat_index)
+    assert manifest["corpus"]["sha256"] == sha256_file(wiki200_corpus)
+    assert manifest["corpus"]["size_bytes"] == wiki200_corpus.stat().st_size
+    assert (manifest["corpus"]["passages"], manifest["corpus"]["skipped_lines"]) == (200, 0)
+    encoder = manifest["encoder"]
+    assert {
+        k: encoder[k] for k in ("family", "pooling", "query_prefix", "passage_prefix", "query_instruction")
+    } == {
+        "family": "sentence-transformers",
+        "pooling": "mean",
+        "query_prefix": "",
+        "passage_prefix": "",
+        "query_instruction": "",
+    }
+    assert encoder["max_length"] == 256 and manifest["dim"] == encoder["dim"] == 384
+    assert manifest["index"] == {
+        "type": "flat",
+        "params": {},
+        "path": "index.faiss",
+        "ntotal": 200,
+        "metric": "inner_product",
+    }
+    assert manifest["build"]["seconds"] > 0 and {"faiss-cpu", "torch", "numpy"} <= set(manifest["versions"])
+
+
+def test_skip_malformed_count_in_manifest(tmp_path: Path) -> None:
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(
+        '{"id": 1, "contents": "A\\nalpha"}\n{oops\n\n{"id": 2, "title": "B", "text": "beta"}\n'
+    )
+    with pytest.raises(CorpusError, match=r"c\.jsonl:2"):
+        build_index(corpus, tmp_path / "strict", index_type="bm25", progress=False)
+    manifest = build_index(
+        corpus, tmp_path / "lenient", index_type="bm25", skip_malformed=True, progress=False
+    ).manifest
+    assert (manifest["corpus"]["passages"], manifest["corpus"]["skipped_lines"]) == (2, 1)
