@@ -57,6 +57,7 @@ class ServeConfig:
     batch_max_size: int = 256
     threads: int | None = None
     verify_corpus_hash: bool = False
+    max_batch_tokens: int | None = None
     search_params: dict[str, Any] = field(default_factory=dict)
 
 
@@ -111,7 +112,9 @@ class Retriever:
         from retriever_server.encoders import DenseEncoder
 
         assert plan.spec is not None
-        encoder = DenseEncoder(plan.spec, batch_size=plan.config.batch_max_size)
+        encoder = DenseEncoder(
+            plan.spec, batch_size=plan.config.batch_max_size, max_batch_tokens=plan.config.max_batch_tokens
+        )
         if encoder.dim != manifest["dim"]:
             raise ManifestMismatch(
                 f"encoder {plan.spec.name!r} makes {encoder.dim}-d vectors, the index holds {manifest['dim']}-d"
@@ -122,10 +125,18 @@ class Retriever:
         return retriever
 
     def search(self, queries: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Encode (dense) and search a list of queries."""
+        """Encode (dense) and search a list of queries; each distinct query is encoded and searched once."""
+        # GRPO groups often send the same query several times (same question, several rollouts).
+        distinct = list(dict.fromkeys(queries))
         if self.encoder is None:
-            return self.index.search(queries, k)
-        return self.index.search(self.encoder.encode_queries(queries), k)
+            scores, rows = self.index.search(distinct, k)
+        else:
+            scores, rows = self.index.search(self.encoder.encode_queries(distinct), k)
+        if len(distinct) == len(queries):
+            return scores, rows
+        where = {query: i for i, query in enumerate(distinct)}
+        picks = [where[query] for query in queries]
+        return scores[picks], rows[picks]
 
     def process(self, requests: list[tuple[list[str], int]]) -> list[list[list[Hit]]]:
         """One batch: all queries searched with the largest topk, then cut back per request."""

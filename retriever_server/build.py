@@ -187,6 +187,7 @@ def encode_shards(
     *,
     shard_size: int = DEFAULT_SHARD_SIZE,
     batch_size: int = 64,
+    max_batch_tokens: int | None = None,
     progress: bool = True,
 ) -> tuple[EncoderSpec, list[int], list[int]]:
     """Embed every passage into `shards`, reusing complete shards; return (spec with dim, encoded, reused)."""
@@ -216,7 +217,7 @@ def encode_shards(
 
     from retriever_server.encoders import DenseEncoder
 
-    encoder = DenseEncoder(spec, batch_size=batch_size)
+    encoder = DenseEncoder(spec, batch_size=batch_size, max_batch_tokens=max_batch_tokens)
     dim_file.write_text(json.dumps({"dim": encoder.dim}) + "\n", "utf-8")
     bar = _progress(n, "encoding", "passage", progress, initial=sum(size_of(i) for i in reused))
     try:
@@ -261,6 +262,7 @@ def build_index(
     pooling: str | None = None,
     max_length: int = 256,
     batch_size: int = 64,
+    max_batch_tokens: int | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE,
     shards_dir: str | Path | None = None,
     keep_shards: bool = True,
@@ -324,6 +326,7 @@ def build_index(
                 scan.sha256,
                 shard_size=shard_size,
                 batch_size=batch_size,
+                max_batch_tokens=max_batch_tokens,
                 progress=progress,
             )
             assert spec.dim is not None

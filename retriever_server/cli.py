@@ -83,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size", type=_positive_int, default=64, help="passages per encoder batch (default 64)"
     )
     build.add_argument(
+        "--max-batch-tokens",
+        type=_positive_int,
+        default=None,
+        help="padded tokens per encoder forward pass (default 512 on CPU, unlimited on GPU)",
+    )
+    build.add_argument(
         "--shard-size",
         type=_positive_int,
         default=10_000,
@@ -178,6 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--verify-corpus-hash", action="store_true", help="check the corpus's full sha256 at startup"
     )
     serve.add_argument(
+        "--max-batch-tokens",
+        type=_positive_int,
+        default=None,
+        help="padded tokens per encoder forward pass (default 512 on CPU, unlimited on GPU)",
+    )
+    serve.add_argument(
         "--ef-search", dest="efSearch", type=_positive_int, help="hnsw: override the search beam"
     )
     serve.add_argument("--nprobe", type=_positive_int, help="ivfpq: override the lists visited per query")
@@ -221,6 +233,7 @@ def _build(args: argparse.Namespace) -> int:
         pooling=args.pooling,
         max_length=args.max_length,
         batch_size=args.batch_size,
+        max_batch_tokens=args.max_batch_tokens,
         shard_size=args.shard_size,
         shards_dir=args.shards_dir,
         keep_shards=not args.delete_shards,
@@ -257,6 +270,7 @@ def _serve(args: argparse.Namespace) -> int:
         batch_max_size=args.batch_max_size,
         threads=args.threads,
         verify_corpus_hash=args.verify_corpus_hash,
+        max_batch_tokens=args.max_batch_tokens,
         search_params={k: getattr(args, k) for k in ("efSearch", "nprobe", "k_factor") if getattr(args, k)},
     )
     plan = plan_serving(config)
