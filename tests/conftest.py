@@ -6,6 +6,7 @@ Retriever fixtures (reusable by any test):
 - `demo_flat_index`: MiniLM flat index of the whole demo corpus, embedding shards kept under
   `<index>/embeddings` for building other index types without encoding again (session; ~2–3 min: slow).
 - `minilm_encoder`: the embedded all-MiniLM-L6-v2 as a `DenseEncoder` (session).
+- `free_port`: a function returning an unused 127.0.0.1 port.
 - `start_retriever`: a function `start_retriever(index_dir, **flags)`, a context manager yielding
   `(url, process)`: a real `python -m retriever_server.cli serve` subprocess on a free 127.0.0.1 port,
   ready when entered, always terminated on exit. Flags map to CLI options (`batch_wait_ms=0` →
@@ -33,6 +34,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Same as retriever_server/__init__.py, but before any test module imports faiss or torch directly.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_DIR = REPO_ROOT / "data" / "demo"
@@ -41,7 +44,7 @@ WIKI18_SAMPLE = DEMO_DIR / "wiki18_sample.jsonl"
 HOTPOTQA_DEV = DEMO_DIR / "hotpotqa_dev.jsonl"
 
 
-def free_port() -> int:
+def _free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -106,7 +109,7 @@ def launch_retriever(
     **flags: Any,
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """Run `retriever-server serve` as a subprocess on 127.0.0.1; yield (url, process) once ready."""
-    port = port or free_port()
+    port = port or _free_port()
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory(prefix="retriever-log-") as tmp:
         log = Path(tmp) / "server.log"
@@ -124,6 +127,12 @@ def launch_retriever(
             yield url, process
         finally:
             stop_process(process)
+
+
+@pytest.fixture(scope="session")
+def free_port() -> Any:
+    """A function returning a TCP port on 127.0.0.1 that nothing listens on right now."""
+    return _free_port
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import free_port
 
 from autorefine.protocol import format_documents, split_title
 from autorefine.retrieval import RetrieverClient, RetrieverError, RetrieverUnavailableError
@@ -40,7 +39,7 @@ def test_client_reports_a_rejected_request(demo_bm25_server: str) -> None:
     assert not isinstance(info.value, RetrieverUnavailableError)  # a 4xx is not retried
 
 
-def test_client_error_names_the_url_when_nothing_listens() -> None:
+def test_client_error_names_the_url_when_nothing_listens(free_port: Any) -> None:
     url = f"http://127.0.0.1:{free_port()}"
     with (
         RetrieverClient(url, max_retries=1, backoff=0.01) as client,
@@ -53,7 +52,7 @@ def test_client_error_names_the_url_when_nothing_listens() -> None:
 
 
 def test_call_retrying_across_a_server_restart_succeeds(
-    start_retriever: Any, demo_bm25_index: Path, caplog: pytest.LogCaptureFixture
+    start_retriever: Any, demo_bm25_index: Path, free_port: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     port = free_port()
     client = RetrieverClient(

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DEMO_CORPUS, WIKI18_SAMPLE
 
 from retriever_server.corpus import (
     CorpusError,
@@ -18,6 +17,9 @@ from retriever_server.corpus import (
     scan_corpus,
     sha256_file,
 )
+
+DEMO_CORPUS = Path(__file__).resolve().parent.parent / "data" / "demo" / "corpus.jsonl"
+WIKI18_SAMPLE = DEMO_CORPUS.with_name("wiki18_sample.jsonl")
 
 
 def _write(path: Path, lines: list[str]) -> Path:

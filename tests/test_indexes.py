@@ -9,7 +9,6 @@ from typing import Any
 import faiss
 import numpy as np
 import pytest
-from conftest import DEMO_DIR
 
 from retriever_server.build import BuildError, build_index
 from retriever_server.corpus import CorpusError, DocumentStore, sha256_file
@@ -24,6 +23,8 @@ from retriever_server.indexes import (
     resolve_params,
 )
 from retriever_server.manifest import read_manifest
+
+DEMO_DIR = Path(__file__).resolve().parent.parent / "data" / "demo"
 
 
 def _unit_vectors(n: int, dim: int, seed: int) -> np.ndarray:

@@ -17,7 +17,6 @@ import httpx
 import numpy as np
 import pytest
 import uvicorn
-from conftest import DEMO_CORPUS, HOTPOTQA_DEV, REPO_ROOT, free_port
 
 from retriever_server.app import Retriever, ServeConfig, create_app, plan_serving
 from retriever_server.build import build_index
@@ -25,6 +24,9 @@ from retriever_server.encoders import DenseEncoder
 from retriever_server.indexes import FaissIndex
 from retriever_server.manifest import ManifestMismatch, check_encoder, read_manifest
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEMO_CORPUS = REPO_ROOT / "data" / "demo" / "corpus.jsonl"
+HOTPOTQA_DEV = REPO_ROOT / "data" / "demo" / "hotpotqa_dev.jsonl"
 QUESTIONS = [json.loads(line)["question"] for line in HOTPOTQA_DEV.read_text("utf-8").splitlines()]
 
 
@@ -89,6 +91,12 @@ def test_default_topk_and_empty_query_list(demo_bm25_server: str) -> None:
     ]
     response = _post(demo_bm25_server, {"queries": []})
     assert response.status_code == 200 and response.json() == {"result": []}
+
+
+def test_repeated_queries_get_identical_answers(demo_bm25_server: str) -> None:
+    body = {"queries": ["a film", "Shirley Temple", "a film"], "topk": 3, "return_scores": True}
+    result = _post(demo_bm25_server, body).json()["result"]
+    assert len(result) == 3 and result[0] == result[2] != result[1]
 
 
 def test_unicode_survives_the_round_trip(demo_bm25_server: str) -> None:
@@ -244,7 +252,7 @@ def test_event_loop_answers_health_while_encoding(wiki200_server: str) -> None:
         assert len(pending.result().json()["result"]) == 64
 
 
-def test_health_is_503_until_loaded(demo_bm25_index: Path) -> None:
+def test_health_is_503_until_loaded(demo_bm25_index: Path, free_port: Any) -> None:
     release = threading.Event()
 
     def slow_loader(plan: Any) -> Retriever:
@@ -290,7 +298,7 @@ def _serve_fails(index: Path, *args: str) -> str:
         "--index",
         str(index),
         "--port",
-        str(free_port()),
+        "0",  # any free port: these servers are expected to exit
         *args,
     ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
