@@ -11,6 +11,7 @@ import difflib
 import enum
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -50,11 +51,21 @@ class LoraSettings:
 
 @dataclass(frozen=True)
 class DataSettings:
-    """Question files in FlashRAG format (`id`, `question`, `golden_answers`)."""
+    """Training questions in FlashRAG format (`id`, `question`, `golden_answers`)."""
 
     train_file: str = "data/prepared/train.jsonl"
-    eval_file: str | None = None
-    eval_limit: int | None = None  # validation questions used per evaluation (None: all)
+
+
+@dataclass(frozen=True)
+class HeldoutSettings:
+    """Periodic greedy evaluation on held-out (validation) questions during training."""
+
+    file: str | None = None  # FlashRAG questions; None: no held-out evaluation
+    limit: int | None = None  # use only the first N questions
+    every: int = 0  # steps between evaluations (0: never); also evaluated before the first step
+    batch_size: int = 64
+    save_best: bool = True  # keep the best-reward policy in <output_dir>/best
+    stop_at_em: float | None = None  # stop training once held-out EM reaches this
 
 
 @dataclass(frozen=True)
@@ -82,6 +93,7 @@ class GRPORunConfig:
     model: ModelSettings = field(default_factory=ModelSettings)
     lora: LoraSettings = field(default_factory=LoraSettings)
     data: DataSettings = field(default_factory=DataSettings)
+    heldout: HeldoutSettings = field(default_factory=HeldoutSettings)
     retriever: RetrieverSettings = field(default_factory=RetrieverSettings)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
@@ -98,13 +110,12 @@ class SFTRunConfig:
     model: ModelSettings = field(default_factory=ModelSettings)
     lora: LoraSettings = field(default_factory=LoraSettings)
     data: DataSettings = field(default_factory=DataSettings)
+    heldout: HeldoutSettings = field(default_factory=HeldoutSettings)
     retriever: RetrieverSettings = field(default_factory=RetrieverSettings)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     template: str | None = None
-    traces_file: str | None = None  # saved trajectories to imitate; None: build gold-like traces
-    trace_builder: Literal["generic", "synthetic"] = "generic"
-    eval_every: int = 0  # steps between held-out greedy evaluations (0: never)
-    stop_at_em: float | None = None  # stop once held-out EM reaches this (e.g. 0.3)
+    traces_file: str | None = None  # saved trajectories to imitate; None: build gold-like traces from data
+    require_evidence: bool = True  # gold traces only where the retrieved documents contain the answer
     tiny_model: dict[str, int] | None = None  # build a fresh tiny Qwen2 of this shape instead of loading one
     trainer: dict[str, Any] = field(default_factory=dict)  # trl.SFTConfig arguments
 
@@ -150,12 +161,12 @@ def build(cls: type, data: Any, where: str) -> Any:
 
 
 def check_trainer_args(
-    args_cls: type, data: dict[str, Any], forbidden: dict[str, str] = {}
-) -> dict[str, Any]:  # noqa: B006
+    args_cls: type, data: dict[str, Any], forbidden: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     """Check a `trainer` section against a TRL config class; `forbidden` maps keys to where they must be set."""
     fields = {f.name for f in dataclasses.fields(args_cls) if f.init}
     _reject_unknown(set(data) - fields, fields, "trainer", f"trainer (trl.{args_cls.__name__})")
-    for key, instead in forbidden.items():
+    for key, instead in (forbidden or {}).items():
         if key in data:
             raise ConfigError(f"trainer.{key} is derived from {instead}; set that instead")
     hints = typing.get_type_hints(args_cls)

@@ -123,11 +123,11 @@ def split_title(contents: str) -> tuple[str, str]:
 
 
 def format_documents(documents: list[Document]) -> str:
-    """One line per passage: `Doc i(Title: t) text`."""
+    """One line per passage: `Doc i(Title: t) text` (whitespace inside a passage collapsed to single spaces)."""
     lines = []
     for i, doc in enumerate(documents, start=1):
         title, text = split_title(doc.contents)
-        lines.append(f"Doc {i}(Title: {title}) {text}")
+        lines.append(f"Doc {i}(Title: {title}) {' '.join(text.split())}")
     return "\n".join(lines)
 
 

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from autorefine import protocol
+from autorefine.data import Question
+from autorefine.retrieval import Document
+from autorefine.traces import answer_turn, search_turn
 
 _ONSETS = [
     "b",
@@ -97,16 +100,6 @@ def passages(person: Person) -> list[str]:
     ]
 
 
-def gold_turns(person: Person) -> tuple[str, str]:
-    """The two model turns of a gold trace: search for the person, then refine and answer."""
-    search = f"<think> I need the home city of {person.name}. </think>\n<search> {person.name} </search>"
-    answer = (
-        f"<refine> The home city of {person.name} is {person.city}. </refine>\n"
-        f"<answer> {person.city} </answer>"
-    )
-    return search, answer
-
-
 def write_task(
     out: Path,
     *,
@@ -162,10 +155,11 @@ def tokenizer_training_text(task_dir: Path) -> list[str]:
     texts = [
         json.loads(line)["contents"] for line in (task_dir / "corpus.jsonl").read_text("utf-8").splitlines()
     ]
-    for person in load_people(task_dir / "people.jsonl").values():
-        question = QUESTION.format(name=person.name)
-        texts.append(template.format(question=question, topk=3))
-        texts.extend(gold_turns(person))
+    for question_text, person in load_people(task_dir / "people.jsonl").items():
+        question = Question("", question_text, [person.city])
+        documents = protocol.format_documents([Document("", text) for text in passages(person)])
+        texts += [template.format(question=question_text, topk=3), search_turn(question)]
+        texts.append(answer_turn(question, documents))
     texts += [protocol.DOCUMENTS_OPEN, protocol.DOCUMENTS_CLOSE, protocol.CORRECTION_MESSAGE]
     texts += [f"Doc {i}(Title: x) y" for i in range(1, 6)]
     return texts

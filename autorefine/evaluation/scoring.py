@@ -51,7 +51,16 @@ def aggregate(predictions: Iterable[Prediction]) -> dict[str, float]:
     if not preds:
         return {"count": 0}
     n = len(preds)
-    keys = ["em", "f1", "cover_em", "refine_hit", "retrieval_success", "model_tokens", "document_tokens"]
+    keys = [
+        "reward",
+        "em",
+        "f1",
+        "cover_em",
+        "refine_hit",
+        "retrieval_success",
+        "model_tokens",
+        "document_tokens",
+    ]
     out: dict[str, float] = {"count": float(n)}
     for key in keys:
         out[key] = sum(p.scores.get(key, 0.0) for p in preds) / n

@@ -1,0 +1,203 @@
+"""Trainer callbacks: held-out evaluation (early stop, best checkpoint), step timing, samples, run config."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+from transformers import TrainerCallback
+
+from autorefine.data import Question
+from autorefine.evaluation.runner import GREEDY, predict
+from autorefine.evaluation.scoring import Prediction, aggregate
+from autorefine.protocol import PromptTemplate
+from autorefine.rollout.agent import AgentLoop, RolloutConfig, Searcher
+from autorefine.rollout.hf_engine import TransformersEngine
+from autorefine.training.setup import record_metric
+
+if TYPE_CHECKING:
+    from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments
+
+logger = logging.getLogger(__name__)
+
+
+class HeldoutEvalCallback(TrainerCallback):
+    """Every `every` steps, greedy rollouts on held-out questions → `heldout/*` metrics.
+
+    Questions are split across processes and results gathered, so every rank sees the same numbers and takes
+    the same decisions (stop early, save best).
+    """
+
+    def __init__(
+        self,
+        trainer: Trainer,
+        questions: Sequence[Question],
+        searcher: Searcher,
+        rollout: RolloutConfig,
+        template: PromptTemplate,
+        *,
+        every: int,
+        stop_at_em: float | None = None,
+        save_best: bool = False,
+        batch_size: int = 64,
+        on_result: Callable[[int, dict[str, float]], None] | None = None,
+    ) -> None:
+        self.trainer = trainer
+        self.questions = list(questions)
+        self.searcher = searcher
+        self.rollout = rollout
+        self.template = template
+        self.every = every
+        self.stop_at_em = stop_at_em
+        self.save_best = save_best
+        self.batch_size = batch_size
+        self.on_result = on_result
+        self.best_reward = float("-inf")
+        self.history: list[dict[str, float]] = []
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out metrics of the current policy."""
+        from accelerate.utils import gather_object
+        from trl.models import unwrap_model_for_generation
+
+        trainer = self.trainer
+        acc = trainer.accelerator
+        shard = self.questions[acc.process_index :: acc.num_processes]
+        model = trainer.model
+        was_training = model.training
+        model.eval()
+        try:
+            with unwrap_model_for_generation(trainer.model_wrapped, acc) as unwrapped:
+                loop = AgentLoop(
+                    TransformersEngine(unwrapped, trainer.processing_class),
+                    self.searcher,
+                    self.rollout,
+                    self.template,
+                )
+                local = predict(loop, shard, GREEDY, batch_size=self.batch_size)
+        finally:
+            model.train(was_training)
+        predictions: list[Prediction] = gather_object(local) if acc.num_processes > 1 else local
+        return aggregate(predictions)
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self.every <= 0 or state.global_step % self.every != 0:
+            return
+        self._run(args, state, control)
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self.every > 0 and state.global_step == 0:
+            self._run(args, state, control, log=False)
+
+    def _run(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, log: bool = True
+    ) -> None:
+        started = time.perf_counter()
+        metrics = self.evaluate()
+        summary = {"step": state.global_step, **metrics, "seconds": time.perf_counter() - started}
+        self.history.append(summary)
+        if self.trainer.accelerator.is_main_process:
+            logger.info(
+                "held-out @ step %d: EM %.3f  F1 %.3f  searches %.2f  (%d questions, %.0f s)",
+                state.global_step,
+                metrics["em"],
+                metrics["f1"],
+                metrics["searches"],
+                metrics["count"],
+                summary["seconds"],
+            )
+            _append_jsonl(Path(args.output_dir) / "heldout.jsonl", summary)
+        if log:
+            for key in ("reward", "em", "f1", "cover_em", "refine_hit", "retrieval_success", "searches"):
+                record_metric(self.trainer, f"heldout/{key}", metrics[key])
+        if self.on_result is not None:
+            self.on_result(state.global_step, metrics)
+        if self.save_best and metrics["reward"] > self.best_reward:
+            self.best_reward = metrics["reward"]
+            self.trainer.save_model(str(Path(args.output_dir) / "best"))
+        if self.stop_at_em is not None and metrics["em"] >= self.stop_at_em:
+            logger.info("held-out EM %.3f reached the target %.3f: stopping", metrics["em"], self.stop_at_em)
+            control.should_training_stop = True
+            control.should_save = True
+
+
+class StepTimerCallback(TrainerCallback):
+    """Logs `time/step_s` and `time/update_s` (the step minus the rollout time the rollout reported)."""
+
+    def __init__(self, trainer: Trainer, rollout_seconds: Callable[[], float]) -> None:
+        self.trainer = trainer
+        self.rollout_seconds = rollout_seconds
+        self._started = 0.0
+        self._rollout_at_start = 0.0
+
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._started = time.perf_counter()
+        self._rollout_at_start = self.rollout_seconds()
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        step = time.perf_counter() - self._started
+        rollout = self.rollout_seconds() - self._rollout_at_start
+        record_metric(self.trainer, "time/step_s", step)
+        record_metric(self.trainer, "time/update_s", max(step - rollout, 0.0))
+
+
+class SampleTableCallback(TrainerCallback):
+    """Every `every` steps, a few sample trajectories: a W&B table when W&B is on, and samples/step-N.jsonl."""
+
+    def __init__(self, every: int, rows: int, latest: Callable[[], list[dict[str, Any]]]) -> None:
+        self.every = every
+        self.rows = rows
+        self.latest = latest
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self.every <= 0 or state.global_step % self.every != 0 or not state.is_world_process_zero:
+            return
+        samples = self.latest()[: self.rows]
+        if not samples:
+            return
+        out = Path(args.output_dir) / "samples" / f"step-{state.global_step}.jsonl"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples), encoding="utf-8")
+        if "wandb" in (args.report_to or []):
+            import wandb
+
+            if wandb.run is not None:
+                columns = ["question", "golds", "trajectory", "answer", "reward", "finish"]
+                table = wandb.Table(columns=columns, data=[[s[c] for c in columns] for s in samples])
+                wandb.log({"samples/trajectories": table}, commit=False)
+
+
+class SaveRunConfigCallback(TrainerCallback):
+    """Writes the run's configuration next to every checkpoint, so a checkpoint says how it was made."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+
+    def on_save(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if state.is_world_process_zero:
+            path = Path(args.output_dir) / f"checkpoint-{state.global_step}" / "autorefine_config.yaml"
+            if path.parent.is_dir():
+                path.write_text(yaml.safe_dump(self.config, sort_keys=False), encoding="utf-8")
+
+
+def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")

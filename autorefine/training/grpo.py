@@ -1,0 +1,321 @@
+"""GRPO on TRL's `GRPOTrainer` with the search-augmented agent loop as `rollout_func`.
+
+TRL owns batching, grouping (`num_generations`), advantages, the clipped loss, KL, optimizer, checkpoints and
+multi-GPU. We own the rollout: exact sampled ids, `env_mask` over inserted documents (excluded from loss, KL
+and entropy; still attended), and rewards scored on the model's own text.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from autorefine.config import GRPORunConfig, check_trainer_args, to_dict
+from autorefine.data import read_questions
+from autorefine.protocol import PromptTemplate
+from autorefine.retrieval import RetrieverClient, RetrieverUnavailableError
+from autorefine.rewards import RewardConfig, score_model_text
+from autorefine.rollout.agent import AgentLoop, RolloutConfig
+from autorefine.rollout.engine import GenerationEngine, SamplingParams
+from autorefine.rollout.hf_engine import TransformersEngine
+from autorefine.rollout.trajectory import FinishReason, Trajectory
+from autorefine.training.callbacks import (
+    HeldoutEvalCallback,
+    SampleTableCallback,
+    SaveRunConfigCallback,
+    StepTimerCallback,
+)
+from autorefine.training.setup import (
+    RunError,
+    connect_retriever,
+    load_tokenizer_and_policy,
+    lora_config,
+    record_metric,
+)
+
+if TYPE_CHECKING:
+    from trl import GRPOTrainer
+
+logger = logging.getLogger(__name__)
+
+# Reward components logged next to the reward itself (weight 0: they never change the advantage).
+LOGGED_COMPONENTS = ("em", "f1", "cover_em", "refine_hit", "has_answer", "format")
+
+
+class SearchRollout:
+    """TRL `rollout_func`: the agent loop on this process's prompts (questions, repeated per group)."""
+
+    def __init__(
+        self,
+        searcher: RetrieverClient,
+        rollout: RolloutConfig,
+        template: PromptTemplate,
+        eval_temperature: float,
+    ):
+        self.searcher = searcher
+        self.rollout = rollout
+        self.template = template
+        self.eval_temperature = eval_temperature
+        self.total_seconds = 0.0
+        self.latest: list[tuple[str, Trajectory]] = []
+        self._vllm_engine: GenerationEngine | None = None
+
+    def __call__(self, prompts: list[str], trainer: GRPOTrainer) -> dict[str, list[Any]]:
+        """Run one batch of rollouts; returns TRL's required keys plus `env_mask` and reward inputs."""
+        started = time.perf_counter()
+        args = trainer.args
+        training = trainer.model.training
+        params = SamplingParams(
+            temperature=args.temperature if training else self.eval_temperature,
+            top_p=args.top_p,
+            top_k=args.top_k or 0,
+        )
+        if trainer.use_vllm:
+            loop = AgentLoop(self._vllm(trainer), self.searcher, self.rollout, self.template)
+            trajectories = loop.run(prompts, params)
+        else:
+            from trl.distributed import DistributedBackend
+            from trl.models import unwrap_model_for_generation
+
+            with (
+                unwrap_model_for_generation(
+                    trainer.model_wrapped,
+                    trainer.accelerator,
+                    gather_deepspeed3_params=args.ds3_gather_for_generation,
+                    gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs,
+                ) as unwrapped,
+                torch.no_grad(),
+                DistributedBackend(trainer.accelerator).summon_full_params(
+                    trainer.model_wrapped, recurse=False
+                ),
+            ):
+                engine = TransformersEngine(unwrapped, trainer.processing_class)
+                loop = AgentLoop(engine, self.searcher, self.rollout, self.template)
+                trajectories = loop.run(prompts, params)
+        elapsed = time.perf_counter() - started
+        self.total_seconds += elapsed
+        self.latest = list(zip(prompts, trajectories, strict=True))
+        if training:
+            self._record(trainer, trajectories, loop.last_timings.retrieval_s, elapsed)
+        return {
+            "prompt_ids": [t.prompt_ids for t in trajectories],
+            "completion_ids": [t.completion_ids for t in trajectories],
+            "logprobs": [t.logprobs for t in trajectories],
+            "env_mask": [t.env_mask for t in trajectories],
+            # TRL's decoded completions include the documents: rewards read these fields instead.
+            "model_text": [t.model_text for t in trajectories],
+            "finish_reason": [str(t.finish_reason) for t in trajectories],
+        }
+
+    def _vllm(self, trainer: GRPOTrainer) -> GenerationEngine:
+        if self._vllm_engine is None:
+            from autorefine.rollout.vllm_engine import VLLMEngine
+
+            generation = trainer.vllm_generation
+            if trainer.args.vllm_mode == "colocate":
+                self._vllm_engine = VLLMEngine(trainer.processing_class, llm=generation.llm)
+            else:
+                url = trainer.args.vllm_server_base_url or (
+                    f"http://{trainer.args.vllm_server_host}:{trainer.args.vllm_server_port}"
+                )
+                self._vllm_engine = VLLMEngine.from_server(trainer.processing_class, url)
+        return self._vllm_engine
+
+    def _record(
+        self, trainer: GRPOTrainer, trajectories: list[Trajectory], retrieval_s: float, rollout_s: float
+    ) -> None:
+        """Per-trajectory statistics, averaged over every process."""
+        columns = {
+            "rollout/searches": [t.num_searches for t in trajectories],
+            "rollout/turns": [t.num_turns for t in trajectories],
+            "rollout/model_tokens": [t.num_model_tokens for t in trajectories],
+            "rollout/document_tokens": [t.tokens_of("documents") for t in trajectories],
+            "rollout/refine_words": [sum(len(x.split()) for x in t.refine_texts) for t in trajectories],
+            "rollout/document_words": [len(t.documents_text.split()) for t in trajectories],
+        }
+        for reason in FinishReason:
+            columns[f"rollout/finish_{reason.value}"] = [
+                float(t.finish_reason == reason) for t in trajectories
+            ]
+        local = torch.tensor(
+            [[float(v) for v in column] for column in columns.values()], device=trainer.accelerator.device
+        )
+        gathered = trainer.accelerator.gather(local.T.contiguous()).T  # (metric, all trajectories)
+        for key, values in zip(columns, gathered, strict=True):
+            record_metric(trainer, key, values.mean().item())
+        times = trainer.accelerator.gather(
+            torch.tensor([rollout_s, retrieval_s], device=trainer.accelerator.device)
+        )
+        times = times.view(-1, 2).mean(0)
+        record_metric(trainer, "time/rollout_s", times[0].item())
+        record_metric(trainer, "time/retrieval_s", times[1].item())
+
+
+class RewardComponent:
+    """A TRL reward function returning one component of the AutoRefine reward (named for TRL's logs)."""
+
+    def __init__(self, component: str, config: RewardConfig) -> None:
+        self.component = component
+        self.config = config
+        self.__name__ = component
+        self.latest: list[tuple[list[str], float]] = []
+
+    def __call__(
+        self,
+        prompts: list[Any],
+        completions: list[Any],
+        model_text: list[str],
+        golden_answers: list[list[str]],
+        **kwargs: Any,
+    ) -> list[float]:
+        """Scores from the model's own text only (never from TRL's decoded text, which includes documents)."""
+        scores = [
+            getattr(score_model_text(text, golds, self.config), self.component)
+            for text, golds in zip(model_text, golden_answers, strict=True)
+        ]
+        self.latest = list(zip(golden_answers, scores, strict=True))
+        return scores
+
+
+def sample_rows(rollout: SearchRollout, reward: RewardComponent) -> list[dict[str, Any]]:
+    """This process's latest trajectories as table rows, with golds and rewards."""
+    rows = []
+    for (question, t), (golds, score) in zip(rollout.latest, reward.latest, strict=False):
+        rows.append(
+            {
+                "question": question,
+                "golds": " | ".join(golds),
+                "trajectory": "".join(f"[{s.kind}] {s.text}\n" for s in t.segments if s.kind != "eos"),
+                "answer": t.answer or "",
+                "reward": score,
+                "finish": str(t.finish_reason),
+            }
+        )
+    return rows
+
+
+def build_dataset(path: str, limit: int | None = None):  # -> datasets.Dataset
+    """A TRL prompt dataset: `prompt` is the raw question (templating happens inside the rollout)."""
+    from datasets import Dataset
+
+    questions = read_questions(path, limit=limit)
+    if not questions:
+        raise RunError(f"{path} holds no questions")
+    return Dataset.from_list(
+        [{"id": q.id, "prompt": q.question, "golden_answers": q.golden_answers} for q in questions]
+    )
+
+
+def make_grpo_args(config: GRPORunConfig):  # -> trl.GRPOConfig
+    """TRL arguments from the `trainer` section, with the fields autorefine derives filled in."""
+    from trl import GRPOConfig
+
+    derived = {
+        "max_completion_length": "rollout.max_completion_tokens",
+        "reward_weights": "reward (the AutoRefine reward has weight 1, logged components 0)",
+        "remove_unused_columns": "autorefine (reward functions need the golden_answers column)",
+    }
+    values = check_trainer_args(GRPOConfig, config.trainer, forbidden=derived)
+    if values.get("vllm_enable_sleep_mode"):
+        raise RunError(
+            "trainer.vllm_enable_sleep_mode is not supported with multi-turn rollouts; turn it off"
+        )
+    values.setdefault("output_dir", "runs/grpo")
+    args = GRPOConfig(
+        **values,
+        max_completion_length=config.rollout.max_completion_tokens,
+        reward_weights=[1.0] + [0.0] * len(LOGGED_COMPONENTS),
+        remove_unused_columns=False,
+    )
+    generate_every = args.steps_per_generation * args.num_iterations
+    if args.save_steps and args.save_strategy == "steps" and args.save_steps % generate_every:
+        # TRL re-uses one generation batch for `generate_every` optimizer steps and does not checkpoint it.
+        raise RunError(
+            f"trainer.save_steps={args.save_steps} must be a multiple of steps_per_generation × num_iterations "
+            f"= {generate_every}, or a resumed run would not match an uninterrupted one"
+        )
+    return args
+
+
+def build_trainer(
+    config: GRPORunConfig, client: RetrieverClient | None = None
+) -> tuple[GRPOTrainer, SearchRollout]:
+    """The configured GRPOTrainer and its rollout function; checks the retriever before loading the model."""
+    from trl import GRPOTrainer
+
+    args = make_grpo_args(config)
+    template = PromptTemplate.load(config.template)
+    train = build_dataset(config.data.train_file)
+    client = client or connect_retriever(config.retriever)
+    tokenizer, model = load_tokenizer_and_policy(config.model)
+    rollout = SearchRollout(client, config.rollout, template, config.eval_temperature)
+    rewards = [RewardComponent("reward", config.reward)] + [
+        RewardComponent(c, config.reward) for c in LOGGED_COMPONENTS
+    ]
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=rewards,
+        args=args,
+        train_dataset=train,
+        processing_class=tokenizer,
+        rollout_func=rollout,
+        peft_config=lora_config(config.lora),
+    )
+    trainer.add_callback(StepTimerCallback(trainer, lambda: rollout.total_seconds))
+    log = config.logging
+    trainer.add_callback(
+        SampleTableCallback(
+            log.sample_table_every, log.sample_table_rows, lambda: sample_rows(rollout, rewards[0])
+        )
+    )
+    trainer.add_callback(SaveRunConfigCallback(to_dict(config)))
+    heldout = config.heldout
+    if heldout.file and heldout.every > 0:
+        trainer.add_callback(
+            HeldoutEvalCallback(
+                trainer,
+                read_questions(heldout.file, limit=heldout.limit),
+                client,
+                config.rollout,
+                template,
+                every=heldout.every,
+                stop_at_em=heldout.stop_at_em,
+                save_best=heldout.save_best,
+                batch_size=heldout.batch_size,
+            )
+        )
+    return trainer, rollout
+
+
+def latest_checkpoint(output_dir: str | Path) -> str | None:
+    """Path of the newest `checkpoint-N` directory, or None."""
+    checkpoints = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    return str(checkpoints[-1]) if checkpoints else None
+
+
+def train_grpo(
+    config: GRPORunConfig, resume: str | None = None, command: str = "autorefine train-grpo"
+) -> Path:
+    """Run GRPO; on a lost retriever, write a checkpoint and stop with the command that resumes."""
+    trainer, _ = build_trainer(config)
+    output_dir = Path(trainer.args.output_dir)
+    if resume == "latest":
+        resume = latest_checkpoint(output_dir)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except RetrieverUnavailableError as err:
+        trainer._save_checkpoint(
+            trainer.model, trial=None
+        )  # the Trainer's own full checkpoint (optimizer, RNG, data)
+        saved = latest_checkpoint(output_dir)
+        raise RunError(
+            f"{err}\nThe retriever stayed down; training state was saved to {saved}.\n"
+            f"Restart the retriever, then resume with: {command} --resume {saved}"
+        ) from None
+    final = output_dir / "final"
+    trainer.save_model(str(final))
+    return final

@@ -1,0 +1,108 @@
+"""Supervised warm start on trajectories, with environment tokens (documents) masked out of the loss."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from autorefine.config import SFTRunConfig, check_trainer_args, to_dict
+from autorefine.data import read_questions
+from autorefine.protocol import PromptTemplate
+from autorefine.traces import build_gold_traces, load_trajectory_rows
+from autorefine.training.callbacks import HeldoutEvalCallback, SaveRunConfigCallback
+from autorefine.training.setup import RunError, connect_retriever, load_tokenizer_and_policy, lora_config
+
+if TYPE_CHECKING:
+    from trl import SFTTrainer
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+def sft_example(
+    prompt_ids: list[int], completion_ids: list[int], env_mask: list[int]
+) -> dict[str, list[int]]:
+    """input_ids and labels: only model tokens of the completion are learned; prompt and documents are context."""
+    labels = [IGNORE_INDEX] * len(prompt_ids) + [
+        token if keep else IGNORE_INDEX for token, keep in zip(completion_ids, env_mask, strict=True)
+    ]
+    return {"input_ids": prompt_ids + completion_ids, "labels": labels}
+
+
+def sft_dataset(examples: Iterable[dict[str, list[int]]]):  # -> datasets.Dataset
+    """A pre-tokenized dataset TRL's SFTTrainer uses as is (its `labels` carry the mask)."""
+    from datasets import Dataset
+
+    rows = list(examples)
+    if not rows:
+        raise RunError("no SFT examples: no trajectory had its evidence retrieved (see require_evidence)")
+    return Dataset.from_list(rows)
+
+
+def build_trainer(config: SFTRunConfig) -> SFTTrainer:
+    """The configured SFTTrainer, its data built from saved trajectories or gold traces over real retrieval."""
+    from trl import SFTConfig, SFTTrainer
+
+    values = check_trainer_args(SFTConfig, config.trainer)
+    values.setdefault("output_dir", "runs/sft")
+    args = SFTConfig(**values)
+    template = PromptTemplate.load(config.template)
+    needs_retriever = config.traces_file is None or bool(config.heldout.file and config.heldout.every)
+    client = connect_retriever(config.retriever) if needs_retriever else None
+    tokenizer, model = load_tokenizer_and_policy(config.model, config.tiny_model)
+
+    if config.traces_file:
+        rows = load_trajectory_rows(Path(config.traces_file))
+        examples = [sft_example(r["prompt_ids"], r["completion_ids"], r["env_mask"]) for r in rows]
+    else:
+        questions = read_questions(config.data.train_file)
+        traces = build_gold_traces(
+            questions, client, tokenizer, config.rollout, template, require_evidence=config.require_evidence
+        )
+        logger.info("gold traces: %d of %d questions kept", len(traces), len(questions))
+        examples = [sft_example(t.prompt_ids, t.completion_ids, t.env_mask) for _, t in traces]
+
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=sft_dataset(examples),
+        processing_class=tokenizer,
+        peft_config=lora_config(config.lora),
+    )
+    trainer.add_callback(SaveRunConfigCallback(to_dict(config)))
+    heldout = config.heldout
+    if heldout.file and heldout.every > 0:
+        trainer.add_callback(
+            HeldoutEvalCallback(
+                trainer,
+                read_questions(heldout.file, limit=heldout.limit),
+                client,
+                config.rollout,
+                template,
+                every=heldout.every,
+                stop_at_em=heldout.stop_at_em,
+                save_best=heldout.save_best,
+                batch_size=heldout.batch_size,
+            )
+        )
+    return trainer
+
+
+def train_sft(config: SFTRunConfig, resume: str | None = None) -> Path:
+    """Run the warm start; the final policy (with its tokenizer) goes to <output_dir>/final."""
+    trainer = build_trainer(config)
+    trainer.train(resume_from_checkpoint=resume)
+    final = Path(trainer.args.output_dir) / "final"
+    trainer.save_model(str(final))
+    return final
+
+
+def heldout_history(trainer: Any) -> list[dict[str, float]]:
+    """Held-out evaluations recorded during a run."""
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, HeldoutEvalCallback):
+            return callback.history
+    return []

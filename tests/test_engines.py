@@ -1,0 +1,168 @@
+"""The generation engines: stop logic, left padding, greedy/seeded sampling, and recorded log-probs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from autorefine.modeling import load_tokenizer, tiny_qwen2
+from autorefine.rollout.engine import SamplingParams, eos_token_ids, finish_generation
+from autorefine.rollout.hf_engine import TransformersEngine
+from tests.conftest import REPO_ROOT
+
+QWEN_TOKENIZER = REPO_ROOT / "tests" / "fixtures" / "qwen2.5-tokenizer"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(QWEN_TOKENIZER)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return tiny_qwen2(
+        tokenizer, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, vocab_size=151936
+    ).eval()
+
+
+def ids(tokenizer, text: str) -> list[int]:
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+# --- finish_generation: the one rule every engine uses to end a turn -------------------------------------
+
+
+def test_cut_right_after_stop_string(tokenizer):
+    eos = eos_token_ids(tokenizer)
+    tokens = ids(tokenizer, "<search> capital of France </search> and then more text")
+    gen = finish_generation(tokens, [-1.0] * len(tokens), 100, ["</search>"], eos, tokenizer)
+    assert gen.finish == "stop"
+    assert tokenizer.decode(gen.token_ids).endswith("</search>")
+    assert gen.token_ids == tokens[: len(gen.token_ids)]
+    assert len(gen.logprobs) == len(gen.token_ids)
+
+
+def test_stop_string_spanning_tokens_keeps_the_whole_last_token(tokenizer):
+    eos = eos_token_ids(tokenizer)
+    # "</answer>\n\n" may end inside a token: the cut keeps that sampled token whole (never re-tokenizes).
+    tokens = ids(tokenizer, "<answer> Paris </answer>\n\nMore")
+    gen = finish_generation(tokens, [0.0] * len(tokens), 100, ["</answer>"], eos, tokenizer)
+    text = tokenizer.decode(gen.token_ids)
+    assert "</answer>" in text
+    assert "</answer>" not in tokenizer.decode(gen.token_ids[:-1])
+
+
+def test_eos_ends_a_turn_and_is_kept(tokenizer):
+    eos = eos_token_ids(tokenizer)
+    tokens = [*ids(tokenizer, "I give up"), tokenizer.eos_token_id, *ids(tokenizer, "<answer> x </answer>")]
+    gen = finish_generation(tokens, [0.0] * len(tokens), 100, ["</answer>"], eos, tokenizer)
+    assert gen.finish == "eos"
+    assert gen.token_ids[-1] == tokenizer.eos_token_id
+    assert len(gen.token_ids) == len(ids(tokenizer, "I give up")) + 1
+
+
+def test_stop_before_eos_wins(tokenizer):
+    eos = eos_token_ids(tokenizer)
+    tokens = [*ids(tokenizer, "<search> q </search>"), tokenizer.eos_token_id]
+    gen = finish_generation(tokens, [0.0] * len(tokens), 100, ["</search>"], eos, tokenizer)
+    assert gen.finish == "stop"
+    assert tokenizer.eos_token_id not in gen.token_ids
+
+
+def test_budget_cuts_and_reports_length(tokenizer):
+    eos = eos_token_ids(tokenizer)
+    tokens = ids(tokenizer, "a long thought that goes on and on and never stops")
+    gen = finish_generation(tokens, list(range(len(tokens))), 4, ["</search>"], eos, tokenizer)
+    assert gen.finish == "length"
+    assert gen.token_ids == tokens[:4]
+    assert gen.logprobs == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_stop_string_beyond_the_budget_does_not_count(tokenizer):
+    eos = eos_token_ids(tokenizer)
+    tokens = ids(tokenizer, "thinking thinking thinking <search> q </search>")
+    gen = finish_generation(tokens, [0.0] * len(tokens), 3, ["</search>"], eos, tokenizer)
+    assert gen.finish == "length"
+    assert len(gen.token_ids) == 3
+
+
+def test_sampling_params_validation():
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+    assert SamplingParams(temperature=0).greedy
+
+
+# --- TransformersEngine ----------------------------------------------------------------------------------
+
+
+def recomputed_logprobs(
+    model, prompt: list[int], completion: list[int], temperature: float = 1.0
+) -> torch.Tensor:
+    """log p(completion token | prefix) from one forward pass, as TRL computes it."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + completion])).logits[0].float() / temperature
+    positions = torch.arange(len(prompt) - 1, len(prompt) + len(completion) - 1)
+    return torch.log_softmax(logits[positions], -1).gather(1, torch.tensor(completion)[:, None]).squeeze(1)
+
+
+def test_greedy_batch_equals_one_by_one_despite_left_padding(model, tokenizer):
+    engine = TransformersEngine(model, tokenizer)
+    prompts = [
+        ids(tokenizer, "Who wrote Hamlet?"),
+        ids(tokenizer, "A much longer prompt about the history of Rome and its"),
+    ]
+    greedy = SamplingParams(temperature=0)
+    batched = engine.generate(prompts, [12, 12], greedy, [])
+    alone = [engine.generate([p], [12], greedy, [])[0] for p in prompts]
+    for b, a in zip(batched, alone, strict=True):
+        assert b.token_ids == a.token_ids
+        assert b.logprobs == pytest.approx(a.logprobs, abs=1e-4)
+
+
+def test_recorded_logprobs_are_those_of_the_sampled_tokens(model, tokenizer):
+    engine = TransformersEngine(model, tokenizer)
+    prompts = [ids(tokenizer, "Question: who?"), ids(tokenizer, "Another, longer question: where and when?")]
+    torch.manual_seed(0)
+    gens = engine.generate(prompts, [10, 7], SamplingParams(temperature=0.8), [])
+    for prompt, gen, budget in zip(prompts, gens, [10, 7], strict=True):
+        assert 0 < len(gen.token_ids) <= budget
+        expected = recomputed_logprobs(model, prompt, gen.token_ids, temperature=0.8)
+        assert torch.allclose(torch.tensor(gen.logprobs), expected, atol=1e-4)
+
+
+def test_seeded_sampling_is_reproducible_and_varies_without_seed(model, tokenizer):
+    engine = TransformersEngine(model, tokenizer)
+    prompt = [ids(tokenizer, "Tell me something")]
+    params = SamplingParams(temperature=1.0)
+    torch.manual_seed(123)
+    first = engine.generate(prompt * 3, [8] * 3, params, [])
+    torch.manual_seed(123)
+    second = engine.generate(prompt * 3, [8] * 3, params, [])
+    assert [g.token_ids for g in first] == [g.token_ids for g in second]
+    # three samples of the same prompt from a random 152k-vocab model are (overwhelmingly) different
+    assert len({tuple(g.token_ids) for g in first}) > 1
+
+
+def test_per_row_budgets_and_chunking(model, tokenizer):
+    engine = TransformersEngine(model, tokenizer, max_batch_size=2)
+    prompts = [ids(tokenizer, f"prompt number {i}") for i in range(5)]
+    gens = engine.generate(prompts, [1, 2, 3, 4, 5], SamplingParams(temperature=0), [])
+    assert [len(g.token_ids) for g in gens] == [1, 2, 3, 4, 5]
+    assert all(g.finish == "length" for g in gens)
+    with pytest.raises(ValueError, match="budgets"):
+        engine.generate(prompts, [1], SamplingParams(), [])
+
+
+def test_vllm_engine_without_vllm_is_a_clear_error(tokenizer):
+    from autorefine.rollout.vllm_engine import VLLMEngine
+
+    pytest.importorskip("torch")
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="vLLM is not installed"):
+            VLLMEngine(tokenizer, model="any")
+    else:  # pragma: no cover - only on GPU machines with vLLM
+        pytest.skip("vLLM is installed here")
