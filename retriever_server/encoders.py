@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import time
@@ -30,6 +31,7 @@ E5_PASSAGE_PREFIX = "passage: "
 BGE_QUERY_INSTRUCTION = "Represent this sentence for searching relevant passages: "
 DEFAULT_MAX_LENGTH = 256
 CPU_BATCH_TOKENS = 512
+_PASS_OVERHEAD_TOKENS = 64
 
 # Used when no encoder is named: all-MiniLM-L6-v2, shipped as a Python package so it loads offline.
 EMBEDDED_NAME = "sentence-transformers/all-MiniLM-L6-v2"
@@ -278,18 +280,40 @@ class DenseEncoder:
         return self.tokenizer(texts, truncation=True, max_length=self.spec.max_length, **kwargs)
 
     def _batches(self, lengths: list[int], batch_size: int) -> list[list[int]]:
-        # Sorted by token count, then cut where the padded batch would exceed the token budget: the
-        # encoder is compute-bound on CPU, so padding and oversized batches cost time directly.
-        budget = self.max_batch_tokens or batch_size * self.spec.max_length
-        batches: list[list[int]] = []
-        current: list[int] = []
-        for i in sorted(range(len(lengths)), key=lengths.__getitem__):
-            if current and (len(current) == batch_size or (len(current) + 1) * lengths[i] > budget):
-                batches.append(current)
-                current = []
-            current.append(i)
-        batches.append(current)
-        return batches
+        """Split rows, sorted by token count, into forward passes of at most `batch_size` rows."""
+        order = sorted(range(len(lengths)), key=lengths.__getitem__)
+        if self.max_batch_tokens is None:
+            return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        return [
+            [order[i] for i in part]
+            for part in _cheapest_split([lengths[i] for i in order], batch_size, self.max_batch_tokens)
+        ]
+
+
+def _cheapest_split(lengths: list[int], batch_size: int, budget: int) -> list[range]:
+    """Cut ascending `lengths` into consecutive batches minimizing the padded-token cost of the passes.
+
+    On CPU the encoder is compute-bound: a pass costs its padded tokens (rows × longest row) plus a fixed
+    overhead (~64 tokens' worth for MiniLM on 2 cores); passes over `budget` padded tokens run slower per
+    token (cache), so they are not allowed. Dynamic programming over cut points, O(n · rows per batch).
+    """
+    n = len(lengths)
+    best = [0.0] + [math.inf] * n  # best[j]: cheapest cost of the first j rows
+    start = [0] * (n + 1)
+    for j in range(1, n + 1):
+        longest = lengths[j - 1]
+        rows = 1
+        while rows <= min(j, batch_size) and (rows == 1 or rows * longest <= budget):
+            cost = best[j - rows] + _PASS_OVERHEAD_TOKENS + rows * longest
+            if cost < best[j]:
+                best[j], start[j] = cost, j - rows
+            rows += 1
+    batches: list[range] = []
+    j = n
+    while j > 0:
+        batches.append(range(start[j], j))
+        j = start[j]
+    return batches[::-1]
 
 
 def bm25_tokenize(texts: list[str], *, show_progress: bool = False) -> list[list[str]]:

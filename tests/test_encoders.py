@@ -179,3 +179,16 @@ def test_missing_local_model_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_bm25_tokens_lowercase_without_stopwords() -> None:
     assert bm25_tokenize(["The Eiffel Tower, in Paris!"]) == [["eiffel", "tower", "paris"]]
+
+
+def test_forward_passes_cover_every_row_once_within_limits() -> None:
+    from retriever_server.encoders import _cheapest_split
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        lengths = sorted(rng.integers(1, 300, size=int(rng.integers(1, 120))).tolist())
+        batches = _cheapest_split(lengths, 16, 512)
+        assert [i for batch in batches for i in batch] == list(range(len(lengths)))
+        for batch in batches:
+            assert len(batch) <= 16
+            assert len(batch) == 1 or len(batch) * lengths[batch[-1]] <= 512
