@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from retriever_server.batching import MicroBatcher
 from retriever_server.corpus import DocumentStore
-from retriever_server.encoders import EncoderSpec
+from retriever_server.encoders import EncoderSpec, is_embedded
 from retriever_server.manifest import ManifestMismatch, check_corpus, check_encoder, read_manifest
 
 logger = logging.getLogger(__name__)
@@ -77,6 +77,12 @@ def plan_serving(config: ServeConfig) -> Plan:
     corpus = config.corpus or Path(manifest["corpus"]["path"])
     check_corpus(manifest, corpus, full_hash=config.verify_corpus_hash)
     spec = check_encoder(manifest, config.encoder)
+    local = spec is not None and not is_embedded(spec.name) and spec.name.startswith(("/", "./", "../", "~"))
+    if local and spec is not None and not Path(spec.name).expanduser().exists():
+        raise ManifestMismatch(
+            f"the index's encoder {spec.name} does not exist on this machine; "
+            "pass --encoder PATH to a copy of the same model"
+        )
     if not 1 <= config.topk <= config.max_topk:
         raise ValueError(f"--topk {config.topk} must be between 1 and --max-topk {config.max_topk}")
     return Plan(config=config, manifest=manifest, corpus=corpus, spec=spec)

@@ -263,21 +263,41 @@ class DenseEncoder:
         if not texts:
             return out
         t0 = time.perf_counter()
-        lengths = [len(ids) for ids in self._tokenize(texts, padding=False)["input_ids"]]
+        # Tokenized once, unpadded; each forward pass pads only its own rows.
+        features = self.tokenizer(texts, truncation=True, max_length=self.spec.max_length)
         self.tokenize_seconds += time.perf_counter() - t0
+        lengths = [len(ids) for ids in features["input_ids"]]
         with torch.inference_mode():
             for rows in self._batches(lengths, batch_size or self.batch_size):
                 t0 = time.perf_counter()
-                batch = self._tokenize([texts[i] for i in rows], padding=True, return_tensors="pt")
+                batch = self._pad(features, rows, max(lengths[i] for i in rows))
                 t1 = time.perf_counter()
-                batch = {key: value.to(self.device) for key, value in batch.items()}
                 out[rows] = self._module(**batch).cpu().numpy()
                 self.tokenize_seconds += t1 - t0
                 self.forward_seconds += time.perf_counter() - t1
         return out
 
-    def _tokenize(self, texts: list[str], **kwargs: Any) -> Any:
-        return self.tokenizer(texts, truncation=True, max_length=self.spec.max_length, **kwargs)
+    def _pad(self, features: Any, rows: list[int], width: int) -> dict[str, torch.Tensor]:
+        """Tensors of `rows`, padded to `width` as the tokenizer would pad them."""
+        import torch
+
+        pad_values = {
+            "input_ids": self.tokenizer.pad_token_id or 0,
+            "token_type_ids": self.tokenizer.pad_token_type_id,
+        }
+        left = self.tokenizer.padding_side == "left"
+        batch = {}
+        for key, values in features.items():
+            pad = pad_values.get(key, 0)
+            array = np.full((len(rows), width), pad, dtype=np.int64)
+            for j, i in enumerate(rows):
+                seq = values[i]
+                if left:
+                    array[j, width - len(seq) :] = seq
+                else:
+                    array[j, : len(seq)] = seq
+            batch[key] = torch.from_numpy(array).to(self.device)
+        return batch
 
     def _batches(self, lengths: list[int], batch_size: int) -> list[list[int]]:
         """Split rows, sorted by token count, into forward passes of at most `batch_size` rows."""

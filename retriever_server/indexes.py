@@ -7,6 +7,7 @@ offsets table. FAISS indexes go to all visible GPUs when there are any (HNSW sta
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 FAISS_TYPES = ("flat", "hnsw", "ivfpq")
 INDEX_TYPES = (*FAISS_TYPES, "bm25")
@@ -217,27 +220,32 @@ class FaissIndex:
                 self.index.k_factor = float(params["k_factor"])
 
     def _to_all_gpus(self) -> None:
-        # Thin wrapper over FAISS's documented multi-GPU cloner: shard the vectors over the GPUs, fp16.
+        # Thin wrapper over FAISS's documented multi-GPU cloner: vectors sharded over the GPUs, fp16
+        # storage / lookup tables (scores then carry fp16 rounding).
         import faiss
 
         options = faiss.GpuMultipleClonerOptions()
         options.shard = True
         options.useFloat16 = True
-        if isinstance(self.index, faiss.IndexRefine):
-            # The GPU cloner cannot copy IndexRefine: the IVF-PQ stage goes to the GPUs, refinement stays on CPU.
-            base = faiss.index_cpu_to_all_gpus(faiss.downcast_index(self.index.base_index), co=options)
-            faiss.GpuParameterSpace().set_index_parameter(base, "nprobe", int(self.params["nprobe"]))
-            refine = faiss.downcast_index(self.index.refine_index)
-            wrapped = faiss.IndexRefine(base, refine)
-            wrapped.k_factor = self.index.k_factor
-            self._keep = [self.index, base, refine]
-            self.index = wrapped
-        else:
-            self.index = faiss.index_cpu_to_all_gpus(self.index, co=options)
-            if self.kind == "ivfpq":
-                faiss.GpuParameterSpace().set_index_parameter(
-                    self.index, "nprobe", int(self.params["nprobe"])
-                )
+        try:
+            if isinstance(self.index, faiss.IndexRefine):
+                # The GPU cloner cannot copy IndexRefine: IVF-PQ goes to the GPUs, refinement stays on CPU.
+                base = faiss.index_cpu_to_all_gpus(faiss.downcast_index(self.index.base_index), co=options)
+                faiss.GpuParameterSpace().set_index_parameter(base, "nprobe", int(self.params["nprobe"]))
+                refine = faiss.downcast_index(self.index.refine_index)
+                wrapped = faiss.IndexRefine(base, refine)
+                wrapped.k_factor = self.index.k_factor
+                self._keep = [self.index, base, refine]
+                self.index = wrapped
+            else:
+                self.index = faiss.index_cpu_to_all_gpus(self.index, co=options)
+                if self.kind == "ivfpq":
+                    faiss.GpuParameterSpace().set_index_parameter(
+                        self.index, "nprobe", int(self.params["nprobe"])
+                    )
+        except RuntimeError as err:  # e.g. GPU IVF-PQ wants nbits == 8; small demo indexes use fewer
+            logger.warning("keeping the %s index on CPU: the GPU clone failed (%s)", self.kind, err)
+            return
         self.on_gpu = True
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -382,6 +382,15 @@ def test_same_model_at_another_path_is_accepted(
     assert spec is not None and spec.name == str(copy) and spec.pooling == "mean"
 
 
+def test_encoder_path_missing_on_this_machine_is_refused(wiki200_flat_index: Path, tmp_path: Path) -> None:
+    moved = tmp_path / "moved"
+    shutil.copytree(wiki200_flat_index, moved)
+    manifest = json.loads((moved / "manifest.json").read_text())
+    manifest["encoder"]["name"] = "/nowhere/all-MiniLM-L6-v2"
+    (moved / "manifest.json").write_text(json.dumps(manifest))
+    assert "--encoder PATH" in _serve_fails(moved)
+
+
 def test_index_that_fails_to_load_exits_non_zero(wiki200_flat_index: Path, tmp_path: Path) -> None:
     broken = tmp_path / "broken"
     shutil.copytree(wiki200_flat_index, broken)
