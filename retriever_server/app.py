@@ -286,6 +286,7 @@ def create_app(
 
     @app.get("/health")
     async def health() -> JSONResponse:
+        """503 while loading (or after a failed load), 200 with the index's vital statistics once ready."""
         retriever = state.retriever
         if retriever is None:
             status = {"status": "error", "detail": state.error} if state.error else {"status": "loading"}
@@ -308,6 +309,7 @@ def create_app(
 
     @app.get("/stats")
     async def stats() -> JSONResponse:
+        """Cumulative counters: requests, batches, and seconds spent per processing stage."""
         retriever = state.retriever
         return JSONResponse(
             {
@@ -321,6 +323,7 @@ def create_app(
 
     @app.post("/retrieve")
     async def retrieve(request: Request) -> Response:
+        """Search-R1 retrieval: top-k documents per query, with or without scores."""
         start = time.perf_counter()
         try:
             queries, topk, return_scores = parse_retrieve_body(

@@ -246,7 +246,7 @@ def test_event_loop_answers_health_while_encoding(wiki200_server: str) -> None:
         pending = pool.submit(_post, wiki200_server, big)
         while not httpx.get(f"{wiki200_server}/stats").json()["busy"]:
             assert not pending.done(), pending.result().text
-            time.sleep(0.01)
+            time.sleep(0.002)
         health = httpx.get(f"{wiki200_server}/health", timeout=5)
         assert health.status_code == 200 and health.json()["busy"] is True  # answered mid-encoding
         assert len(pending.result().json()["result"]) == 64
