@@ -44,8 +44,10 @@ class RetrieverClient:
         max_retries: int = 5,
         backoff: float = 0.5,
         max_backoff: float = 8.0,
+        max_batch: int = 256,
     ) -> None:
         self.url = url.rstrip("/")
+        self.max_batch = max_batch  # queries per request; larger batches are split (servers cap request size)
         self.max_retries = max_retries
         self.backoff = backoff
         self.max_backoff = max_backoff
@@ -63,24 +65,35 @@ class RetrieverClient:
         self.close()
 
     def search(self, queries: list[str], topk: int = 3) -> list[list[Document]]:
-        """Top-k documents for each query, best first; one request for the whole batch."""
-        if not queries:
-            return []
-        body = {"queries": list(queries), "topk": topk, "return_scores": True}
-        payload = self._request("POST", "/retrieve", json=body)
-        try:
-            result = payload["result"]
-            if len(result) != len(queries):
-                raise ValueError(f"{len(result)} result lists for {len(queries)} queries")
-            return [[_parse_document(item) for item in hits] for hits in result]
-        except (KeyError, TypeError, ValueError) as err:
-            raise RetrieverError(f"unexpected response from {self.url}/retrieve: {err}") from err
+        """Top-k documents for each query, best first; one request per `max_batch` queries."""
+        results: list[list[Document]] = []
+        for start in range(0, len(queries), self.max_batch):
+            chunk = list(queries[start : start + self.max_batch])
+            payload = self._request(
+                "POST", "/retrieve", json={"queries": chunk, "topk": topk, "return_scores": True}
+            )
+            try:
+                result = payload["result"]
+                if len(result) != len(chunk):
+                    raise ValueError(f"{len(result)} result lists for {len(chunk)} queries")
+                results += [[_parse_document(item) for item in hits] for hits in result]
+            except (KeyError, TypeError, ValueError) as err:
+                raise RetrieverError(f"unexpected response from {self.url}/retrieve: {err}") from err
+        return results
 
     def health(self) -> dict[str, Any]:
-        """The server's `/health` answer (one attempt, no retries)."""
+        """The server's `/health` answer, also while it is still loading (one attempt, no retries)."""
         response = self._http.get(f"{self.url}/health")
-        response.raise_for_status()
-        return response.json()
+        try:
+            status = response.json()
+        except ValueError:
+            response.raise_for_status()
+            raise
+        if not isinstance(status, dict):
+            raise RetrieverError(f"{self.url}/health answered {status!r}")
+        if response.status_code >= 400 and "status" not in status:
+            response.raise_for_status()
+        return status
 
     def wait_until_ready(self, timeout: float = 120.0, interval: float = 0.5) -> dict[str, Any]:
         """Poll `/health` until the server reports ready; raise RetrieverUnavailableError after `timeout` s."""
@@ -89,9 +102,12 @@ class RetrieverClient:
         while True:
             try:
                 status = self.health()
-                if status.get("status", "ready") == "ready":
+                state = status.get("status", "ready")
+                if state == "ready":
                     return status
-                last_error = f"status {status.get('status')!r}"
+                if state not in ("loading", "starting"):
+                    raise RetrieverUnavailableError(f"retriever at {self.url} reports {status}")
+                last_error = f"status {state!r}"
             except (httpx.HTTPError, ValueError) as err:
                 last_error = _describe(err)
             if time.monotonic() >= deadline:
@@ -118,7 +134,7 @@ class RetrieverClient:
                     raise RetrieverError(
                         f"{url} rejected the request ({response.status_code}): {response.text}"
                     )
-                problem = f"HTTP {response.status_code}"
+                problem = f"HTTP {response.status_code}: {response.text[:200]}"
             if attempt == self.max_retries:
                 raise RetrieverUnavailableError(
                     f"retriever at {url} unreachable after {self.max_retries + 1} attempts ({problem})"

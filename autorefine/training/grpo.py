@@ -35,6 +35,7 @@ from autorefine.training.setup import (
     load_tokenizer_and_policy,
     lora_config,
     record_metric,
+    with_precision_default,
 )
 
 if TYPE_CHECKING:
@@ -219,7 +220,7 @@ def make_grpo_args(config: GRPORunConfig):  # -> trl.GRPOConfig
         "reward_weights": "reward (the AutoRefine reward has weight 1, logged components 0)",
         "remove_unused_columns": "autorefine (reward functions need the golden_answers column)",
     }
-    values = check_trainer_args(GRPOConfig, config.trainer, forbidden=derived)
+    values = with_precision_default(check_trainer_args(GRPOConfig, config.trainer, forbidden=derived))
     if values.get("vllm_enable_sleep_mode"):
         raise RunError(
             "trainer.vllm_enable_sleep_mode is not supported with multi-turn rollouts; turn it off"

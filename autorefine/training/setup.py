@@ -63,6 +63,15 @@ def lora_config(settings: LoraSettings) -> Any:
     )
 
 
+def with_precision_default(values: dict[str, Any]) -> dict[str, Any]:
+    """Trainer arguments with bf16 on only where a GPU supports it, unless the config says otherwise."""
+    import torch
+
+    # TRL turns bf16 on by default; on a CPU that means bf16 autocast, several times slower than float32.
+    values.setdefault("bf16", bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()))
+    return values
+
+
 def record_metric(trainer: Trainer, key: str, value: float) -> None:
     """Queue a training metric; TRL averages its queued metrics and logs them at the next logging step."""
     # TRL's trainers keep `_metrics[mode][key] -> list`; reusing it keeps our metrics on TRL's logging

@@ -12,7 +12,13 @@ from autorefine.data import read_questions
 from autorefine.protocol import PromptTemplate
 from autorefine.traces import build_gold_traces, load_trajectory_rows
 from autorefine.training.callbacks import HeldoutEvalCallback, SaveRunConfigCallback
-from autorefine.training.setup import RunError, connect_retriever, load_tokenizer_and_policy, lora_config
+from autorefine.training.setup import (
+    RunError,
+    connect_retriever,
+    load_tokenizer_and_policy,
+    lora_config,
+    with_precision_default,
+)
 
 if TYPE_CHECKING:
     from trl import SFTTrainer
@@ -46,7 +52,7 @@ def build_trainer(config: SFTRunConfig) -> SFTTrainer:
     """The configured SFTTrainer, its data built from saved trajectories or gold traces over real retrieval."""
     from trl import SFTConfig, SFTTrainer
 
-    values = check_trainer_args(SFTConfig, config.trainer)
+    values = with_precision_default(check_trainer_args(SFTConfig, config.trainer))
     values.setdefault("output_dir", "runs/sft")
     args = SFTConfig(**values)
     template = PromptTemplate.load(config.template)
