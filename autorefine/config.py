@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -20,6 +21,24 @@ import yaml
 
 from autorefine.rewards import RewardConfig
 from autorefine.rollout.agent import RolloutConfig
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """YAML with 1.2 booleans: only true/false, so `save_strategy: no` stays the string "no"."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """Parse YAML with 1.2 booleans (see `_Yaml12Loader`)."""
+    return yaml.load(text, Loader=_Yaml12Loader)  # a SafeLoader subclass: no arbitrary objects
 
 
 class ConfigError(ValueError):
@@ -84,6 +103,7 @@ class LoggingSettings:
 
     sample_table_every: int = 10  # steps between tables of sample trajectories (0: never)
     sample_table_rows: int = 4
+    save_rollouts: bool = False  # every trajectory (ids, masks, reward) to <output_dir>/rollouts/rank-R.jsonl
 
 
 @dataclass(frozen=True)
@@ -127,7 +147,7 @@ def load_config(cls: type, path: str | Path | None, overrides: list[str] = ()) -
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        loaded = parse_yaml(path.read_text(encoding="utf-8")) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         data = loaded
@@ -135,7 +155,7 @@ def load_config(cls: type, path: str | Path | None, overrides: list[str] = ()) -
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
-        _set_path(data, key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None)
+        _set_path(data, key.strip().split("."), parse_yaml(raw) if raw.strip() else None)
     return build(cls, data, "")
 
 

@@ -12,15 +12,14 @@ Retriever fixtures (reusable by any test):
   ready when entered, always terminated on exit. Flags map to CLI options (`batch_wait_ms=0` →
   `--batch-wait-ms 0`, `verify_corpus_hash=True` → `--verify-corpus-hash`); `port=` fixes the port.
 - `demo_bm25_server`: URL of one BM25 demo server shared by the whole session.
+- `synthetic_bm25_server`: URL of a BM25 server over the synthetic task corpus (session).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -30,6 +29,10 @@ from typing import Any
 import httpx
 import pytest
 
+from autorefine.retriever_process import free_port as free_port_number
+from autorefine.retriever_process import serve_command, stop
+from tests.paths import DEMO_CORPUS, REPO_ROOT, SYNTHETIC_DIR, WIKI18_SAMPLE
+
 # Never touch the Hugging Face hub; keep tokenizers from forking thread pools in subprocesses.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -37,38 +40,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Same as retriever_server/__init__.py, but before any test module imports faiss or torch directly.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEMO_DIR = REPO_ROOT / "data" / "demo"
-DEMO_CORPUS = DEMO_DIR / "corpus.jsonl"
-WIKI18_SAMPLE = DEMO_DIR / "wiki18_sample.jsonl"
-HOTPOTQA_DEV = DEMO_DIR / "hotpotqa_dev.jsonl"
-
-
-def _free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def _serve_command(index_dir: Path, port: int, flags: dict[str, Any]) -> list[str]:
-    command = [
-        sys.executable,
-        "-m",
-        "retriever_server.cli",
-        "serve",
-        "--index",
-        str(index_dir),
-        "--port",
-        str(port),
-    ]
+    extra: list[str] = []
     for name, value in flags.items():
         option = "--" + name.replace("_", "-")
         if value is True:
-            command.append(option)
+            extra.append(option)
         elif value is not False and value is not None:  # 0 is a value, not "off"
-            command += [option, str(value)]
-    return command
+            extra += [option, str(value)]
+    return serve_command(index_dir, port, tuple(extra))
 
 
 def _log_tail(log: Path) -> str:
@@ -88,17 +69,6 @@ def wait_until_ready(url: str, process: subprocess.Popen[bytes], log: Path, time
     raise RuntimeError(f"retriever at {url} not ready after {timeout} s:\n{_log_tail(log)}")
 
 
-def stop_process(process: subprocess.Popen[bytes]) -> None:
-    """Terminate a process we started (SIGTERM, then SIGKILL after 10 s)."""
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
-
-
 @contextlib.contextmanager
 def launch_retriever(
     index_dir: str | os.PathLike[str],
@@ -109,7 +79,7 @@ def launch_retriever(
     **flags: Any,
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """Run `retriever-server serve` as a subprocess on 127.0.0.1; yield (url, process) once ready."""
-    port = port or _free_port()
+    port = port or free_port_number()
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory(prefix="retriever-log-") as tmp:
         log = Path(tmp) / "server.log"
@@ -126,13 +96,13 @@ def launch_retriever(
                 wait_until_ready(url, process, log, timeout)
             yield url, process
         finally:
-            stop_process(process)
+            stop(process)
 
 
 @pytest.fixture(scope="session")
 def free_port() -> Any:
     """A function returning a TCP port on 127.0.0.1 that nothing listens on right now."""
-    return _free_port
+    return free_port_number
 
 
 @pytest.fixture(scope="session")
@@ -200,4 +170,15 @@ def demo_flat_index(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def demo_bm25_server(demo_bm25_index: Path) -> Iterator[str]:
     """URL of a BM25 demo server shared by the session (max_queries 8 to test the limit cheaply)."""
     with launch_retriever(demo_bm25_index, max_queries=8, max_topk=50) as (url, _):
+        yield url
+
+
+@pytest.fixture(scope="session")
+def synthetic_bm25_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL of a BM25 server over the synthetic task's corpus (data/synthetic), shared by the session."""
+    from retriever_server.build import build_index
+
+    out = tmp_path_factory.mktemp("synthetic-bm25")
+    build_index(SYNTHETIC_DIR / "corpus.jsonl", out, index_type="bm25", progress=False)
+    with launch_retriever(out) as (url, _):
         yield url

@@ -13,9 +13,7 @@ from autorefine.modeling import load_tokenizer, tiny_qwen2
 from autorefine.retrieval import RetrieverClient
 from autorefine.rollout import AgentLoop, FinishReason, Generation, RolloutConfig, SamplingParams
 from autorefine.rollout.hf_engine import TransformersEngine
-from tests.conftest import REPO_ROOT
-
-QWEN_TOKENIZER = REPO_ROOT / "tests" / "fixtures" / "qwen2.5-tokenizer"
+from tests.paths import QWEN_TOKENIZER
 
 
 @pytest.fixture(scope="module")

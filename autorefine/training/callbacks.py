@@ -182,6 +182,33 @@ class SampleTableCallback(TrainerCallback):
                 wandb.log({"samples/trajectories": table}, commit=False)
 
 
+class SaveRolloutsCallback(TrainerCallback):
+    """Appends every new rollout batch of this process to <output_dir>/rollouts/rank-R.jsonl.
+
+    Rows carry exact prompt/completion ids and env masks, so `train-sft traces_file=...` can learn from them.
+    """
+
+    def __init__(self, latest: Callable[[], tuple[int, list[dict[str, Any]]]]) -> None:
+        self.latest = latest
+        self.written = 0
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        batch, rows = self.latest()
+        if batch == self.written or not rows:
+            return
+        self.written = batch
+        rank = args.process_index
+        out = Path(args.output_dir) / "rollouts" / f"rank-{rank}.jsonl"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("a", encoding="utf-8") as f:
+            for row in rows:
+                f.write(
+                    json.dumps({"step": state.global_step, "rank": rank, **row}, ensure_ascii=False) + "\n"
+                )
+
+
 class SaveRunConfigCallback(TrainerCallback):
     """Writes the run's configuration next to every checkpoint, so a checkpoint says how it was made."""
 

@@ -26,6 +26,7 @@ from autorefine.rollout.trajectory import FinishReason, Trajectory
 from autorefine.training.callbacks import (
     HeldoutEvalCallback,
     SampleTableCallback,
+    SaveRolloutsCallback,
     SaveRunConfigCallback,
     StepTimerCallback,
 )
@@ -63,6 +64,7 @@ class SearchRollout:
         self.eval_temperature = eval_temperature
         self.total_seconds = 0.0
         self.latest: list[tuple[str, Trajectory]] = []
+        self.batches = 0  # rollout batches produced so far (training and evaluation)
         self._vllm_engine: GenerationEngine | None = None
 
     def __call__(self, prompts: list[str], trainer: GRPOTrainer) -> dict[str, list[Any]]:
@@ -100,6 +102,7 @@ class SearchRollout:
         elapsed = time.perf_counter() - started
         self.total_seconds += elapsed
         self.latest = list(zip(prompts, trajectories, strict=True))
+        self.batches += 1
         if training:
             self._record(trainer, trajectories, loop.last_timings.retrieval_s, elapsed)
         return {
@@ -163,7 +166,7 @@ class RewardComponent:
         self.component = component
         self.config = config
         self.__name__ = component
-        self.latest: list[tuple[list[str], float]] = []
+        self.latest: list[tuple[str, list[str], float]] = []
 
     def __call__(
         self,
@@ -178,22 +181,28 @@ class RewardComponent:
             getattr(score_model_text(text, golds, self.config), self.component)
             for text, golds in zip(model_text, golden_answers, strict=True)
         ]
-        self.latest = list(zip(golden_answers, scores, strict=True))
+        ids = kwargs.get("id") or [""] * len(scores)
+        self.latest = list(zip(ids, golden_answers, scores, strict=True))
         return scores
 
 
-def sample_rows(rollout: SearchRollout, reward: RewardComponent) -> list[dict[str, Any]]:
-    """This process's latest trajectories as table rows, with golds and rewards."""
+def rollout_records(rollout: SearchRollout, reward: RewardComponent) -> list[dict[str, Any]]:
+    """This process's latest trajectories with their question id, golds and reward."""
     rows = []
-    for (question, t), (golds, score) in zip(rollout.latest, reward.latest, strict=False):
+    for (question, t), (qid, golds, score) in zip(rollout.latest, reward.latest, strict=False):
         rows.append(
             {
+                "id": qid,
                 "question": question,
                 "golds": " | ".join(golds),
                 "trajectory": "".join(f"[{s.kind}] {s.text}\n" for s in t.segments if s.kind != "eos"),
                 "answer": t.answer or "",
                 "reward": score,
                 "finish": str(t.finish_reason),
+                "searches": t.num_searches,
+                "prompt_ids": t.prompt_ids,
+                "completion_ids": t.completion_ids,
+                "env_mask": t.env_mask,
             }
         )
     return rows
@@ -270,9 +279,13 @@ def build_trainer(
     log = config.logging
     trainer.add_callback(
         SampleTableCallback(
-            log.sample_table_every, log.sample_table_rows, lambda: sample_rows(rollout, rewards[0])
+            log.sample_table_every, log.sample_table_rows, lambda: rollout_records(rollout, rewards[0])
         )
     )
+    if log.save_rollouts:
+        trainer.add_callback(
+            SaveRolloutsCallback(lambda: (rollout.batches, rollout_records(rollout, rewards[0])))
+        )
     trainer.add_callback(SaveRunConfigCallback(to_dict(config)))
     heldout = config.heldout
     if heldout.file and heldout.every > 0:
@@ -298,14 +311,13 @@ def latest_checkpoint(output_dir: str | Path) -> str | None:
     return str(checkpoints[-1]) if checkpoints else None
 
 
-def train_grpo(
-    config: GRPORunConfig, resume: str | None = None, command: str = "autorefine train-grpo"
-) -> Path:
-    """Run GRPO; on a lost retriever, write a checkpoint and stop with the command that resumes."""
-    trainer, _ = build_trainer(config)
+def run_grpo(trainer: GRPOTrainer, resume: str | None = None, command: str = "autorefine train-grpo") -> Path:
+    """Train; on a lost retriever, write a checkpoint and stop with the command that resumes."""
     output_dir = Path(trainer.args.output_dir)
     if resume == "latest":
         resume = latest_checkpoint(output_dir)
+        if resume is None:
+            raise RunError(f"--resume latest: no checkpoint-* directory in {output_dir}")
     try:
         trainer.train(resume_from_checkpoint=resume)
     except RetrieverUnavailableError as err:
@@ -320,3 +332,11 @@ def train_grpo(
     final = output_dir / "final"
     trainer.save_model(str(final))
     return final
+
+
+def train_grpo(
+    config: GRPORunConfig, resume: str | None = None, command: str = "autorefine train-grpo"
+) -> Path:
+    """Build the trainer from a config and run it (see `run_grpo`)."""
+    trainer, _ = build_trainer(config)
+    return run_grpo(trainer, resume, command)

@@ -1,0 +1,11 @@
+"""Paths of the data the tests read (all inside the repository)."""
+
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEMO_DIR = REPO_ROOT / "data" / "demo"
+DEMO_CORPUS = DEMO_DIR / "corpus.jsonl"
+WIKI18_SAMPLE = DEMO_DIR / "wiki18_sample.jsonl"
+HOTPOTQA_DEV = DEMO_DIR / "hotpotqa_dev.jsonl"
+SYNTHETIC_DIR = REPO_ROOT / "data" / "synthetic"
+QWEN_TOKENIZER = REPO_ROOT / "tests" / "fixtures" / "qwen2.5-tokenizer"

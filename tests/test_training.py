@@ -1,0 +1,296 @@
+"""GRPO and SFT through the real TRL trainers on the synthetic task: masking, resume, failures, learning."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from autorefine.config import GRPORunConfig, SFTRunConfig, load_config
+from autorefine.modeling import load_policy, load_tokenizer
+from autorefine.protocol import PromptTemplate
+from autorefine.retrieval import RetrieverClient
+from autorefine.rollout import AgentLoop, SamplingParams
+from autorefine.rollout.hf_engine import TransformersEngine
+from autorefine.training.grpo import build_trainer, latest_checkpoint, run_grpo
+from autorefine.training.setup import RunError
+from autorefine.training.sft import sft_example
+from tests.paths import REPO_ROOT, SYNTHETIC_DIR
+
+TINY_CPU = REPO_ROOT / "configs" / "grpo" / "tiny-cpu.yaml"
+
+
+def tiny_config(url: str, out: Path, *overrides: str) -> GRPORunConfig:
+    """The tiny-cpu preset, small and quiet: 4 questions × 8 samples per step, no W&B, no checkpoints."""
+    return load_config(
+        GRPORunConfig,
+        TINY_CPU,
+        [
+            f"retriever.url={url}",
+            f"trainer.output_dir={out}",
+            "trainer.report_to=[]",
+            "trainer.save_strategy=no",
+            "trainer.per_device_train_batch_size=32",
+            "trainer.max_steps=2",
+            "heldout.every=0",
+            "logging.sample_table_every=0",
+            *overrides,
+        ],
+    )
+
+
+# --- masking: documents are attended to but never trained on ---------------------------------------------
+
+
+class CaptureLossInputs:
+    """Hooks the decoder during the training forward/backward: token ids, attention mask, dLoss/dhidden."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.inputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.hidden_grads: list[torch.Tensor] = []
+
+        def keep(module, args, kwargs, output):
+            if not torch.is_grad_enabled():
+                return
+            self.inputs.append(
+                (kwargs["input_ids"].detach().clone(), kwargs["attention_mask"].detach().clone())
+            )
+            output.last_hidden_state.register_hook(
+                lambda grad: self.hidden_grads.append(grad.detach().clone())
+            )
+
+        # TRL scores tokens from the decoder's last hidden states (its fused, chunked LM head): the gradient
+        # at position p is the gradient of the loss term that predicts token p + 1.
+        model.get_decoder().register_forward_hook(keep, with_kwargs=True)
+
+
+def test_env_tokens_get_no_gradient_but_are_attended(synthetic_bm25_server, tmp_path):
+    config = tiny_config(
+        synthetic_bm25_server,
+        tmp_path,
+        "trainer.max_steps=1",
+        "trainer.per_device_train_batch_size=16",
+        "trainer.num_generations=4",
+        "trainer.seed=3",
+    )
+    trainer, rollout = build_trainer(config)
+    capture = CaptureLossInputs(trainer.model)
+    trainer.train()
+
+    trajectories = [t for _, t in rollout.latest]
+    [(input_ids, attention_mask)] = capture.inputs
+    [grad] = capture.hidden_grads  # (batch, positions, hidden)
+    checked_env = checked_model = 0
+    for row in range(input_ids.shape[0]):
+        ids = input_ids[row][attention_mask[row].bool()].tolist()
+        t = next(t for t in trajectories if t.prompt_ids + t.completion_ids == ids)
+        start = int(attention_mask[row].nonzero()[0]) + len(
+            t.prompt_ids
+        )  # first completion token (after padding)
+        completion_attention = attention_mask[row, start : start + len(t.completion_ids)]
+        assert completion_attention.tolist() == [1] * len(t.completion_ids), (
+            "documents stay visible to attention"
+        )
+        for j, keep in enumerate(t.env_mask):
+            g = grad[row, start + j - 1].abs().sum().item()  # the position that predicts completion token j
+            if keep == 0:
+                assert g == 0.0, f"row {row}: environment token {j} received gradient"
+                checked_env += 1
+            elif g > 0:
+                checked_model += 1
+    assert checked_env > 0, "the batch must contain documents"
+    assert checked_model > 0, "model tokens with a non-zero advantage must receive gradient"
+
+
+def test_documents_change_what_the_model_predicts(synthetic_bm25_server):
+    """Attention reaches the inserted documents: different documents, different next-token distribution."""
+    model = load_policy(SYNTHETIC_DIR / "warmstart", dtype="float32").eval()
+    config = tiny_config(synthetic_bm25_server, Path("unused"))
+    tokenizer = load_tokenizer(SYNTHETIC_DIR / "warmstart")
+    with RetrieverClient(synthetic_bm25_server) as client:
+        loop = AgentLoop(
+            TransformersEngine(model, tokenizer), client, config.rollout, PromptTemplate.load(config.template)
+        )
+        [t] = loop.run(["What is the home city of Bigu Brenmair?"], SamplingParams(temperature=0))
+    docs = next(s for s in t.segments if s.kind == "documents")
+    ids = torch.tensor([t.prompt_ids + t.completion_ids[: docs.end]])
+    shuffled = ids.clone()
+    start = len(t.prompt_ids) + docs.start + 3
+    shuffled[0, start : len(t.prompt_ids) + docs.end - 3] = shuffled[
+        0, start : len(t.prompt_ids) + docs.end - 3
+    ].flip(0)
+    with torch.no_grad():
+        a = torch.log_softmax(model(ids).logits[0, -1], -1)
+        b = torch.log_softmax(model(shuffled).logits[0, -1], -1)
+    assert (a - b).abs().max() > 1e-3
+
+
+# --- exact resume -----------------------------------------------------------------------------------------
+
+
+def test_resume_matches_an_uninterrupted_run(synthetic_bm25_server, tmp_path):
+    overrides = (
+        "trainer.max_steps=4",
+        "trainer.save_strategy=steps",
+        "trainer.save_steps=2",
+        "trainer.seed=5",
+    )
+    full = build_trainer(tiny_config(synthetic_bm25_server, tmp_path / "full", *overrides))[0]
+    full.train()
+    interrupted = build_trainer(
+        tiny_config(synthetic_bm25_server, tmp_path / "part", *overrides, "trainer.max_steps=2")
+    )[0]
+    interrupted.train()
+    checkpoint = latest_checkpoint(tmp_path / "part")
+    assert checkpoint is not None and checkpoint.endswith("checkpoint-2")
+    # a checkpoint is a plain HF model directory with its tokenizer
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {
+        p.name for p in Path(checkpoint).iterdir()
+    }
+    resumed = build_trainer(tiny_config(synthetic_bm25_server, tmp_path / "part", *overrides))[0]
+    resumed.train(resume_from_checkpoint=checkpoint)
+    for (name, a), (_, b) in zip(
+        full.model.named_parameters(), resumed.model.named_parameters(), strict=True
+    ):
+        assert torch.allclose(a, b, atol=1e-6), name
+    rewards = lambda tr: [h["reward"] for h in tr.state.log_history if "reward" in h]  # noqa: E731
+    assert rewards(full)[2:] == pytest.approx(rewards(resumed)[-2:])
+
+
+# --- failures ----------------------------------------------------------------------------------------------
+
+
+def test_unreachable_retriever_fails_before_loading_the_model(tmp_path, free_port, monkeypatch):
+    import autorefine.training.grpo as grpo
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded although the retriever is down")
+
+    monkeypatch.setattr(grpo, "load_tokenizer_and_policy", must_not_load)
+    url = f"http://127.0.0.1:{free_port()}"
+    config = tiny_config(url, tmp_path, "retriever.startup_wait_s=1")
+    with pytest.raises(RunError, match=f"retriever at {url} not ready"):
+        build_trainer(config)
+
+
+class StopServerAfterFirstStep(TrainerCallback):
+    def __init__(self, process) -> None:
+        self.process = process
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 1:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+
+
+def test_lost_retriever_writes_a_checkpoint_and_says_how_to_resume(tmp_path, start_retriever, free_port):
+    from retriever_server.build import build_index
+
+    index = tmp_path / "index"
+    build_index(SYNTHETIC_DIR / "corpus.jsonl", index, index_type="bm25", progress=False)
+    port = free_port()
+    with start_retriever(index, port=port) as (url, process):
+        config = tiny_config(
+            url, tmp_path / "run", "trainer.max_steps=3", "retriever.max_retries=1", "trainer.seed=1"
+        )
+        trainer, _ = build_trainer(config)
+        trainer.add_callback(StopServerAfterFirstStep(process))
+        with pytest.raises(RunError) as err:
+            run_grpo(trainer, command="autorefine train-grpo --config tiny-cpu.yaml")
+    message = str(err.value)
+    checkpoint = latest_checkpoint(tmp_path / "run")
+    assert checkpoint is not None and checkpoint.endswith("checkpoint-1")
+    assert f"resume with: autorefine train-grpo --config tiny-cpu.yaml --resume {checkpoint}" in message
+    assert url in message
+    # once the retriever is back, the run resumes from that checkpoint and finishes
+    with start_retriever(index, port=port):
+        resumed, _ = build_trainer(config)
+        run_grpo(resumed, resume="latest")
+    assert resumed.state.global_step == 3
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+
+# --- SFT ------------------------------------------------------------------------------------------------
+
+
+def test_sft_labels_keep_only_model_tokens():
+    example = sft_example([1, 2, 3], [10, 11, 12, 13, 14], [1, 1, 0, 0, 1])
+    assert example["input_ids"] == [1, 2, 3, 10, 11, 12, 13, 14]
+    assert example["labels"] == [-100, -100, -100, 10, 11, -100, -100, 14]
+
+
+def test_sft_on_gold_traces_then_traces_file(synthetic_bm25_server, tmp_path):
+    from autorefine.training.sft import build_trainer as build_sft
+
+    base = [
+        f"retriever.url={synthetic_bm25_server}",
+        f"trainer.output_dir={tmp_path / 'sft'}",
+        "trainer.max_steps=3",
+        "trainer.logging_steps=1",
+        "heldout.every=0",
+        "tiny_model={hidden_size: 32, num_layers: 1, num_heads: 2, num_kv_heads: 1}",
+    ]
+    config = load_config(SFTRunConfig, REPO_ROOT / "configs/sft/synthetic-warmstart.yaml", base)
+    trainer = build_sft(config)
+    labels = trainer.train_dataset[0]["labels"]
+    ids = trainer.train_dataset[0]["input_ids"]
+    assert -100 in labels and any(label != -100 for label in labels)
+    assert all(label in (-100, token) for label, token in zip(labels, ids, strict=True))
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 3 and all(loss > 0 for loss in losses)
+
+    # trajectories saved by an earlier GRPO run train the same way
+    grpo = tiny_config(
+        synthetic_bm25_server, tmp_path / "grpo", "trainer.max_steps=1", "logging.save_rollouts=true"
+    )
+    build_trainer(grpo)[0].train()
+    rows = (tmp_path / "grpo" / "rollouts" / "rank-0.jsonl").read_text().splitlines()
+    assert len(rows) == 32 and all(json.loads(r)["env_mask"] for r in rows)
+    from_traces = load_config(
+        SFTRunConfig,
+        REPO_ROOT / "configs/sft/synthetic-warmstart.yaml",
+        [*base, f"traces_file={tmp_path / 'grpo' / 'rollouts' / 'rank-0.jsonl'}"],
+    )
+    assert len(build_sft(from_traces).train_dataset) == 32
+
+
+# --- proof that the loop learns --------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_grpo_raises_heldout_em_from_the_warm_start(synthetic_bm25_server, tmp_path):
+    """25 GRPO steps (16 questions × 8 samples, real TRL trainer, BM25 retrieval) improve held-out EM."""
+    config = load_config(
+        GRPORunConfig,
+        TINY_CPU,
+        [
+            f"retriever.url={synthetic_bm25_server}",
+            f"trainer.output_dir={tmp_path}",
+            "trainer.report_to=[]",
+            "trainer.save_strategy=no",
+            "trainer.max_steps=25",
+            "heldout.every=25",
+            "heldout.save_best=false",
+        ],
+    )
+    trainer, _ = build_trainer(config)
+    trainer.train()
+    history = [json.loads(line) for line in (tmp_path / "heldout.jsonl").read_text().splitlines()]
+    before, after = history[0], history[-1]
+    assert (before["step"], after["step"]) == (0, 25)
+    assert after["em"] - before["em"] >= 0.02, f"held-out EM {before['em']:.3f} -> {after['em']:.3f}"
+    rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
+    assert len(rewards) == 25
+    assert statistics.mean(rewards[-5:]) > statistics.mean(rewards[:5])
+
+
+def test_warm_start_checkpoint_is_small_and_loadable():
+    files = {p.name: p.stat().st_size for p in (SYNTHETIC_DIR / "warmstart").iterdir()}
+    assert files["model.safetensors"] < 8 * 2**20
+    model = load_policy(SYNTHETIC_DIR / "warmstart", dtype="float32")
+    assert 0.5e6 < sum(p.numel() for p in model.parameters()) < 2e6
