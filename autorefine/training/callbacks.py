@@ -209,19 +209,47 @@ class SaveRolloutsCallback(TrainerCallback):
                 )
 
 
+RUN_CONFIG_FILE = "autorefine_config.yaml"
+
+
 class SaveRunConfigCallback(TrainerCallback):
-    """Writes the run's configuration next to every checkpoint, so a checkpoint says how it was made."""
+    """Writes the run's configuration into the run folder and every checkpoint: each says how it was made."""
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = config
+
+    def _write(self, folder: Path) -> None:
+        if folder.is_dir():
+            (folder / RUN_CONFIG_FILE).write_text(
+                yaml.safe_dump(self.config, sort_keys=False), encoding="utf-8"
+            )
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if state.is_world_process_zero:
+            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+            self._write(Path(args.output_dir))
 
     def on_save(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         if state.is_world_process_zero:
-            path = Path(args.output_dir) / f"checkpoint-{state.global_step}" / "autorefine_config.yaml"
-            if path.parent.is_dir():
-                path.write_text(yaml.safe_dump(self.config, sort_keys=False), encoding="utf-8")
+            self._write(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+
+def save_final(trainer: Trainer) -> Path:
+    """Save the policy and tokenizer to <output_dir>/final, with the run config and the whole log history."""
+    output_dir = Path(trainer.args.output_dir)
+    final = output_dir / "final"
+    trainer.save_model(str(final))
+    if trainer.is_world_process_zero():
+        if (output_dir / RUN_CONFIG_FILE).is_file():
+            (final / RUN_CONFIG_FILE).write_text(
+                (output_dir / RUN_CONFIG_FILE).read_text("utf-8"), encoding="utf-8"
+            )
+        trainer.state.save_to_json(str(output_dir / "trainer_state.json"))
+    return final
 
 
 def _append_jsonl(path: Path, row: dict[str, Any]) -> None:

@@ -29,6 +29,7 @@ from autorefine.training.callbacks import (
     SaveRolloutsCallback,
     SaveRunConfigCallback,
     StepTimerCallback,
+    save_final,
 )
 from autorefine.training.setup import (
     RunError,
@@ -329,9 +330,7 @@ def run_grpo(trainer: GRPOTrainer, resume: str | None = None, command: str = "au
             f"{err}\nThe retriever stayed down; training state was saved to {saved}.\n"
             f"Restart the retriever, then resume with: {command} --resume {saved}"
         ) from None
-    final = output_dir / "final"
-    trainer.save_model(str(final))
-    return final
+    return save_final(trainer)
 
 
 def train_grpo(

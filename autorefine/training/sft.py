@@ -11,7 +11,7 @@ from autorefine.config import SFTRunConfig, check_trainer_args, to_dict
 from autorefine.data import read_questions
 from autorefine.protocol import PromptTemplate
 from autorefine.traces import build_gold_traces, load_trajectory_rows
-from autorefine.training.callbacks import HeldoutEvalCallback, SaveRunConfigCallback
+from autorefine.training.callbacks import HeldoutEvalCallback, SaveRunConfigCallback, save_final
 from autorefine.training.setup import (
     RunError,
     connect_retriever,
@@ -101,9 +101,7 @@ def train_sft(config: SFTRunConfig, resume: str | None = None) -> Path:
     """Run the warm start; the final policy (with its tokenizer) goes to <output_dir>/final."""
     trainer = build_trainer(config)
     trainer.train(resume_from_checkpoint=resume)
-    final = Path(trainer.args.output_dir) / "final"
-    trainer.save_model(str(final))
-    return final
+    return save_final(trainer)
 
 
 def heldout_history(trainer: Any) -> list[dict[str, float]]:
