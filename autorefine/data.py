@@ -106,13 +106,27 @@ def write_questions(path: str | Path, questions: Iterable[Question]) -> int:
     return count
 
 
-def find_split_file(data_dir: Path, dataset: str, splits: tuple[str, ...]) -> Path | None:
-    """First existing FlashRAG file for a dataset: `<dir>/<dataset>/<split>.jsonl` or `<dir>/<dataset>_<split>.jsonl`."""
-    for split in splits:
-        for candidate in (data_dir / dataset / f"{split}.jsonl", data_dir / f"{dataset}_{split}.jsonl"):
-            if candidate.is_file():
-                return candidate
-    return None
+def split_file_candidates(
+    data_dir: Path, dataset: str, splits: tuple[str, ...], *, unsplit: bool = False
+) -> list[Path]:
+    """Where `find_split_file` looks, in order of preference (`unsplit` adds `<dir>/<dataset>.jsonl` last)."""
+    found = [
+        candidate
+        for split in splits
+        for candidate in (data_dir / dataset / f"{split}.jsonl", data_dir / f"{dataset}_{split}.jsonl")
+    ]
+    # A flat `<dir>/<dataset>.jsonl` names no split, so only callers that know it holds evaluation data
+    # (the demo benchmarks) accept it; training must never pick up a test file by accident.
+    return [*found, data_dir / f"{dataset}.jsonl"] if unsplit else found
+
+
+def find_split_file(
+    data_dir: Path, dataset: str, splits: tuple[str, ...], *, unsplit: bool = False
+) -> Path | None:
+    """First existing file of `<dir>/<dataset>/<split>.jsonl`, `<dir>/<dataset>_<split>.jsonl` (per split), or None."""
+    return next(
+        (p for p in split_file_candidates(data_dir, dataset, splits, unsplit=unsplit) if p.is_file()), None
+    )
 
 
 def load_hub_split(dataset: str, split: str, cache_dir: Path) -> Path:

@@ -141,6 +141,26 @@ def find_blocks(text: str, tag: str) -> list[str]:
     return [m.group(1).strip() for m in _BLOCK[tag].finditer(strip_documents(text))]
 
 
+# Any complete block, for display: the same tolerance as `_tag_pattern`, the closing tag matching the opening.
+_ANY_BLOCK = re.compile(
+    rf"<\s*({'|'.join(TAGS)})\s*>((?:(?!<\s*\1\s*>).)*?)<\s*/\s*\1\s*>", re.IGNORECASE | re.DOTALL
+)
+
+
+def split_blocks(text: str) -> list[tuple[str | None, str]]:
+    """`text` cut into complete tagged blocks `(tag, body)` and the plain text around them `(None, text)`."""
+    pieces: list[tuple[str | None, str]] = []
+    cursor = 0
+    for match in _ANY_BLOCK.finditer(text):
+        if match.start() > cursor:
+            pieces.append((None, text[cursor : match.start()]))
+        pieces.append((match.group(1).lower(), match.group(2).strip()))
+        cursor = match.end()
+    if cursor < len(text):
+        pieces.append((None, text[cursor:]))
+    return pieces
+
+
 ActionKind = Literal["search", "answer"]
 
 
