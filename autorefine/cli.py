@@ -81,6 +81,136 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
     return 0
 
 
+ROLLOUT_FLAGS = ("max_turns", "max_new_tokens", "max_obs_tokens", "max_completion_tokens", "topk")
+
+
+def _decoding(args: argparse.Namespace):  # -> autorefine.evaluation.runner.Decoding
+    from autorefine.config import ConfigError
+    from autorefine.esc import ESCConfig
+    from autorefine.evaluation.runner import Decoding
+
+    try:
+        esc = ESCConfig(window=args.window, max_samples=args.max_samples, temperature=args.temperature)
+        return Decoding(mode=args.decoding, esc=esc, top_p=args.top_p, seed=args.seed)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _load(args: argparse.Namespace):  # -> autorefine.evaluation.policy.LoadedPolicy
+    from autorefine.evaluation.policy import load_policy_and_loop
+
+    return load_policy_and_loop(
+        args.model,
+        args.retriever_url,
+        template=args.template,
+        overrides={name: getattr(args, name) for name in ROLLOUT_FLAGS},
+        engine=args.engine,
+        dtype=args.dtype,
+        device=args.device,
+        max_batch_size=args.engine_batch_size,
+        seed=args.seed,
+    )
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Evaluate a policy on QA benchmarks into --out (resumable), and print the results table."""
+    from autorefine.evaluation.benchmark import evaluate_benchmarks, load_questions, read_predictions
+    from autorefine.evaluation.datasets import resolve_datasets
+    from autorefine.evaluation.report import log_to_wandb, markdown_table
+
+    decoding = _decoding(args)
+    files = resolve_datasets(
+        args.datasets, Path(args.data_dir) if args.data_dir else None, Path(args.cache_dir)
+    )
+    load_questions(files, args.limit)  # a malformed file fails here, before the model loads
+    policy = _load(args)
+    out = Path(args.out)
+    metrics = evaluate_benchmarks(
+        policy.loop,
+        files,
+        out,
+        decoding,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        reward_config=policy.reward,
+        record=policy.record,
+        progress=not args.no_progress,
+    )
+    print(markdown_table(metrics))
+    if args.wandb:
+        log_to_wandb(
+            metrics, read_predictions(out), project=args.wandb_project, name=args.wandb_name, out=out
+        )
+    print(f"\npredictions.jsonl, metrics.json, results.md and results.csv in {out}")
+    return 0
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    """Answer one question and print its trajectory (and, with sc/esc, the votes)."""
+    from rich.console import Console
+
+    from autorefine.inference import answer_question, print_inference
+
+    decoding = _decoding(args)
+    policy = _load(args)
+    result = answer_question(policy.loop, args.question, decoding)
+    print_inference(Console(), args.question, result, decoding)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The whole pipeline on this machine (see `autorefine/demo.py`)."""
+    from autorefine.demo import main as demo
+
+    return demo(Path(args.out), quick=args.quick)
+
+
+def _add_policy_arguments(parser: argparse.ArgumentParser) -> None:
+    """Model, retriever, rollout limits, engine and decoding flags shared by evaluate and infer."""
+    from autorefine.esc import ESCConfig  # light: no torch
+
+    esc_defaults = ESCConfig()
+    parser.add_argument("--model", required=True, help="policy folder (or hub name) with its tokenizer")
+    parser.add_argument("--retriever-url", required=True, help="retrieval server, e.g. http://127.0.0.1:8000")
+    limits = parser.add_argument_group(
+        "rollout limits (default: the checkpoint's autorefine_config.yaml, else the AutoRefine training ones)"
+    )
+    limits.add_argument("--template", help="prompt template file")
+    for name in ROLLOUT_FLAGS:
+        limits.add_argument("--" + name.replace("_", "-"), type=int, metavar="N")
+    engine = parser.add_argument_group("engine")
+    engine.add_argument("--engine", choices=("transformers", "vllm"), default="transformers")
+    engine.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"))
+    engine.add_argument("--device", help="transformers engine device (default: cuda if available, else cpu)")
+    engine.add_argument(
+        "--engine-batch-size", type=int, metavar="N", help="most sequences per generate call (default: all)"
+    )
+    decoding = parser.add_argument_group("decoding")
+    decoding.add_argument(
+        "--decoding",
+        choices=("greedy", "sc", "esc"),
+        default="greedy",
+        help="greedy; sc: majority of --max-samples samples; esc: early-stopping self-consistency",
+    )
+    decoding.add_argument(
+        "--window", type=int, default=esc_defaults.window, help=f"ESC window w ({esc_defaults.window})"
+    )
+    decoding.add_argument(
+        "--max-samples",
+        type=int,
+        default=esc_defaults.max_samples,
+        help=f"sc/esc budget L per question ({esc_defaults.max_samples})",
+    )
+    decoding.add_argument(
+        "--temperature",
+        type=float,
+        default=esc_defaults.temperature,
+        help=f"sc/esc temperature ({esc_defaults.temperature})",
+    )
+    decoding.add_argument("--top-p", type=float, default=1.0, help="sc/esc nucleus sampling (1.0)")
+    decoding.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+
+
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML preset (see configs/)")
     parser.add_argument("--resume", help="checkpoint directory to resume from, or 'latest'")
@@ -124,6 +254,52 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", required=True, help="output folder for train.jsonl, val.jsonl, provenance.json"
     )
     prep.set_defaults(func=cmd_prepare_data)
+
+    evaluate = sub.add_parser(
+        "evaluate",
+        help="evaluate a policy on the seven QA benchmarks (resumable; greedy, sc or esc)",
+        description="Writes predictions.jsonl, metrics.json, results.md and results.csv to --out. "
+        "Rerunning into the same --out skips the questions already there.",
+    )
+    _add_policy_arguments(evaluate)
+    evaluate.add_argument(
+        "--datasets",
+        default="all",
+        help="comma-separated names (nq,triviaqa,popqa,hotpotqa,2wikimultihopqa,musique,bamboogle; "
+        "'all' = these seven) or NAME=FILE.jsonl items",
+    )
+    evaluate.add_argument(
+        "--data-dir",
+        help="local FlashRAG folder (<dir>/<name>/test.jsonl, else dev.jsonl, or <dir>/<name>.jsonl); "
+        "without it, files come from the hub",
+    )
+    evaluate.add_argument("--cache-dir", default=".cache/flashrag", help="where hub downloads are stored")
+    evaluate.add_argument("--out", required=True, help="output folder (resumed when it exists)")
+    evaluate.add_argument("--limit", type=int, help="first N questions of each dataset")
+    evaluate.add_argument(
+        "--batch-size", type=int, default=32, help="questions per batch (sc/esc: × samples per round)"
+    )
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
+    evaluate.add_argument(
+        "--wandb", action="store_true", help="log the summary and a predictions table to W&B"
+    )
+    evaluate.add_argument("--wandb-project", default="autorefine-eval")
+    evaluate.add_argument("--wandb-name", help="W&B run name")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    infer = sub.add_parser(
+        "infer", help="answer one question and show the trajectory (think/search/documents/refine/answer)"
+    )
+    _add_policy_arguments(infer)
+    infer.add_argument("question")
+    infer.set_defaults(func=cmd_infer)
+
+    demo = sub.add_parser(
+        "demo", help="the whole pipeline on this machine: indexes, retrievers, SFT, GRPO, evaluation, report"
+    )
+    demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    demo.add_argument("--quick", action="store_true", help="a few steps of everything (a smoke test, ~2 min)")
+    demo.set_defaults(func=cmd_demo)
     return parser
 
 
@@ -136,12 +312,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     from autorefine.config import ConfigError
     from autorefine.data import DataError
+    from autorefine.evaluation.policy import EvaluationError
     from autorefine.retrieval import RetrieverError
     from autorefine.training.setup import RunError
 
     try:
         return func(args)
-    except (ConfigError, DataError, RetrieverError, RunError, FileNotFoundError) as err:
+    except (ConfigError, DataError, EvaluationError, RetrieverError, RunError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

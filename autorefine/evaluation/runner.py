@@ -1,16 +1,121 @@
-"""Greedy (or sampled) evaluation of a policy on questions, batched across questions, in a fixed order."""
+"""Predictions of a policy on questions: greedy, self-consistency or ESC, batched across questions, in order."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
 
 from autorefine.data import Question
+from autorefine.esc import ESCConfig, ESCResult, expected_samples, run_esc, run_sc
 from autorefine.evaluation.scoring import Prediction, score_trajectory
 from autorefine.rewards import RewardConfig
 from autorefine.rollout.agent import AgentLoop
 from autorefine.rollout.engine import SamplingParams
+from autorefine.rollout.trajectory import Trajectory
 
 GREEDY = SamplingParams(temperature=0.0)
+
+DecodingMode = Literal["greedy", "sc", "esc"]
+DECODING_MODES: tuple[DecodingMode, ...] = ("greedy", "sc", "esc")
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How one answer per question is produced: one greedy trajectory, or a vote over sampled ones."""
+
+    mode: DecodingMode = "greedy"
+    # sc draws `esc.max_samples` trajectories; esc draws windows of `esc.window` up to that budget.
+    esc: ESCConfig = field(default_factory=ESCConfig)
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in DECODING_MODES:
+            raise ValueError(f"decoding must be one of {', '.join(DECODING_MODES)}, got {self.mode!r}")
+
+    @property
+    def sampling(self) -> SamplingParams:
+        """Token sampling of every trajectory (greedy, or the ESC temperature)."""
+        if self.mode == "greedy":
+            return GREEDY
+        # No per-request seed: vLLM would then draw identical samples for the copies of one prompt.
+        return SamplingParams(temperature=self.esc.temperature, top_p=self.top_p)
+
+
+GREEDY_DECODING = Decoding()
+
+
+def _prediction(question: Question, trajectory: Trajectory, reward_config: RewardConfig) -> Prediction:
+    return Prediction(
+        id=question.id,
+        question=question.question,
+        golden_answers=question.golden_answers,
+        prediction=trajectory.answer,
+        scores=score_trajectory(trajectory, question.golden_answers, reward_config),
+        trajectory=trajectory.to_dict(),
+        searches=trajectory.num_searches,
+    )
+
+
+def voted_prediction(
+    question: Question, result: ESCResult[Trajectory], config: ESCConfig, reward_config: RewardConfig
+) -> Prediction:
+    """One question's SC/ESC outcome: scores of the winning trajectory, costs summed over every sample."""
+    samples = result.samples
+    # The shown trajectory is the first whose answer is the returned one, so its EM/F1 are the vote's.
+    shown = next((t for t in samples if t.answer == result.answer), samples[0])
+    scores = score_trajectory(shown, question.golden_answers, reward_config)
+    searches = sum(t.num_searches for t in samples)
+    scores["searches"] = float(searches)
+    scores["model_tokens"] = float(sum(t.num_model_tokens for t in samples))
+    scores["document_tokens"] = float(sum(t.tokens_of("documents") for t in samples))
+    first_window = [t.answer for t in samples[: config.window]]
+    return Prediction(
+        id=question.id,
+        question=question.question,
+        golden_answers=question.golden_answers,
+        prediction=result.answer,
+        scores=scores,
+        trajectory=shown.to_dict(),
+        samples=result.samples_used,
+        searches=searches,
+        extra={
+            "votes": result.votes,
+            "stopped_early": result.stopped_early,
+            "windows": result.windows,
+            "max_samples": result.max_samples,
+            "answers": [t.answer for t in samples],
+            "sample_searches": [t.num_searches for t in samples],
+            "expected_samples_first_window": expected_samples(
+                first_window, config.window, config.max_samples
+            ),
+        },
+    )
+
+
+def predict_batch(
+    loop: AgentLoop,
+    questions: Sequence[Question],
+    decoding: Decoding = GREEDY_DECODING,
+    reward_config: RewardConfig = RewardConfig(),
+) -> list[Prediction]:
+    """Predictions for one batch of questions; every model call carries the whole batch (ESC: its windows)."""
+    if not questions:
+        return []
+    if decoding.mode == "greedy":
+        trajectories = loop.run([q.question for q in questions], GREEDY)
+        return [_prediction(q, t, reward_config) for q, t in zip(questions, trajectories, strict=True)]
+
+    def sample(indices: list[int]) -> list[Trajectory]:
+        return loop.run([questions[i].question for i in indices], decoding.sampling)
+
+    config = decoding.esc
+    if decoding.mode == "esc":
+        results = run_esc(len(questions), sample, config)
+    else:
+        results = run_sc(len(questions), sample, config.max_samples)
+    return [voted_prediction(q, r, config, reward_config) for q, r in zip(questions, results, strict=True)]
 
 
 def predict_batches(
@@ -21,22 +126,11 @@ def predict_batches(
     batch_size: int = 32,
     reward_config: RewardConfig = RewardConfig(),
 ) -> Iterator[list[Prediction]]:
-    """Predictions for every question (the last partial batch included), one batch at a time, in input order."""
+    """One trajectory per question (the last partial batch included), one batch at a time, in input order."""
     for start in range(0, len(questions), batch_size):
         batch = questions[start : start + batch_size]
         trajectories = loop.run([q.question for q in batch], params)
-        yield [
-            Prediction(
-                id=q.id,
-                question=q.question,
-                golden_answers=q.golden_answers,
-                prediction=t.answer,
-                scores=score_trajectory(t, q.golden_answers, reward_config),
-                trajectory=t.to_dict(),
-                searches=t.num_searches,
-            )
-            for q, t in zip(batch, trajectories, strict=True)
-        ]
+        yield [_prediction(q, t, reward_config) for q, t in zip(batch, trajectories, strict=True)]
 
 
 def predict(

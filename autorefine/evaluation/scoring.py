@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from autorefine.rewards import RewardConfig, contains_answer, score_model_text
@@ -28,6 +28,11 @@ class Prediction:
     def to_row(self) -> dict[str, Any]:
         """JSON-ready row for predictions.jsonl."""
         return asdict(self)
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Prediction:
+        """The prediction a `to_row` row (plus any extra keys, which are ignored) describes."""
+        return cls(**{f.name: row[f.name] for f in fields(cls) if f.name in row})
 
 
 def score_trajectory(
@@ -66,6 +71,11 @@ def aggregate(predictions: Iterable[Prediction]) -> dict[str, float]:
         out[key] = sum(p.scores.get(key, 0.0) for p in preds) / n
     out["searches"] = sum(p.searches for p in preds) / n
     out["samples"] = sum(p.samples for p in preds) / n
+    # Self-consistency predictions carry their budget L; the saving is what early stopping left undrawn.
+    voted = [p for p in preds if "max_samples" in p.extra]
+    if voted:
+        out["saving"] = sum(1 - p.samples / p.extra["max_samples"] for p in voted) / len(voted)
+        out["early_stop"] = sum(bool(p.extra.get("stopped_early")) for p in voted) / len(voted)
     doc_words = sum(p.scores.get("document_words", 0.0) for p in preds)
     refine_words = sum(p.scores.get("refine_words", 0.0) for p in preds)
     out["compression"] = doc_words / refine_words if refine_words else 0.0

@@ -1,0 +1,172 @@
+"""Loading a policy to evaluate: the training run's limits and template as defaults, engine, retriever, loop.
+
+Evaluation should run a checkpoint with the turn and token limits it was trained with. Our trainers write
+`autorefine_config.yaml` into every checkpoint; when one is found next to the model (or in its run folder)
+its `rollout` section, `template` and `reward` section are the defaults, and command-line flags override them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from autorefine.config import ConfigError, RetrieverSettings, build, parse_yaml
+from autorefine.protocol import PromptTemplate
+from autorefine.rewards import RewardConfig
+from autorefine.rollout.agent import AgentLoop, RolloutConfig
+
+logger = logging.getLogger(__name__)
+
+RUN_CONFIG_FILE = "autorefine_config.yaml"
+EngineName = Literal["transformers", "vllm"]
+
+
+class EvaluationError(RuntimeError):
+    """An evaluation cannot start or continue; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class TrainingDefaults:
+    """Rollout limits, prompt template and reward of the run that made a checkpoint (package defaults if unknown)."""
+
+    rollout: RolloutConfig = RolloutConfig()
+    template: str | None = None  # template file; None: the packaged template
+    reward: RewardConfig = RewardConfig()
+    source: str | None = None  # the autorefine_config.yaml they were read from
+
+
+def find_run_config(model: str | Path) -> Path | None:
+    """`autorefine_config.yaml` of a checkpoint: in it, in its run folder, or in that folder's newest checkpoint."""
+    model = Path(model)
+    if not model.is_dir():
+        return None  # a hub name: no training run to read
+    run_dir = model.parent
+    # `final/` is saved by `trainer.save_model`, which writes no run config; its checkpoints have one.
+    checkpoints = sorted(
+        (p for p in run_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]),
+        reverse=True,
+    )
+    for candidate in [
+        model / RUN_CONFIG_FILE,
+        run_dir / RUN_CONFIG_FILE,
+        *(c / RUN_CONFIG_FILE for c in checkpoints),
+    ]:
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def training_defaults(model: str | Path) -> TrainingDefaults:
+    """The defaults a checkpoint's run config gives, or the package defaults when there is none."""
+    path = find_run_config(model)
+    if path is None:
+        return TrainingDefaults()
+    data = parse_yaml(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections")
+    template = data.get("template")
+    if template is not None and not isinstance(template, str):
+        raise ConfigError(f"{path}: template must be a file path, got {template!r}")
+    return TrainingDefaults(
+        rollout=build(RolloutConfig, _known(RolloutConfig, data.get("rollout")), "rollout"),
+        template=template,
+        reward=build(RewardConfig, _known(RewardConfig, data.get("reward")), "reward"),
+        source=str(path),
+    )
+
+
+def _known(cls: type, section: Any) -> Any:
+    # A run config may carry settings evaluation has no use for (engine choice, newer keys): skip them.
+    if not isinstance(section, dict):
+        return section or {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in section.items() if k in names}
+
+
+def resolve_rollout(
+    defaults: TrainingDefaults, overrides: dict[str, int | None], template: str | None
+) -> tuple[RolloutConfig, PromptTemplate]:
+    """Rollout limits and template: the training defaults with every non-None override applied."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        rollout = dataclasses.replace(defaults.rollout, **given)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(str(err)) from err
+    return rollout, PromptTemplate.load(template or defaults.template)
+
+
+def build_engine(
+    model: str,
+    *,
+    engine: EngineName = "transformers",
+    dtype: str = "auto",
+    device: str | None = None,
+    max_batch_size: int | None = None,
+    seed: int = 0,
+) -> Any:
+    """A generation engine over `model` (weights and tokenizer from the same folder or hub name)."""
+    from autorefine.modeling import load_policy, load_tokenizer
+
+    tokenizer = load_tokenizer(model)
+    if engine == "vllm":
+        from autorefine.rollout.vllm_engine import VLLMEngine
+
+        try:
+            return VLLMEngine(tokenizer, model=model, dtype=dtype, seed=seed)
+        except ImportError as err:
+            raise EvaluationError(f"--engine vllm: {err}") from None
+    import torch
+
+    from autorefine.rollout.hf_engine import TransformersEngine
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    policy = load_policy(model, dtype=dtype, device=device).eval()
+    return TransformersEngine(policy, tokenizer, max_batch_size=max_batch_size)
+
+
+def connect(url: str) -> Any:
+    """A retriever client checked with /health, sending no more queries per request than the server takes."""
+    from autorefine.training.setup import connect_retriever
+
+    client = connect_retriever(RetrieverSettings(url=url))
+    limit = client.health().get("max_queries")
+    if isinstance(limit, int) and limit > 0:
+        client.max_batch = min(client.max_batch, limit)
+    return client
+
+
+@dataclass
+class LoadedPolicy:
+    """An agent loop ready to answer, the reward to score with, and what was loaded (for metrics.json)."""
+
+    loop: AgentLoop
+    reward: RewardConfig
+    record: dict[str, Any]
+
+
+def load_policy_and_loop(
+    model: str,
+    retriever_url: str,
+    *,
+    template: str | None = None,
+    overrides: dict[str, int | None] | None = None,
+    **engine_options: Any,
+) -> LoadedPolicy:
+    """The training defaults with `overrides` applied, a checked retriever (it fails faster), then the model."""
+    defaults = training_defaults(model)
+    rollout, prompt = resolve_rollout(defaults, overrides or {}, template)
+    searcher = connect(retriever_url)
+    loop = AgentLoop(build_engine(model, **engine_options), searcher, rollout, prompt)
+    record = {
+        "model": str(Path(model).resolve()) if Path(model).is_dir() else model,
+        "defaults_from": defaults.source or "package defaults (no autorefine_config.yaml found)",
+        "overrides": {k: v for k, v in (overrides or {}).items() if v is not None},
+        "engine": engine_options.get("engine", "transformers"),
+    }
+    if defaults.source:
+        logger.info("rollout limits and template from %s", defaults.source)
+    return LoadedPolicy(loop, defaults.reward, record)
