@@ -107,8 +107,8 @@ class LoggingSettings:
 
 
 @dataclass(frozen=True)
-class GRPORunConfig:
-    """Everything `autorefine train-grpo` needs."""
+class RunConfig:
+    """Sections every training run has."""
 
     model: ModelSettings = field(default_factory=ModelSettings)
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -116,28 +116,26 @@ class GRPORunConfig:
     heldout: HeldoutSettings = field(default_factory=HeldoutSettings)
     retriever: RetrieverSettings = field(default_factory=RetrieverSettings)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    logging: LoggingSettings = field(default_factory=LoggingSettings)
     template: str | None = None  # prompt template file (None: the packaged AutoRefine-style template)
-    eval_temperature: float = 0.0  # validation decoding (0: greedy)
-    trainer: dict[str, Any] = field(default_factory=dict)  # trl.GRPOConfig arguments
+    trainer: dict[str, Any] = field(default_factory=dict)  # trl.GRPOConfig / trl.SFTConfig arguments
 
 
 @dataclass(frozen=True)
-class SFTRunConfig:
+class GRPORunConfig(RunConfig):
+    """Everything `autorefine train-grpo` needs."""
+
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
+    eval_temperature: float = 0.0  # validation decoding (0: greedy)
+
+
+@dataclass(frozen=True)
+class SFTRunConfig(RunConfig):
     """Everything `autorefine train-sft` needs."""
 
-    model: ModelSettings = field(default_factory=ModelSettings)
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    data: DataSettings = field(default_factory=DataSettings)
-    heldout: HeldoutSettings = field(default_factory=HeldoutSettings)
-    retriever: RetrieverSettings = field(default_factory=RetrieverSettings)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    template: str | None = None
     traces_file: str | None = None  # saved trajectories to imitate; None: build gold-like traces from data
     require_evidence: bool = True  # gold traces only where the retrieved documents contain the answer
     tiny_model: dict[str, int] | None = None  # build a fresh tiny Qwen2 of this shape instead of loading one
-    trainer: dict[str, Any] = field(default_factory=dict)  # trl.SFTConfig arguments
 
 
 def load_config(cls: type, path: str | Path | None, overrides: list[str] = ()) -> Any:

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from transformers import TrainerCallback
 
-from autorefine.data import Question
+from autorefine.config import RunConfig
+from autorefine.data import Question, read_questions
 from autorefine.evaluation.runner import GREEDY, predict
 from autorefine.evaluation.scoring import Prediction, aggregate
 from autorefine.protocol import PromptTemplate
@@ -128,6 +129,28 @@ class HeldoutEvalCallback(TrainerCallback):
             logger.info("held-out EM %.3f reached the target %.3f: stopping", metrics["em"], self.stop_at_em)
             control.should_training_stop = True
             control.should_save = True
+
+
+def add_heldout_evaluation(trainer: Trainer, config: RunConfig, searcher: Searcher | None) -> None:
+    """Attach a `HeldoutEvalCallback` when the config asks for periodic held-out evaluation."""
+    heldout = config.heldout
+    if not heldout.file or heldout.every <= 0:
+        return
+    if searcher is None:
+        raise ValueError("held-out evaluation needs a retriever")
+    trainer.add_callback(
+        HeldoutEvalCallback(
+            trainer,
+            read_questions(heldout.file, limit=heldout.limit),
+            searcher,
+            config.rollout,
+            PromptTemplate.load(config.template),
+            every=heldout.every,
+            stop_at_em=heldout.stop_at_em,
+            save_best=heldout.save_best,
+            batch_size=heldout.batch_size,
+        )
+    )
 
 
 class StepTimerCallback(TrainerCallback):

@@ -24,11 +24,11 @@ from autorefine.rollout.engine import GenerationEngine, SamplingParams
 from autorefine.rollout.hf_engine import TransformersEngine
 from autorefine.rollout.trajectory import FinishReason, Trajectory
 from autorefine.training.callbacks import (
-    HeldoutEvalCallback,
     SampleTableCallback,
     SaveRolloutsCallback,
     SaveRunConfigCallback,
     StepTimerCallback,
+    add_heldout_evaluation,
     save_final,
 )
 from autorefine.training.setup import (
@@ -288,21 +288,7 @@ def build_trainer(
             SaveRolloutsCallback(lambda: (rollout.batches, rollout_records(rollout, rewards[0])))
         )
     trainer.add_callback(SaveRunConfigCallback(to_dict(config)))
-    heldout = config.heldout
-    if heldout.file and heldout.every > 0:
-        trainer.add_callback(
-            HeldoutEvalCallback(
-                trainer,
-                read_questions(heldout.file, limit=heldout.limit),
-                client,
-                config.rollout,
-                template,
-                every=heldout.every,
-                stop_at_em=heldout.stop_at_em,
-                save_best=heldout.save_best,
-                batch_size=heldout.batch_size,
-            )
-        )
+    add_heldout_evaluation(trainer, config, client)
     return trainer, rollout
 
 

@@ -11,7 +11,12 @@ from autorefine.config import SFTRunConfig, check_trainer_args, to_dict
 from autorefine.data import read_questions
 from autorefine.protocol import PromptTemplate
 from autorefine.traces import build_gold_traces, load_trajectory_rows
-from autorefine.training.callbacks import HeldoutEvalCallback, SaveRunConfigCallback, save_final
+from autorefine.training.callbacks import (
+    HeldoutEvalCallback,
+    SaveRunConfigCallback,
+    add_heldout_evaluation,
+    save_final,
+)
 from autorefine.training.setup import (
     RunError,
     connect_retriever,
@@ -79,21 +84,7 @@ def build_trainer(config: SFTRunConfig) -> SFTTrainer:
         peft_config=lora_config(config.lora),
     )
     trainer.add_callback(SaveRunConfigCallback(to_dict(config)))
-    heldout = config.heldout
-    if heldout.file and heldout.every > 0:
-        trainer.add_callback(
-            HeldoutEvalCallback(
-                trainer,
-                read_questions(heldout.file, limit=heldout.limit),
-                client,
-                config.rollout,
-                template,
-                every=heldout.every,
-                stop_at_em=heldout.stop_at_em,
-                save_best=heldout.save_best,
-                batch_size=heldout.batch_size,
-            )
-        )
+    add_heldout_evaluation(trainer, config, client)
     return trainer
 
 
