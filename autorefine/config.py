@@ -41,6 +41,10 @@ def parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Yaml12Loader)  # a SafeLoader subclass: no arbitrary objects
 
 
+# Written by the trainers into every run folder, checkpoint and final policy: how that policy was made.
+RUN_CONFIG_FILE = "autorefine_config.yaml"
+
+
 class ConfigError(ValueError):
     """A configuration file or override is invalid; the message names the key and the valid choices."""
 

@@ -13,14 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from autorefine.config import ConfigError, RetrieverSettings, build, parse_yaml
+from autorefine.config import RUN_CONFIG_FILE, ConfigError, RetrieverSettings, build, parse_yaml
 from autorefine.protocol import PromptTemplate
 from autorefine.rewards import RewardConfig
 from autorefine.rollout.agent import AgentLoop, RolloutConfig
 
 logger = logging.getLogger(__name__)
 
-RUN_CONFIG_FILE = "autorefine_config.yaml"
 EngineName = Literal["transformers", "vllm"]
 
 
@@ -44,7 +43,7 @@ def find_run_config(model: str | Path) -> Path | None:
     if not model.is_dir():
         return None  # a hub name: no training run to read
     run_dir = model.parent
-    # `final/` is saved by `trainer.save_model`, which writes no run config; its checkpoints have one.
+    # Policies saved by our trainers carry the file; the run folder and its checkpoints have it too.
     checkpoints = sorted(
         (p for p in run_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
         key=lambda p: int(p.name.split("-")[-1]),

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from transformers import TrainerCallback
 
-from autorefine.config import RunConfig
+from autorefine.config import RUN_CONFIG_FILE, RunConfig
 from autorefine.data import Question, read_questions
 from autorefine.evaluation.runner import GREEDY, predict
 from autorefine.evaluation.scoring import Prediction, aggregate
@@ -230,9 +230,6 @@ class SaveRolloutsCallback(TrainerCallback):
                 f.write(
                     json.dumps({"step": state.global_step, "rank": rank, **row}, ensure_ascii=False) + "\n"
                 )
-
-
-RUN_CONFIG_FILE = "autorefine_config.yaml"
 
 
 class SaveRunConfigCallback(TrainerCallback):
