@@ -128,14 +128,10 @@ def build_engine(
 
 
 def connect(url: str) -> Any:
-    """A retriever client checked with /health, sending no more queries per request than the server takes."""
+    """A retriever client checked with /health (see `connect_retriever`)."""
     from autorefine.training.setup import connect_retriever
 
-    client = connect_retriever(RetrieverSettings(url=url))
-    limit = client.health().get("max_queries")
-    if isinstance(limit, int) and limit > 0:
-        client.max_batch = min(client.max_batch, limit)
-    return client
+    return connect_retriever(RetrieverSettings(url=url))
 
 
 @dataclass

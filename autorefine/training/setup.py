@@ -30,6 +30,10 @@ def connect_retriever(settings: RetrieverSettings) -> RetrieverClient:
             "and point retriever.url at it."
         ) from None
     logger.info("retriever at %s: %s", settings.url, status)
+    # Never send more queries per request than the server accepts (its --max-queries).
+    limit = status.get("max_queries")
+    if isinstance(limit, int) and limit > 0:
+        client.max_batch = min(client.max_batch, limit)
     return client
 
 
