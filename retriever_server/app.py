@@ -27,7 +27,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from retriever_server.batching import MicroBatcher
 from retriever_server.corpus import DocumentStore
 from retriever_server.encoders import EncoderSpec, is_embedded
-from retriever_server.manifest import ManifestMismatch, check_corpus, check_encoder, read_manifest
+from retriever_server.manifest import (
+    ManifestMismatch,
+    check_corpus,
+    check_encoder,
+    check_index_file,
+    read_manifest,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +82,7 @@ def plan_serving(config: ServeConfig) -> Plan:
     manifest = read_manifest(config.index_dir)
     corpus = config.corpus or Path(manifest["corpus"]["path"])
     check_corpus(manifest, corpus, full_hash=config.verify_corpus_hash)
+    check_index_file(manifest, config.index_dir)
     spec = check_encoder(manifest, config.encoder)
     local = spec is not None and not is_embedded(spec.name) and spec.name.startswith(("/", "./", "../", "~"))
     if local and spec is not None and not Path(spec.name).expanduser().exists():

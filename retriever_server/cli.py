@@ -20,6 +20,7 @@ _EXAMPLES = """examples:
   retriever-server build --corpus data/demo/corpus.jsonl --out runs/index/demo-minilm-flat
   retriever-server build --corpus wiki-18.jsonl --encoder intfloat/e5-base-v2 --index-type ivfpq --out idx/
   retriever-server build --corpus data/demo/corpus.jsonl --encoder bm25 --out runs/index/demo-bm25
+  retriever-server build --corpus wiki-18.jsonl --encoder intfloat/e5-base-v2 --import-faiss e5_Flat.index --out idx/
   retriever-server serve --index runs/index/demo-minilm-flat --port 8000
 """
 
@@ -28,6 +29,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
 
 
@@ -116,6 +124,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads", type=_positive_int, default=None, help="CPU threads (default: available cores)"
     )
     build.add_argument("--no-progress", action="store_true", help="no progress bars")
+    foreign = build.add_argument_group(
+        "importing a prebuilt FAISS index (e.g. Search-R1's wiki-18 e5_Flat.index) instead of encoding"
+    )
+    foreign.add_argument(
+        "--import-faiss",
+        type=Path,
+        metavar="INDEX_FILE",
+        help="FAISS inner-product index whose rows are the corpus's passages in file order, built with "
+        "--encoder; checked (count, dim, metric, spot check) and served like one we built",
+    )
+    foreign.add_argument(
+        "--import-mode",
+        choices=("auto", "reference", "copy"),
+        default="auto",
+        help="auto: hard-link it into OUT as index.faiss, else reference it by absolute path; "
+        "reference: always by path; copy: copy it (default auto)",
+    )
+    foreign.add_argument(
+        "--verify-rows",
+        type=_non_negative_int,
+        default=16,
+        metavar="N",
+        help="passages encoded to spot-check the vectors at their rows (flat, HNSW); 0 skips (default 16)",
+    )
     params = build.add_argument_group("index parameters (default: derived from corpus size and dimension)")
     params.add_argument("--hnsw-m", dest="M", type=_positive_int, help="hnsw: neighbours per node (32)")
     params.add_argument(
@@ -192,7 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--ef-search", dest="efSearch", type=_positive_int, help="hnsw: override the search beam"
     )
-    serve.add_argument("--nprobe", type=_positive_int, help="ivfpq: override the lists visited per query")
+    serve.add_argument(
+        "--nprobe", type=_positive_int, help="ivfpq, ivf: override the lists visited per query"
+    )
     serve.add_argument(
         "--k-factor", dest="k_factor", type=_positive_int, help="ivfpq: override the re-ranked candidates"
     )
@@ -218,9 +252,43 @@ _BUILD_PARAMS = (
 )
 
 
+def _import(args: argparse.Namespace, params: dict[str, Any]) -> Any:
+    from retriever_server.build import BuildError
+    from retriever_server.imports import import_faiss_index
+
+    # These shape how we encode or which rows exist; a foreign index fixed both already.
+    for given, flag in (
+        (args.skip_malformed, "--skip-malformed"),
+        (args.shards_dir, "--shards-dir"),
+        (args.delete_shards, "--delete-shards"),
+    ):
+        if given:
+            raise BuildError(f"{flag} does not apply to --import-faiss (no passages are encoded)")
+    return import_faiss_index(
+        args.corpus,
+        args.out,
+        args.import_faiss,
+        encoder=args.encoder,
+        family=args.family,
+        pooling=args.pooling,
+        max_length=args.max_length,
+        index_type=args.index_type,
+        search_params=params,
+        mode=args.import_mode,
+        verify_rows=args.verify_rows,
+        batch_size=args.batch_size,
+        force=args.force,
+        threads=args.threads,
+        progress=not args.no_progress,
+    )
+
+
 def _build(args: argparse.Namespace) -> int:
     from retriever_server.build import build_index
 
+    params = {name: getattr(args, name) for name in _BUILD_PARAMS if getattr(args, name) is not None}
+    if args.import_faiss is not None:
+        return _report(args, _import(args, params))
     bm25 = (args.encoder or "").lower() == "bm25"
     index_type = args.index_type or ("bm25" if bm25 else "flat")
     result = build_index(
@@ -228,7 +296,7 @@ def _build(args: argparse.Namespace) -> int:
         args.out,
         encoder=args.encoder,
         index_type=index_type,
-        index_params={name: getattr(args, name) for name in _BUILD_PARAMS if getattr(args, name) is not None},
+        index_params=params,
         family=args.family,
         pooling=args.pooling,
         max_length=args.max_length,
@@ -242,6 +310,10 @@ def _build(args: argparse.Namespace) -> int:
         threads=args.threads,
         progress=not args.no_progress,
     )
+    return _report(args, result)
+
+
+def _report(args: argparse.Namespace, result: Any) -> int:
     manifest = result.manifest
     corpus = manifest["corpus"]
     state = "up to date" if result.up_to_date else f"built in {manifest['build']['seconds']:.1f} s"
@@ -249,6 +321,15 @@ def _build(args: argparse.Namespace) -> int:
         f"{args.out}: {manifest['index']['type']} index of {corpus['passages']} passages "
         f"({corpus['skipped_lines']} malformed lines skipped), encoder {manifest['encoder']['name']}; {state}"
     )
+    imported = manifest["index"].get("imported")
+    if imported:
+        checked = imported.get("spot_check")
+        verdict = (
+            f"{checked['rows']} rows spot-checked (min cosine {checked['min_cosine']:.4f})"
+            if checked
+            else "rows not spot-checked"
+        )
+        print(f"imported {imported['source']} ({imported['faiss_class']}, {imported['mode']}); {verdict}")
     if result.shards_reused:
         print(f"reused {len(result.shards_reused)} embedding shards, encoded {len(result.shards_encoded)}")
     return 0
@@ -311,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("faiss", "bm25s", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if getattr(args, "no_progress", False):
+        # transformers reads this when first imported: its "Loading weights" bar goes too.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         return _build(args) if args.command == "build" else _serve(args)
     except KeyboardInterrupt:

@@ -20,6 +20,8 @@ logger = logging.getLogger(__name__)
 
 FAISS_TYPES = ("flat", "hnsw", "ivfpq")
 INDEX_TYPES = (*FAISS_TYPES, "bm25")
+# "ivf": any other inverted-file index (IVF-Flat, IVF-SQ, …); imported (`--import-faiss`), never built.
+IVF_TYPES = ("ivfpq", "ivf")
 FAISS_FILE = "index.faiss"
 BM25_DIR = "bm25"
 
@@ -213,7 +215,7 @@ class FaissIndex:
 
         if self.kind == "hnsw" and params.get("efSearch"):
             faiss.downcast_index(self.index).hnsw.efSearch = int(params["efSearch"])
-        if self.kind == "ivfpq":
+        if self.kind in IVF_TYPES:
             if params.get("nprobe"):
                 faiss.extract_index_ivf(self.index).nprobe = int(params["nprobe"])
             if params.get("k_factor") and isinstance(self.index, faiss.IndexRefine):
@@ -239,7 +241,7 @@ class FaissIndex:
                 self.index = wrapped
             else:
                 self.index = faiss.index_cpu_to_all_gpus(self.index, co=options)
-                if self.kind == "ivfpq":
+                if self.kind in IVF_TYPES:
                     faiss.GpuParameterSpace().set_index_parameter(
                         self.index, "nprobe", int(self.params["nprobe"])
                     )

@@ -82,6 +82,35 @@ def check_corpus(
         )
 
 
+def check_index_file(manifest: dict[str, Any], index_dir: str | os.PathLike[str]) -> None:
+    """Raise ManifestMismatch unless an imported FAISS file is still the one imported (size, fingerprint).
+
+    Indexes we build live inside the index directory and record no fingerprint; imported ones may be a
+    reference to a file elsewhere, which can move or be replaced like a corpus file can.
+    """
+    info = manifest["index"]
+    if "fingerprint" not in info:
+        return
+    path = Path(index_dir) / info["path"]  # an absolute path (a reference) stays as it is
+    source = info.get("imported", {}).get("source", path)
+    if not path.is_file():
+        raise ManifestMismatch(
+            f"index file not found: {path} (imported from {source}); "
+            "put it back or import it again with `retriever-server build --import-faiss FILE --force`"
+        )
+    size = path.stat().st_size
+    if size != info["size_bytes"]:
+        raise ManifestMismatch(
+            f"index file {path} does not match the index manifest: size {size} bytes, "
+            f"{info['size_bytes']} bytes were imported (from {source})"
+        )
+    if corpus_fingerprint(path) != info["fingerprint"]:
+        raise ManifestMismatch(
+            f"index file {path} does not match the index manifest: same size but different content "
+            f"(fingerprint of first/last MiB differs from what was imported from {source})"
+        )
+
+
 def manifest_encoder(manifest: dict[str, Any]) -> EncoderSpec | None:
     """The recorded dense encoder spec, or None for a BM25 index."""
     encoder = manifest["encoder"]
