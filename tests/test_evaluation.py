@@ -448,3 +448,17 @@ def test_cli_evaluates_the_seven_benchmarks_with_wandb_offline(
         assert math.isclose(sum(m[f"finish_{r.value}"] for r in FinishReason), 1.0)
     tables = list((out / "wandb").glob("offline-run-*/files/media/table/predictions_*.table.json"))
     assert len(tables) == 1 and len(json.loads(tables[0].read_text())["data"]) == 14
+
+
+def test_vllm_engine_without_vllm_is_a_one_line_error(tmp_path, tiny_model_dir, demo_bm25_server, capsys):
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("vLLM is installed here")
+    args = ["evaluate", "--model", str(tiny_model_dir), "--retriever-url", demo_bm25_server, "--engine", "vllm",
+            "--datasets", f"nq={DEMO_DIR / 'benchmarks' / 'nq.jsonl'}", "--out", str(tmp_path / "out")]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --engine vllm: vLLM is not installed") and len(err.splitlines()) == 1
