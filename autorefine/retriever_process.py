@@ -39,6 +39,16 @@ def serve_command(index_dir: str | Path, port: int, extra_args: tuple[str, ...] 
     ]
 
 
+def ensure_bm25_index(corpus: str | Path, index_dir: str | Path) -> Path:
+    """Build a BM25 index of `corpus` into `index_dir` with `retriever-server build`, unless one is there."""
+    index_dir = Path(index_dir)
+    if not (index_dir / "manifest.json").is_file():
+        command = [sys.executable, "-m", "retriever_server.cli", "build", "--corpus", str(corpus),
+                   "--encoder", "bm25", "--out", str(index_dir)]  # fmt: skip
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    return index_dir
+
+
 def stop(process: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
     """SIGTERM, then SIGKILL after `grace_s`."""
     if process.poll() is None:

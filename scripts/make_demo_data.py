@@ -66,12 +66,16 @@ def build_hotpotqa(source: Path, out: Path) -> None:
     questions.sort(key=lambda q: hashlib.sha256(q["id"].encode()).hexdigest())
     write_jsonl(out / "hotpotqa_dev.jsonl", questions[:DEV_QUESTIONS])
     write_jsonl(out / "hotpotqa_train.jsonl", questions[DEV_QUESTIONS:])
-    print(f"corpus: {len(corpus)} passages; questions: {len(questions) - DEV_QUESTIONS} train / {DEV_QUESTIONS} dev")
+    print(
+        f"corpus: {len(corpus)} passages; questions: {len(questions) - DEV_QUESTIONS} train / {DEV_QUESTIONS} dev"
+    )
 
 
 def main() -> None:
     """Entry point."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--shared", type=Path, default=REPO.parent / "shared" / "data")
     args = parser.parse_args()
     src: Path = args.shared

@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from autorefine.retriever_process import running_retriever
+from autorefine.retriever_process import ensure_bm25_index, running_retriever
 
 REPO = Path(__file__).resolve().parents[1]
 KEEP = (
@@ -39,23 +39,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="extra train-sft overrides (section.key=value)")
     args = parser.parse_args()
 
-    index = args.work_dir / "synthetic-bm25"
-    if not (index / "manifest.json").is_file():
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "retriever_server.cli",
-                "build",
-                "--corpus",
-                str(REPO / "data/synthetic/corpus.jsonl"),
-                "--encoder",
-                "bm25",
-                "--out",
-                str(index),
-            ],
-            check=True,
-        )
+    index = ensure_bm25_index(REPO / "data/synthetic/corpus.jsonl", args.work_dir / "synthetic-bm25")
     sft_dir = args.work_dir / "sft"
     with running_retriever(index) as url:
         subprocess.run(

@@ -26,7 +26,12 @@ def test_quick_demo_runs_every_step_and_writes_the_report(tmp_path):
     assert result.returncode == 0, log[-4000:]
     assert [int(n) for n in re.findall(r"=== Step (\d)/7", log)] == [1, 2, 3, 4, 5, 6, 7]
     # each step shows the command a user would type
-    for command in ("retriever-server build", "autorefine train-sft", "autorefine train-grpo", "autorefine evaluate"):
+    for command in (
+        "retriever-server build",
+        "autorefine train-sft",
+        "autorefine train-grpo",
+        "autorefine evaluate",
+    ):
         assert f"$ {command}" in log
     report = out / "report"
     assert {"README.md", "curves.png", "metrics.md", "examples.md"} <= {p.name for p in report.iterdir()}

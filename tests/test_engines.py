@@ -153,6 +153,93 @@ def test_per_row_budgets_and_chunking(model, tokenizer):
         engine.generate(prompts, [1], SamplingParams(), [])
 
 
+@pytest.fixture
+def prefill_widths(model):
+    """Width of every multi-token forward pass (the prefills) the model runs while the test does."""
+    widths: list[int] = []
+
+    def hook(module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is not None and input_ids.shape[1] > 1:
+            widths.append(input_ids.shape[1])
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    yield widths
+    handle.remove()
+
+
+def next_turn(tokenizer, prompts, gens) -> list[list[int]]:
+    """Each context extended by its generation and inserted text of a different length per row."""
+    return [
+        [*p, *g.token_ids, *ids(tokenizer, " documents" * (row + 2))]
+        for row, (p, g) in enumerate(zip(prompts, gens, strict=True))
+    ]
+
+
+def test_next_turn_prefills_only_new_tokens_and_matches_a_fresh_engine(model, tokenizer, prefill_widths):
+    engine = TransformersEngine(model, tokenizer)
+    greedy = SamplingParams(temperature=0)
+    prompts = [ids(tokenizer, "Who wrote Hamlet?"), ids(tokenizer, "A much longer prompt about Rome and its")]
+    first = engine.generate(prompts * 2, [5, 9, 7, 3], greedy, [])
+    contexts = next_turn(tokenizer, prompts * 2, first)[1:]  # a finished row drops out, as in the agent loop
+    prefill_widths.clear()
+    continued = engine.generate(contexts, [6, 6, 6], greedy, [])
+    cached = [len(p) + len(g.token_ids) for p, g in zip(prompts * 2, first, strict=True)][1:]
+    assert prefill_widths == [max(len(c) - n for c, n in zip(contexts, cached, strict=True))]
+    fresh = TransformersEngine(model, tokenizer, reuse_cache=False).generate(contexts, [6, 6, 6], greedy, [])
+    assert prefill_widths[-1] == max(map(len, contexts))
+    for c, f, context in zip(continued, fresh, contexts, strict=True):
+        assert c.token_ids == f.token_ids
+        assert c.logprobs == pytest.approx(f.logprobs, abs=1e-4)
+        assert torch.allclose(
+            torch.tensor(c.logprobs), recomputed_logprobs(model, context, c.token_ids), atol=1e-4
+        )
+
+
+def test_reserved_cache_layer_returns_what_concatenation_would():
+    from transformers.cache_utils import DynamicLayer
+
+    from autorefine.rollout.hf_engine import _ReservedLayer
+
+    torch.manual_seed(0)
+    ours, plain = _ReservedLayer(), DynamicLayer()
+    ours.reserve = 2
+    selections = {4: [2, 0, 1], 6: [1]}  # rows reordered within the reserve, then one row kept
+    rows = 3
+    # a prefill, decode steps past the reserve, selections from outside, then a second prefill
+    for step, width in enumerate([5, 1, 1, 1, 1, 1, 3, 1]):
+        if step in selections:
+            for layer in (ours, plain):
+                layer.batch_select_indices(torch.tensor(selections[step]))
+            rows = len(selections[step])
+        keys, values = torch.randn(rows, 2, width, 4), torch.randn(rows, 2, width, 4)
+        got, expected = ours.update(keys, values), plain.update(keys, values)
+        assert all(torch.equal(g, e) for g, e in zip(got, expected, strict=True))
+        assert ours.get_seq_length() == plain.get_seq_length()
+
+
+def test_kept_cache_is_not_reused_after_a_weight_update_or_release(model, tokenizer, prefill_widths):
+    engine = TransformersEngine(model, tokenizer)
+    greedy = SamplingParams(temperature=0)
+    prompts = [ids(tokenizer, "Who wrote Hamlet?")]
+    contexts = next_turn(tokenizer, prompts, engine.generate(prompts, [4], greedy, []))
+    with torch.no_grad():
+        model.model.norm.weight.mul_(1.0)  # in place, as an optimizer step: same values, new version
+    prefill_widths.clear()
+    engine.generate(contexts, [4], greedy, [])
+    assert prefill_widths == [len(contexts[0])]
+    engine.release_cache()
+    prefill_widths.clear()
+    engine.generate(
+        next_turn(tokenizer, contexts, engine.generate(contexts, [4], greedy, [])), [4], greedy, []
+    )
+    assert prefill_widths[-1] < len(contexts[0])  # kept again after the release, and reused
+    engine.release_cache()
+    prefill_widths.clear()
+    engine.generate(contexts, [4], greedy, [])
+    assert prefill_widths == [len(contexts[0])]
+
+
 def test_vllm_engine_without_vllm_is_a_clear_error(tokenizer):
     from autorefine.rollout.vllm_engine import VLLMEngine
 

@@ -153,6 +153,10 @@ class AgentLoop:
             for a in active:
                 (done if a.trajectory.finish_reason is not None else still).append(a)
             active = still
+        # An engine may keep the last turn's KV cache for the next one; nothing continues these rollouts.
+        release = getattr(self.engine, "release_cache", None)
+        if release is not None:
+            release()
         self.last_timings = timings
         return [a.trajectory for a in sorted(done, key=lambda a: a.index)]
 
