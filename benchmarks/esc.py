@@ -27,8 +27,6 @@ import argparse
 import contextlib
 import dataclasses
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -180,15 +178,9 @@ def synthetic_loop(url: str, *, max_batch_size: int | None = None) -> Any:
 @contextlib.contextmanager
 def synthetic_retriever(work_dir: Path) -> Iterator[str]:
     """URL of a BM25 server over the synthetic corpus (index built once under `work_dir`)."""
-    from autorefine.retriever_process import running_retriever
+    from autorefine.retriever_process import ensure_bm25_index, running_retriever
 
-    index = work_dir / "synthetic-bm25"
-    if not (index / "manifest.json").is_file():
-        subprocess.run(
-            [sys.executable, "-m", "retriever_server.cli", "build", "--corpus", str(SYNTHETIC / "corpus.jsonl"),
-             "--encoder", "bm25", "--out", str(index)],
-            check=True, capture_output=True,
-        )  # fmt: skip
+    index = ensure_bm25_index(SYNTHETIC / "corpus.jsonl", work_dir / "synthetic-bm25")
     with running_retriever(index) as url:
         yield url
 

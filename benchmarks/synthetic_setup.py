@@ -1,0 +1,36 @@
+"""Shared setup for benchmarks on the synthetic task: the BM25 index, paths, machine load, medians."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from autorefine.retriever_process import ensure_bm25_index
+
+REPO = Path(__file__).resolve().parents[1]
+SYNTHETIC = REPO / "data" / "synthetic"
+INDEX = REPO / "runs" / "bench" / "synthetic-bm25"
+
+
+def ensure_index(index: Path = INDEX) -> Path:
+    """The BM25 index over the synthetic corpus, built on first use (~1 s)."""
+    return ensure_bm25_index(SYNTHETIC / "corpus.jsonl", index)
+
+
+def load_average() -> str:
+    """The 1-, 5- and 15-minute load averages, as `uptime` prints them."""
+    return " / ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def settings() -> str:
+    """Thread settings that change CPU timings several-fold (spinning OpenMP waits on a busy machine)."""
+    import torch
+
+    return f"torch threads {torch.get_num_threads()}, OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}"
+
+
+def median(values: list[float]) -> float:
+    """Middle value (mean of the two middle ones for an even count)."""
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
