@@ -175,11 +175,16 @@ def main(out: Path = Path("runs/demo"), quick: bool = False) -> int:
             "evaluate the warm start", "greedy on held-out people (never seen in training), then ESC"
         )
         synthetic = f"heldout={SYNTHETIC / 'heldout.jsonl'}"
-        before = evaluate(
-            sft_dir / "final", bm25_url, out, "before-greedy", synthetic, size.heldout, "--no-progress"
-        )
-        before_esc = evaluate(sft_dir / "final", bm25_url, out, "before-esc", synthetic, size.esc_questions,
-                              "--decoding", "esc", "--max-samples", str(size.esc_max_samples), "--no-progress")  # fmt: skip
+
+        def greedy_and_esc(model: Path, stage: str) -> tuple[dict[str, Any], dict[str, Any]]:
+            greedy = evaluate(
+                model, bm25_url, out, f"{stage}-greedy", synthetic, size.heldout, "--no-progress"
+            )
+            esc = evaluate(model, bm25_url, out, f"{stage}-esc", synthetic, size.esc_questions,
+                           "--decoding", "esc", "--max-samples", str(size.esc_max_samples), "--no-progress")  # fmt: skip
+            return greedy, esc
+
+        before, before_esc = greedy_and_esc(sft_dir / "final", "before")
 
         console.header(
             "train with GRPO",
@@ -194,11 +199,7 @@ def main(out: Path = Path("runs/demo"), quick: bool = False) -> int:
              "trainer.disable_tqdm=false"])  # fmt: skip
 
         console.header("evaluate after GRPO", "the same held-out people, greedy and ESC")
-        after = evaluate(
-            grpo_dir / "final", bm25_url, out, "after-greedy", synthetic, size.heldout, "--no-progress"
-        )
-        after_esc = evaluate(grpo_dir / "final", bm25_url, out, "after-esc", synthetic, size.esc_questions,
-                             "--decoding", "esc", "--max-samples", str(size.esc_max_samples), "--no-progress")  # fmt: skip
+        after, after_esc = greedy_and_esc(grpo_dir / "final", "after")
 
         console.header(
             "evaluate on HotpotQA like a benchmark",
