@@ -104,6 +104,18 @@ def example_trajectories(eval_dir: Path, count: int = 3) -> str:
     return "\n".join(out)
 
 
+def esc_explained(esc_metrics: dict[str, Any]) -> str:
+    """One sentence on how the ESC rows were decoded, from the settings the evaluation recorded."""
+    settings = esc_metrics["settings"]
+    esc = settings["decoding"]["esc"]
+    return (
+        f"ESC samples whole trajectories at temperature {esc['temperature']} in windows of {esc['window']}, "
+        f"stops at the first window whose answers agree, else votes over {esc['max_samples']} samples; "
+        f"`samples / question` against {esc['max_samples']} is what it saved. Its rows use the first "
+        f"{settings['limit']} of the held-out questions."
+    )
+
+
 def write_report(
     out: Path,
     *,
@@ -133,7 +145,7 @@ def write_report(
         table,
         "",
         f"The warm start stopped after {sft_steps} SFT steps; GRPO then ran on the warm-started policy.",
-        "ESC samples whole trajectories in windows and stops once a window agrees (see `samples / question`).",
+        esc_explained(results["after GRPO"][1]),
         "",
         "## HotpotQA demo questions (dense MiniLM retrieval)",
         "",
