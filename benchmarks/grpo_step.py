@@ -135,7 +135,7 @@ def run_single_turn(url: str, steps: int, new_tokens: int) -> dict[str, list[flo
             "seed",
             "use_cpu",
             "bf16",
-            "gradient_checkpointing",
+            "activation_checkpointing",
             "dataloader_num_workers",
             "max_steps",
             "logging_steps",

@@ -49,7 +49,7 @@ def test_3b_presets_map_the_paper_recipe_onto_one_8_gpu_node(name):
     assert t["steps_per_generation"] == 5  # 5 optimizer updates per rollout round
     assert t["epsilon"] == 0.2 and t["beta"] == 0.001 and t["entropy_coef"] == 0.001
     assert t["temperature"] == 1.0 and t["top_p"] == 0.95
-    assert t["bf16"] is True and t["gradient_checkpointing"] is True
+    assert t["bf16"] is True and t["activation_checkpointing"] is True
     assert t["use_vllm"] is True and t["vllm_mode"] == "colocate"
     assert t["save_steps"] % t["steps_per_generation"] == 0  # exact resume
     assert config.model.dtype == "bfloat16"

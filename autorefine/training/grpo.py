@@ -37,7 +37,7 @@ from autorefine.training.setup import (
     load_tokenizer_and_policy,
     lora_config,
     record_metric,
-    with_precision_default,
+    with_trainer_defaults,
 )
 
 if TYPE_CHECKING:
@@ -90,7 +90,7 @@ class SearchRollout:
                     trainer.model_wrapped,
                     trainer.accelerator,
                     gather_deepspeed3_params=args.ds3_gather_for_generation,
-                    gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs,
+                    gradient_checkpointing_kwargs=args.activation_checkpointing_kwargs,
                 ) as unwrapped,
                 torch.no_grad(),
                 DistributedBackend(trainer.accelerator).summon_full_params(
@@ -230,7 +230,7 @@ def make_grpo_args(config: GRPORunConfig):  # -> trl.GRPOConfig
         "reward_weights": "reward (the AutoRefine reward has weight 1, logged components 0)",
         "remove_unused_columns": "autorefine (reward functions need the golden_answers column)",
     }
-    values = with_precision_default(check_trainer_args(GRPOConfig, config.trainer, forbidden=derived))
+    values = with_trainer_defaults(check_trainer_args(GRPOConfig, config.trainer, forbidden=derived))
     if values.get("vllm_enable_sleep_mode"):
         raise RunError(
             "trainer.vllm_enable_sleep_mode is not supported with multi-turn rollouts; turn it off"

@@ -22,7 +22,7 @@ from autorefine.training.setup import (
     connect_retriever,
     load_tokenizer_and_policy,
     lora_config,
-    with_precision_default,
+    with_trainer_defaults,
 )
 
 if TYPE_CHECKING:
@@ -57,7 +57,7 @@ def build_trainer(config: SFTRunConfig) -> SFTTrainer:
     """The configured SFTTrainer, its data built from saved trajectories or gold traces over real retrieval."""
     from trl import SFTConfig, SFTTrainer
 
-    values = with_precision_default(check_trainer_args(SFTConfig, config.trainer))
+    values = with_trainer_defaults(check_trainer_args(SFTConfig, config.trainer))
     values.setdefault("output_dir", "runs/sft")
     args = SFTConfig(**values)
     template = PromptTemplate.load(config.template)
