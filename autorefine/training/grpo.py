@@ -122,6 +122,8 @@ class SearchRollout:
 
             generation = trainer.vllm_generation
             if trainer.args.vllm_mode == "colocate":
+                # TRL builds this `vllm.LLM`; vLLM V1 turns prefix caching on by default, so each turn's resent
+                # context is served from cache.
                 self._vllm_engine = VLLMEngine(trainer.processing_class, llm=generation.llm)
             else:
                 url = trainer.args.vllm_server_base_url or (
