@@ -23,8 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-from synthetic_setup import REPO, ensure_index, load_average, median, settings
+from synthetic_setup import REPO, ensure_index, load_average, median, parse_with_threads, settings
 from transformers import TrainerCallback
 
 from autorefine.config import GRPORunConfig, load_config
@@ -214,14 +213,7 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=2, help="A B pairs of whole training runs")
     parser.add_argument("--steps", type=int, default=8, help="optimizer steps per run (the first is warm-up)")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch threads (1: no OpenMP barriers to stall on a shared machine)",
-    )
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse_with_threads(parser)
 
     print(f"load average before: {load_average()}; {settings()}")
     ours, single = [], []

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from synthetic_setup import REPO, SYNTHETIC, ensure_index, load_average, median, settings
+from synthetic_setup import REPO, SYNTHETIC, ensure_index, load_average, median, parse_with_threads, settings
 
 from autorefine.data import Question, read_questions
 from autorefine.modeling import load_policy, load_tokenizer
@@ -366,14 +366,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--retrain", action="store_true", help="train the imitating policy even if cached")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch threads (1: no OpenMP barriers to stall on a shared machine)",
-    )
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse_with_threads(parser)
 
     tokenizer = load_tokenizer(SYNTHETIC / "tokenizer")
     template = PromptTemplate.load(SYNTHETIC / "template.txt")

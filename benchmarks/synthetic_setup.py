@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
@@ -34,3 +35,18 @@ def median(values: list[float]) -> float:
     ordered = sorted(values)
     mid = len(ordered) // 2
     return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def parse_with_threads(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Parse arguments with a `--threads` option added, and apply it to torch."""
+    import torch
+
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1: no OpenMP barriers to stall on a shared machine)",
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    return args
