@@ -16,10 +16,7 @@ import asyncio
 import json
 import os
 import platform
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,6 +30,7 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from autorefine.retriever_process import free_port, running_retriever  # noqa: E402
 from retriever_server.build import build_index  # noqa: E402
 from retriever_server.indexes import FaissIndex  # noqa: E402
 from retriever_server.manifest import read_manifest  # noqa: E402
@@ -94,49 +92,13 @@ def recall_at_3(dirs: dict[str, Path], questions: list[str], encoder: Any) -> di
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextmanager
 def server(index: Path, **flags: Any) -> Any:
-    """A `retriever-server serve` subprocess; yields its URL once /health says ready."""
-    port = _free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "retriever_server.cli",
-        "serve",
-        "--index",
-        str(index),
-        "--port",
-        str(port),
-    ]
-    for name, value in flags.items():
-        command += ["--" + name.replace("_", "-"), str(value)]
-    with tempfile.TemporaryFile() as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 180
-            while True:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    log.seek(0)
-                    raise RuntimeError(
-                        f"server did not start:\n{log.read().decode(errors='replace')[-2000:]}"
-                    )
-                try:
-                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.2)
-            yield url, port
-        finally:
-            process.terminate()
-            process.wait(timeout=30)
+    """A `retriever-server serve` subprocess; yields its URL and port once /health says ready."""
+    port = free_port()
+    extra = [arg for name, value in flags.items() for arg in ("--" + name.replace("_", "-"), str(value))]
+    with running_retriever(index, port=port, extra_args=tuple(extra), startup_timeout_s=180) as url:
+        yield url, port
 
 
 class RawClient:

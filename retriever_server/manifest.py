@@ -57,6 +57,16 @@ def write_manifest(index_dir: str | os.PathLike[str], manifest: dict[str, Any]) 
     tmp.replace(path)
 
 
+def _differs(path: Path, recorded: dict[str, Any]) -> str | None:
+    """How `path` differs from the file a manifest entry recorded (size, then first/last-MiB fingerprint)."""
+    size = path.stat().st_size
+    if size != recorded["size_bytes"]:
+        return f"size {size} bytes against {recorded['size_bytes']} recorded"
+    if corpus_fingerprint(path) != recorded["fingerprint"]:
+        return "same size but different content (fingerprint of the first/last MiB)"
+    return None
+
+
 def check_corpus(
     manifest: dict[str, Any], corpus: str | os.PathLike[str], *, full_hash: bool = False
 ) -> None:
@@ -65,16 +75,11 @@ def check_corpus(
     path = Path(corpus)
     if not path.is_file():
         raise ManifestMismatch(f"corpus file not found: {path} (the index was built from {recorded['path']})")
-    size = path.stat().st_size
-    if size != recorded["size_bytes"]:
+    difference = _differs(path, recorded)
+    if difference:
         raise ManifestMismatch(
-            f"corpus {path} does not match the index manifest: size {size} bytes, "
-            f"the index was built from {recorded['size_bytes']} bytes ({recorded['path']})"
-        )
-    if corpus_fingerprint(path) != recorded["fingerprint"]:
-        raise ManifestMismatch(
-            f"corpus {path} does not match the index manifest: same size but different content "
-            f"(fingerprint of first/last MiB differs from {recorded['path']})"
+            f"corpus {path} does not match the index manifest: {difference}; "
+            f"the index was built from {recorded['path']}"
         )
     if full_hash and sha256_file(path) != recorded["sha256"]:
         raise ManifestMismatch(
@@ -98,16 +103,10 @@ def check_index_file(manifest: dict[str, Any], index_dir: str | os.PathLike[str]
             f"index file not found: {path} (imported from {source}); "
             "put it back or import it again with `retriever-server build --import-faiss FILE --force`"
         )
-    size = path.stat().st_size
-    if size != info["size_bytes"]:
+    difference = _differs(path, info)
+    if difference:
         raise ManifestMismatch(
-            f"index file {path} does not match the index manifest: size {size} bytes, "
-            f"{info['size_bytes']} bytes were imported (from {source})"
-        )
-    if corpus_fingerprint(path) != info["fingerprint"]:
-        raise ManifestMismatch(
-            f"index file {path} does not match the index manifest: same size but different content "
-            f"(fingerprint of first/last MiB differs from what was imported from {source})"
+            f"index file {path} does not match the index manifest: {difference}; it was imported from {source}"
         )
 
 

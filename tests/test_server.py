@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import uvicorn
 
+from autorefine.retriever_process import serve_command
 from retriever_server.app import Retriever, ServeConfig, create_app, plan_serving
 from retriever_server.build import build_index
 from retriever_server.encoders import DenseEncoder
@@ -290,17 +291,7 @@ def test_health_is_503_until_loaded(demo_bm25_index: Path, free_port: Any) -> No
 
 
 def _serve_fails(index: Path, *args: str) -> str:
-    command = [
-        sys.executable,
-        "-m",
-        "retriever_server.cli",
-        "serve",
-        "--index",
-        str(index),
-        "--port",
-        "0",  # any free port: these servers are expected to exit
-        *args,
-    ]
+    command = serve_command(index, 0, args)  # port 0: any free port; these servers are expected to exit
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
     assert done.returncode != 0, done.stderr
     assert "Traceback" not in done.stderr
