@@ -37,7 +37,7 @@ from autorefine.protocol import PromptTemplate
 from autorefine.retrieval import RetrieverClient
 from autorefine.retriever_process import running_retriever
 from autorefine.rollout import AgentLoop, Generation, RolloutConfig, SamplingParams, Trajectory
-from autorefine.rollout.hf_engine import TransformersEngine
+from autorefine.rollout.hf_engine import TransformersEngine, left_padded
 from autorefine.traces import TeacherEngine
 
 CONFIG = RolloutConfig(max_turns=2, max_new_tokens=96, max_obs_tokens=160, max_completion_tokens=480, topk=3)
@@ -245,12 +245,8 @@ def run_generate(
 
     counter.reset()
     pad = model.generation_config.pad_token_id
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(input_ids)
-    for row, ids in enumerate(prompts):
-        input_ids[row, width - len(ids) :] = torch.tensor(ids)
-        mask[row, width - len(ids) :] = 1
+    input_ids, mask = left_padded(prompts, pad)
+    width = input_ids.shape[1]
     config = GenerationConfig(
         max_new_tokens=new_tokens,
         min_new_tokens=new_tokens,
@@ -288,13 +284,7 @@ def prefill_documents(model, counter: ForwardCounter, blocks: list[list[int]], b
     started = time.perf_counter()
     with torch.inference_mode():
         for start in range(0, len(blocks), batch):
-            group = blocks[start : start + batch]
-            width = max(len(b) for b in group)
-            input_ids = torch.full((len(group), width), pad, dtype=torch.long)
-            mask = torch.zeros_like(input_ids)
-            for row, ids in enumerate(group):
-                input_ids[row, width - len(ids) :] = torch.tensor(ids)
-                mask[row, width - len(ids) :] = 1
+            input_ids, mask = left_padded(blocks[start : start + batch], pad)
             model(input_ids=input_ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
     return {"seconds": time.perf_counter() - started, "prefill_tokens": counter.prefill_tokens}
 

@@ -95,6 +95,17 @@ class _ReservedLayer(DynamicLayer):
         self._room = None
 
 
+def left_padded(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask of `rows`, padded on the left to the longest one."""
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, ids in enumerate(rows):
+        input_ids[i, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[i, width - len(ids) :] = 1
+    return input_ids, attention_mask
+
+
 def _reserved_cache(model: PreTrainedModel) -> DynamicCache | None:
     """An empty cache of `_ReservedLayer`s, or None (transformers' default) for sliding-window or hybrid models."""
     cache = DynamicCache(config=model.config)
@@ -202,7 +213,7 @@ class TransformersEngine:
             cache, input_ids, attention_mask = self._continue(*continued, prompts)
         else:
             cache = _reserved_cache(self.model) if self.reuse_cache else None
-            input_ids, attention_mask = self._left_padded(prompts)
+            input_ids, attention_mask = left_padded(prompts, self.pad_id)
         for layer in getattr(cache, "layers", []):
             layer.reserve = max(budgets)
         width = input_ids.shape[1]
@@ -241,15 +252,6 @@ class TransformersEngine:
             self._kept = self._kept_cache(output, attention_mask, prompts, generations)
         return generations
 
-    def _left_padded(self, prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, ids in enumerate(prompts):
-            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[row, width - len(ids) :] = 1
-        return input_ids, attention_mask
-
     def _continued_rows(self, kept: _KeptCache | None, prompts: Sequence[Sequence[int]]) -> list[int] | None:
         """For each prompt, the kept row whose tokens it strictly extends (rows keep their order), else None."""
         if kept is None or kept.weights_version != self._weights_version():
@@ -276,8 +278,8 @@ class TransformersEngine:
         """
         index = torch.tensor(rows, dtype=torch.long)
         kept.cache.batch_select_indices(index.to(self.model.device))
-        suffix_ids, suffix_mask = self._left_padded(
-            [list(p[len(kept.rows[r]) :]) for p, r in zip(prompts, rows, strict=True)]
+        suffix_ids, suffix_mask = left_padded(
+            [list(p[len(kept.rows[r]) :]) for p, r in zip(prompts, rows, strict=True)], self.pad_id
         )
         input_ids = torch.cat([kept.ids[index], suffix_ids], dim=1)
         attention_mask = torch.cat([kept.mask[index], suffix_mask], dim=1)
