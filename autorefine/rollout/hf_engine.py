@@ -180,11 +180,12 @@ class TransformersEngine:
         if len(prompts) != len(max_new_tokens):
             raise ValueError(f"{len(prompts)} prompts but {len(max_new_tokens)} token budgets")
         size = self.max_batch_size or max(len(prompts), 1)
-        kept, self._kept = self._kept, None
+        one_chunk = len(prompts) <= size
         # A kept cache covers one chunk; one that cannot be continued is freed before a new one is allocated.
-        rows = self._continued_rows(kept, prompts) if len(prompts) <= size else None
+        kept, self._kept = self._kept, None
+        rows = self._continued_rows(kept, prompts) if kept is not None and one_chunk else None
         continued = (kept, rows) if kept is not None and rows is not None else None
-        kept = None
+        del kept
         out: list[Generation] = []
         for start in range(0, len(prompts), size):
             out += self._generate_chunk(
@@ -193,7 +194,7 @@ class TransformersEngine:
                 params,
                 stop,
                 continued,
-                keep=len(prompts) <= size,
+                keep=one_chunk,
             )
         return out
 
@@ -252,9 +253,9 @@ class TransformersEngine:
             self._kept = self._kept_cache(output, attention_mask, prompts, generations)
         return generations
 
-    def _continued_rows(self, kept: _KeptCache | None, prompts: Sequence[Sequence[int]]) -> list[int] | None:
+    def _continued_rows(self, kept: _KeptCache, prompts: Sequence[Sequence[int]]) -> list[int] | None:
         """For each prompt, the kept row whose tokens it strictly extends (rows keep their order), else None."""
-        if kept is None or kept.weights_version != self._weights_version():
+        if kept.weights_version != self._weights_version():
             return None
         found, start = [], 0
         for prompt in prompts:
