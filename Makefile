@@ -35,7 +35,7 @@ test-fast: install
 	$(PY) -m pytest -m "not slow"
 
 demo: install
-	$(VENV)/bin/autorefine demo
+	$(PY) -m demo
 
 lint: install
 	$(PY) -m ruff check .

@@ -1,4 +1,4 @@
-"""`autorefine` command line: prepare-data, train-sft, train-grpo, evaluate, infer, demo.
+"""`autorefine` command line: prepare-data, train-sft, train-grpo, evaluate, infer.
 
 Heavy libraries (torch, transformers, TRL) are imported inside each command, so `--help` is instant.
 """
@@ -86,7 +86,7 @@ ROLLOUT_FLAGS = ("max_turns", "max_new_tokens", "max_obs_tokens", "max_completio
 
 def _decoding(args: argparse.Namespace):  # -> autorefine.evaluation.runner.Decoding
     from autorefine.config import ConfigError
-    from autorefine.esc import ESCConfig
+    from autorefine.evaluation.esc import ESCConfig
     from autorefine.evaluation.runner import Decoding
 
     try:
@@ -158,16 +158,9 @@ def cmd_infer(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    """The whole pipeline on this machine (see `autorefine/demo.py`)."""
-    from autorefine.demo import main as demo
-
-    return demo(Path(args.out), quick=args.quick)
-
-
 def _add_policy_arguments(parser: argparse.ArgumentParser) -> None:
     """Model, retriever, rollout limits, engine and decoding flags shared by evaluate and infer."""
-    from autorefine.esc import ESCConfig  # light: no torch
+    from autorefine.evaluation.esc import ESCConfig  # light: no torch
 
     esc_defaults = ESCConfig()
     parser.add_argument("--model", required=True, help="policy folder (or hub name) with its tokenizer")
@@ -294,12 +287,6 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("question")
     infer.set_defaults(func=cmd_infer)
 
-    demo = sub.add_parser(
-        "demo", help="the whole pipeline on this machine: indexes, retrievers, SFT, GRPO, evaluation, report"
-    )
-    demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    demo.add_argument("--quick", action="store_true", help="a few steps of everything (a smoke test, ~2 min)")
-    demo.set_defaults(func=cmd_demo)
     return parser
 
 
@@ -314,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from autorefine.data import DataError
     from autorefine.evaluation.policy import EvaluationError
     from autorefine.retrieval import RetrieverError
-    from autorefine.training.setup import RunError
+    from autorefine.training.trainer_args import RunError
 
     try:
         return func(args)

@@ -10,7 +10,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from autorefine.esc import ESCResult, normalized, run_esc, run_sc
+from autorefine.evaluation.esc import ESCResult, normalized, run_esc, run_sc
 from autorefine.evaluation.runner import GREEDY, Decoding
 from autorefine.protocol import ANSWER, DOCUMENTS, REFINE, SEARCH, THINK, split_blocks
 from autorefine.rollout.agent import AgentLoop

@@ -1,11 +1,13 @@
-"""Loading policies and tokenizers, and building tiny randomly initialised Qwen2 models for CPU work."""
+"""Loading policies and tokenizers, LoRA adapters, and tiny randomly initialised Qwen2 models for CPU work."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+from autorefine.config import LoraSettings, ModelSettings
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -75,3 +77,31 @@ def tiny_qwen2(
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def load_tokenizer_and_policy(
+    model: ModelSettings, tiny_model: dict[str, int] | None = None
+) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+    """The tokenizer and the policy in its configured dtype (or a fresh tiny Qwen2 when `tiny_model` is set)."""
+    tokenizer = load_tokenizer(model.tokenizer or model.name_or_path)
+    if tiny_model is not None:
+        return tokenizer, tiny_qwen2(tokenizer, **tiny_model)
+    policy = load_policy(model.name_or_path, dtype=model.dtype)
+    if model.attn_implementation:
+        policy.set_attn_implementation(model.attn_implementation)
+    return tokenizer, policy
+
+
+def lora_config(settings: LoraSettings) -> Any:
+    """A peft LoraConfig, or None when LoRA is off."""
+    if not settings.enabled:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=list(settings.target_modules),
+        task_type="CAUSAL_LM",
+    )

@@ -9,9 +9,12 @@ import logging
 import random
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
+
+if TYPE_CHECKING:
+    from autorefine.config import RetrieverSettings
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +148,25 @@ class RetrieverClient:
             )
             time.sleep(delay)
         raise AssertionError("unreachable")
+
+
+def connect_retriever(settings: RetrieverSettings) -> RetrieverClient:
+    """A client to a retriever that answered /health: every command checks this before loading a model."""
+    client = RetrieverClient(settings.url, timeout=settings.timeout_s, max_retries=settings.max_retries)
+    try:
+        status = client.wait_until_ready(timeout=settings.startup_wait_s)
+    except RetrieverUnavailableError as err:
+        client.close()
+        raise RetrieverUnavailableError(
+            f"{err}\nStart one first, e.g. `retriever-server serve --index DIR --port PORT`, "
+            "and point retriever.url at it."
+        ) from None
+    logger.info("retriever at %s: %s", settings.url, status)
+    # Never send more queries per request than the server accepts (its --max-queries).
+    limit = status.get("max_queries")
+    if isinstance(limit, int) and limit > 0:
+        client.max_batch = min(client.max_batch, limit)
+    return client
 
 
 def _parse_document(item: dict[str, Any]) -> Document:

@@ -16,7 +16,7 @@ from pathlib import Path
 from autorefine import protocol
 from autorefine.data import Question
 from autorefine.retrieval import Document
-from autorefine.traces import answer_turn, search_turn
+from autorefine.training.traces import answer_turn, search_turn
 
 _ONSETS = [
     "b",

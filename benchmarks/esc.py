@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from autorefine.esc import (
+from autorefine.evaluation.esc import (
     ESCConfig,
     agreement_probability,
     expected_samples,

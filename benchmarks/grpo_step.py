@@ -28,10 +28,10 @@ from transformers import TrainerCallback
 
 from autorefine.config import GRPORunConfig, load_config
 from autorefine.data import read_questions
+from autorefine.modeling import load_tokenizer_and_policy
 from autorefine.protocol import PromptTemplate, build_prompt
 from autorefine.retriever_process import running_retriever
 from autorefine.training.grpo import build_trainer, make_grpo_args
-from autorefine.training.setup import load_tokenizer_and_policy
 
 PRESET = REPO / "configs" / "grpo" / "tiny-cpu.yaml"
 

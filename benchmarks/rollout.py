@@ -38,7 +38,7 @@ from autorefine.retrieval import RetrieverClient
 from autorefine.retriever_process import running_retriever
 from autorefine.rollout import AgentLoop, Generation, RolloutConfig, SamplingParams, Trajectory
 from autorefine.rollout.hf_engine import TransformersEngine, left_padded
-from autorefine.traces import TeacherEngine
+from autorefine.training.traces import TeacherEngine
 
 CONFIG = RolloutConfig(max_turns=2, max_new_tokens=96, max_obs_tokens=160, max_completion_tokens=480, topk=3)
 POLICY = REPO / "runs" / "bench" / "rollout-policy"

@@ -17,7 +17,7 @@ from autorefine.config import (
     parse_yaml,
 )
 from autorefine.training.grpo import make_grpo_args
-from autorefine.training.setup import RunError
+from autorefine.training.trainer_args import RunError
 from tests.paths import REPO_ROOT
 
 GRPO_PRESETS = sorted((REPO_ROOT / "configs" / "grpo").glob("*.yaml"))

@@ -1,4 +1,4 @@
-"""The main job, reduced: `autorefine demo --quick` runs every step and writes the report."""
+"""The main job, reduced: `python -m demo --quick` (what `make demo` runs, reduced) runs every step and writes the report."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from tests.paths import REPO_ROOT
 def test_quick_demo_runs_every_step_and_writes_the_report(tmp_path):
     out = tmp_path / "demo"
     result = subprocess.run(
-        [sys.executable, "-m", "autorefine.cli", "demo", "--quick", "--out", str(out)],
+        [sys.executable, "-m", "demo", "--quick", "--out", str(out)],
         capture_output=True,
         text=True,
         cwd=REPO_ROOT,

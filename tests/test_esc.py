@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from autorefine.esc import (
+from autorefine.evaluation.esc import (
     ESCConfig,
     agreement_probability,
     expected_samples,

@@ -17,13 +17,13 @@ import yaml
 
 from autorefine.cli import main
 from autorefine.data import DataError, Question
-from autorefine.esc import ESCConfig, normalized, run_esc
 from autorefine.evaluation.benchmark import (
     PREDICTIONS_FILE,
     PredictionsFile,
     evaluate_benchmarks,
 )
 from autorefine.evaluation.datasets import BENCHMARKS, parse_dataset_specs, resolve_question_file
+from autorefine.evaluation.esc import ESCConfig, normalized, run_esc
 from autorefine.evaluation.policy import EvaluationError, find_run_config, resolve_rollout, training_defaults
 from autorefine.evaluation.report import group_averages, markdown_table, write_csv
 from autorefine.evaluation.runner import GREEDY_DECODING, Decoding, voted_prediction

@@ -13,12 +13,12 @@ from transformers import TrainerCallback
 from autorefine.config import GRPORunConfig, SFTRunConfig, load_config
 from autorefine.modeling import load_policy, load_tokenizer
 from autorefine.protocol import PromptTemplate
-from autorefine.retrieval import RetrieverClient
+from autorefine.retrieval import RetrieverClient, RetrieverUnavailableError
 from autorefine.rollout import AgentLoop, SamplingParams
 from autorefine.rollout.hf_engine import TransformersEngine
 from autorefine.training.grpo import build_trainer, latest_checkpoint, run_grpo
-from autorefine.training.setup import RunError
 from autorefine.training.sft import sft_example
+from autorefine.training.trainer_args import RunError
 from tests.paths import REPO_ROOT, SYNTHETIC_DIR
 
 TINY_CPU = REPO_ROOT / "configs" / "grpo" / "tiny-cpu.yaml"
@@ -173,7 +173,7 @@ def test_unreachable_retriever_fails_before_loading_the_model(tmp_path, free_por
     monkeypatch.setattr(grpo, "load_tokenizer_and_policy", must_not_load)
     url = f"http://127.0.0.1:{free_port()}"
     config = tiny_config(url, tmp_path, "retriever.startup_wait_s=1")
-    with pytest.raises(RunError, match=f"retriever at {url} not ready"):
+    with pytest.raises(RetrieverUnavailableError, match=f"retriever at {url} not ready"):
         build_trainer(config)
 
 

@@ -129,7 +129,7 @@ def build_engine(
 
 def connect(url: str) -> Any:
     """A retriever client checked with /health (see `connect_retriever`)."""
-    from autorefine.training.setup import connect_retriever
+    from autorefine.retrieval import connect_retriever
 
     return connect_retriever(RetrieverSettings(url=url))
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from autorefine.data import Question
-from autorefine.esc import ESCConfig, ESCResult, expected_samples, run_esc, run_sc
+from autorefine.evaluation.esc import ESCConfig, ESCResult, expected_samples, run_esc, run_sc
 from autorefine.evaluation.scoring import Prediction, score_trajectory
 from autorefine.rewards import RewardConfig
 from autorefine.rollout.agent import AgentLoop

@@ -19,7 +19,7 @@ from autorefine.evaluation.scoring import Prediction, aggregate
 from autorefine.protocol import PromptTemplate
 from autorefine.rollout.agent import AgentLoop, RolloutConfig, Searcher
 from autorefine.rollout.hf_engine import TransformersEngine
-from autorefine.training.setup import record_metric
+from autorefine.training.trl_private import record_metric
 
 if TYPE_CHECKING:
     from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments

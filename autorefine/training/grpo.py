@@ -16,8 +16,9 @@ import torch
 
 from autorefine.config import GRPORunConfig, check_trainer_args, to_dict
 from autorefine.data import read_questions
+from autorefine.modeling import load_tokenizer_and_policy, lora_config
 from autorefine.protocol import PromptTemplate
-from autorefine.retrieval import RetrieverClient, RetrieverUnavailableError
+from autorefine.retrieval import RetrieverClient, RetrieverUnavailableError, connect_retriever
 from autorefine.rewards import RewardConfig, score_model_text
 from autorefine.rollout.agent import AgentLoop, RolloutConfig
 from autorefine.rollout.engine import GenerationEngine, SamplingParams
@@ -31,14 +32,8 @@ from autorefine.training.callbacks import (
     add_heldout_evaluation,
     save_final,
 )
-from autorefine.training.setup import (
-    RunError,
-    connect_retriever,
-    load_tokenizer_and_policy,
-    lora_config,
-    record_metric,
-    with_trainer_defaults,
-)
+from autorefine.training.trainer_args import RunError, with_trainer_defaults
+from autorefine.training.trl_private import record_metric, save_full_checkpoint
 
 if TYPE_CHECKING:
     from trl import GRPOTrainer
@@ -310,9 +305,7 @@ def run_grpo(trainer: GRPOTrainer, resume: str | None = None, command: str = "au
     try:
         trainer.train(resume_from_checkpoint=resume)
     except RetrieverUnavailableError as err:
-        trainer._save_checkpoint(
-            trainer.model, trial=None
-        )  # the Trainer's own full checkpoint (optimizer, RNG, data)
+        save_full_checkpoint(trainer)
         saved = latest_checkpoint(output_dir)
         raise RunError(
             f"{err}\nThe retriever stayed down; training state was saved to {saved}.\n"

@@ -9,21 +9,17 @@ from typing import TYPE_CHECKING, Any
 
 from autorefine.config import SFTRunConfig, check_trainer_args, to_dict
 from autorefine.data import read_questions
+from autorefine.modeling import load_tokenizer_and_policy, lora_config
 from autorefine.protocol import PromptTemplate
-from autorefine.traces import build_gold_traces, load_trajectory_rows
+from autorefine.retrieval import connect_retriever
 from autorefine.training.callbacks import (
     HeldoutEvalCallback,
     SaveRunConfigCallback,
     add_heldout_evaluation,
     save_final,
 )
-from autorefine.training.setup import (
-    RunError,
-    connect_retriever,
-    load_tokenizer_and_policy,
-    lora_config,
-    with_trainer_defaults,
-)
+from autorefine.training.traces import build_gold_traces, load_trajectory_rows
+from autorefine.training.trainer_args import RunError, with_trainer_defaults
 
 if TYPE_CHECKING:
     from trl import SFTTrainer

@@ -1,4 +1,4 @@
-"""`autorefine demo`: the whole pipeline on an ordinary machine, with the commands a user would type.
+"""`make demo` (`python -m demo`): the whole pipeline on an ordinary machine, with the commands a user would type.
 
 Every step runs the same public command a user runs (printed before it starts), so the demo doubles as a
 walkthrough: build indexes → serve them → SFT warm start → evaluate → GRPO → evaluate → benchmark-style
@@ -212,7 +212,7 @@ def main(out: Path = Path("runs/demo"), quick: bool = False) -> int:
         hotpot = evaluate(grpo_dir / "final", dense_url, out, "hotpotqa", "hotpotqa_dev=data/demo/hotpotqa_dev.jsonl",
                           size.hotpotqa, "--no-progress")  # fmt: skip
 
-    from autorefine.demo_report import write_report
+    from demo.report import write_report
 
     report = write_report(
         out,

@@ -1,0 +1,1 @@
+"""Trainers: GRPO and SFT on TRL, their callbacks, and the gold traces of the SFT warm start."""
