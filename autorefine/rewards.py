@@ -1,7 +1,9 @@
 """Answer metrics and the AutoRefine reward, computed from the model's own text only.
 
-`model_text` everywhere below is the concatenation of the tokens the model generated: retrieved documents and
-environment messages are never part of it, so a passage that contains `<answer>X</answer>` cannot change a score.
+A trajectory is scored on what the agent loop accepted, turn by turn (`trajectory_reward`): the answer that
+ended it and the refine blocks of each model turn. Retrieved documents and environment messages are never
+model text, so a passage that contains `<answer>X</answer>` cannot change a score, and no tag can span an
+inserted block. `score_model_text` scores one piece of model text read as a single turn.
 """
 
 from __future__ import annotations
@@ -11,9 +13,12 @@ import string
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from autorefine.protocol import ANSWER, REFINE, SEARCH, THINK, block_sequence, final_answer, find_blocks
+
+if TYPE_CHECKING:
+    from autorefine.rollout.trajectory import Trajectory
 
 OutcomeMetric = Literal["f1", "em", "cover_em"]
 
@@ -81,12 +86,11 @@ def refine_hit(refine_texts: Sequence[str], golds: str | Sequence[str]) -> float
     return contains_answer(refine_texts, golds)
 
 
-def follows_format(model_text: str) -> bool:
-    """Think first, a refine after every search before the next action, and a final answer at the end."""
-    tags = block_sequence(model_text)
-    if not tags or tags[0] != THINK or tags[-1] != ANSWER or tags.count(ANSWER) != 1:
+def tags_follow_format(tags: Sequence[str], answer: str | None) -> bool:
+    """Think first, a refine after every search before the next action, one non-empty answer at the end."""
+    if not tags or tags[0] != THINK or tags[-1] != ANSWER or list(tags).count(ANSWER) != 1:
         return False
-    if final_answer(model_text) is None:  # the one answer block is empty
+    if answer is None:  # the one answer block is empty
         return False
     pending_search = False
     for tag in tags:
@@ -97,6 +101,11 @@ def follows_format(model_text: str) -> bool:
         elif tag == REFINE:
             pending_search = False
     return True
+
+
+def follows_format(model_text: str) -> bool:
+    """`tags_follow_format` for one piece of model text read as a single turn."""
+    return tags_follow_format(block_sequence(model_text), final_answer(model_text))
 
 
 @dataclass(frozen=True)
@@ -133,12 +142,14 @@ class RewardBreakdown:
 _OUTCOME = {"f1": f1_score, "em": exact_match, "cover_em": cover_exact_match}
 
 
-def score_model_text(
-    model_text: str, golds: str | Sequence[str], config: RewardConfig = RewardConfig()
+def score_answer(
+    answer: str | None,
+    refines: Sequence[str],
+    format_ok: bool,
+    golds: str | Sequence[str],
+    config: RewardConfig = RewardConfig(),
 ) -> RewardBreakdown:
     """AutoRefine reward: 0 without an answer; the outcome metric when > 0; else the refine bonus on a hit."""
-    answer = final_answer(model_text)
-    refines = find_blocks(model_text, REFINE)
     hit = refine_hit(refines, golds)
     outcome = _OUTCOME[config.outcome_metric](answer, golds)
     if answer is None:
@@ -147,7 +158,7 @@ def score_model_text(
         reward = outcome
     else:
         reward = config.refine_bonus * hit
-    fmt = float(follows_format(model_text))
+    fmt = float(format_ok)
     return RewardBreakdown(
         reward=reward + config.format_weight * fmt,
         outcome=outcome,
@@ -157,4 +168,23 @@ def score_model_text(
         refine_hit=hit,
         has_answer=float(answer is not None),
         format=fmt,
+    )
+
+
+def trajectory_reward(
+    trajectory: Trajectory, golds: str | Sequence[str], config: RewardConfig = RewardConfig()
+) -> RewardBreakdown:
+    """The reward of a rollout: its accepted answer, its per-turn refines and block order."""
+    answer = trajectory.answer
+    return score_answer(
+        answer, trajectory.refine_texts, tags_follow_format(trajectory.block_tags, answer), golds, config
+    )
+
+
+def score_model_text(
+    model_text: str, golds: str | Sequence[str], config: RewardConfig = RewardConfig()
+) -> RewardBreakdown:
+    """The reward of one piece of model text read as a single turn (its last answer block is the answer)."""
+    return score_answer(
+        final_answer(model_text), find_blocks(model_text, REFINE), follows_format(model_text), golds, config
     )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -11,9 +10,10 @@ import torch
 from autorefine import protocol
 from autorefine.modeling import load_tokenizer, tiny_qwen2
 from autorefine.retrieval import RetrieverClient
-from autorefine.rollout import AgentLoop, FinishReason, Generation, RolloutConfig, SamplingParams
+from autorefine.rollout import AgentLoop, FinishReason, RolloutConfig, SamplingParams
 from autorefine.rollout.hf_engine import TransformersEngine
 from tests.paths import QWEN_TOKENIZER
+from tests.scripted import ScriptedEngine, Turn
 
 
 @pytest.fixture(scope="module")
@@ -25,38 +25,6 @@ def tokenizer():
 def client(demo_bm25_server):
     with RetrieverClient(demo_bm25_server) as c:
         yield c
-
-
-@dataclass
-class Turn:
-    text: str
-    finish: str = "stop"  # "stop" | "eos"
-
-
-class ScriptedEngine:
-    """Plays a fixed list of turns per question; records every generation it returned."""
-
-    def __init__(self, tokenizer, scripts: dict[tuple[int, ...], list[Turn]]):
-        self.tokenizer = tokenizer
-        self.scripts = scripts
-        self.calls: dict[tuple[int, ...], int] = dict.fromkeys(scripts, 0)
-        self.returned: dict[tuple[int, ...], list[list[int]]] = {k: [] for k in scripts}
-
-    def generate(self, prompts, max_new_tokens, params, stop) -> list[Generation]:
-        out = []
-        for context, budget in zip(prompts, max_new_tokens, strict=True):
-            key = next(k for k in self.scripts if tuple(context[: len(k)]) == k)
-            turn = self.scripts[key][self.calls[key]]
-            self.calls[key] += 1
-            ids = self.tokenizer.encode(turn.text, add_special_tokens=False)
-            finish = turn.finish
-            if turn.finish == "eos":
-                ids = [*ids, self.tokenizer.eos_token_id]
-            if len(ids) > budget:
-                ids, finish = ids[:budget], "length"
-            self.returned[key].append(ids)
-            out.append(Generation(ids, [-0.5] * len(ids), finish))
-        return out
 
 
 def encode(tokenizer, text: str) -> list[int]:

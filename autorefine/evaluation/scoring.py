@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from autorefine.rewards import RewardConfig, contains_answer, score_model_text
+from autorefine.rewards import RewardConfig, contains_answer, trajectory_reward
 from autorefine.rollout.trajectory import FinishReason, Trajectory
 
 
@@ -39,7 +39,7 @@ def score_trajectory(
     trajectory: Trajectory, golds: Sequence[str], config: RewardConfig = RewardConfig()
 ) -> dict[str, float]:
     """Reward components plus retrieval success and token counts of one trajectory."""
-    scores = score_model_text(trajectory.model_text, golds, config).as_dict()
+    scores = trajectory_reward(trajectory, golds, config).as_dict()
     scores["retrieval_success"] = contains_answer([trajectory.documents_text], golds)
     scores["searches"] = float(trajectory.num_searches)
     scores["model_tokens"] = float(trajectory.num_model_tokens)

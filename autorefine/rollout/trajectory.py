@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any, Literal
 
-from autorefine.protocol import REFINE, final_answer, find_blocks
+from autorefine.protocol import ANSWER, REFINE, Action, block_sequence, find_blocks, parse_action
 
 SegmentKind = Literal["model", "documents", "feedback", "eos"]
 
@@ -33,6 +33,34 @@ class Segment:
     def is_model(self) -> bool:
         """True for tokens the model sampled."""
         return self.kind == "model"
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One model turn read on its own, exactly as the agent loop read it: text, accepted action, refines.
+
+    Nothing is parsed across an inserted block, so a tag opened in one turn and closed in the next (around
+    documents or a corrective message) is no block at all.
+    """
+
+    text: str
+    action: Action | None  # the search or answer the loop acted on; None: the turn had no usable action
+    refines: tuple[str, ...]  # bodies of the turn's complete refine blocks
+    searches_before: int  # searches run before this turn (its refines distil search number `searches_before`)
+
+    @property
+    def tags(self) -> list[str]:
+        """Tags of the turn's complete think/search/refine/answer blocks, in order."""
+        return block_sequence(self.text)
+
+
+@dataclass(frozen=True)
+class SearchStep:
+    """One search: its query, the documents block it inserted, and the refines the model wrote after reading it."""
+
+    query: str
+    documents: str
+    refines: tuple[str, ...]
 
 
 @dataclass
@@ -65,14 +93,45 @@ class Trajectory:
         return "".join(s.text for s in self.segments if s.kind == "documents")
 
     @property
+    def turns(self) -> list[Turn]:
+        """Every model turn, parsed on its own with the agent loop's `parse_action`."""
+        turns, searches = [], 0
+        for segment in self.segments:
+            if segment.kind == "documents":
+                searches += 1
+            elif segment.is_model:
+                refines = tuple(find_blocks(segment.text, REFINE))
+                turns.append(Turn(segment.text, parse_action(segment.text), refines, searches))
+        return turns
+
+    @property
     def answer(self) -> str | None:
-        """The model's final answer, if it gave one."""
-        return final_answer(self.model_text)
+        """The answer the agent loop accepted (the action that ended the trajectory), or None."""
+        return next((t.action.content for t in self.turns if t.action and t.action.kind == ANSWER), None)
 
     @property
     def refine_texts(self) -> list[str]:
-        """Bodies of the model's refine blocks."""
-        return find_blocks(self.model_text, REFINE)
+        """Bodies of the model's refine blocks, turn by turn."""
+        return [refine for turn in self.turns for refine in turn.refines]
+
+    @property
+    def block_tags(self) -> list[str]:
+        """Tags of the model's complete blocks, turn by turn (for the format check)."""
+        return [tag for turn in self.turns for tag in turn.tags]
+
+    @property
+    def steps(self) -> list[SearchStep]:
+        """Each search with its documents and the refines written after reading them (before the next search)."""
+        documents = [s.text for s in self.segments if s.kind == "documents"]
+        turns = self.turns
+        return [
+            SearchStep(
+                query,
+                documents[i] if i < len(documents) else "",
+                tuple(r for t in turns if t.searches_before == i + 1 for r in t.refines),
+            )
+            for i, query in enumerate(self.queries)
+        ]
 
     @property
     def num_model_tokens(self) -> int:

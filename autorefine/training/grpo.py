@@ -19,7 +19,7 @@ from autorefine.data import read_questions
 from autorefine.modeling import load_tokenizer_and_policy, lora_config
 from autorefine.protocol import PromptTemplate
 from autorefine.retrieval import RetrieverClient, RetrieverUnavailableError, connect_retriever
-from autorefine.rewards import RewardConfig, score_model_text
+from autorefine.rewards import RewardBreakdown, RewardConfig, trajectory_reward
 from autorefine.rollout.agent import AgentLoop, RolloutConfig
 from autorefine.rollout.engine import GenerationEngine, SamplingParams
 from autorefine.rollout.hf_engine import TransformersEngine
@@ -106,8 +106,8 @@ class SearchRollout:
             "completion_ids": [t.completion_ids for t in trajectories],
             "logprobs": [t.logprobs for t in trajectories],
             "env_mask": [t.env_mask for t in trajectories],
-            # TRL's decoded completions include the documents: rewards read these fields instead.
-            "model_text": [t.model_text for t in trajectories],
+            # TRL's decoded completions include the documents: rewards read the trajectories instead.
+            "trajectory": trajectories,
             "finish_reason": [str(t.finish_reason) for t in trajectories],
         }
 
@@ -157,12 +157,32 @@ class SearchRollout:
         record_metric(trainer, "time/retrieval_s", times[1].item())
 
 
+class TrajectoryScores:
+    """Reward breakdowns of the current batch, computed once per trajectory and shared by every component."""
+
+    def __init__(self, config: RewardConfig) -> None:
+        self.config = config
+        self._scored: dict[int, tuple[Trajectory, RewardBreakdown]] = {}
+
+    def breakdowns(self, trajectories: list[Trajectory], golds: list[list[str]]) -> list[RewardBreakdown]:
+        """One breakdown per trajectory; a trajectory already scored in this batch is not scored again."""
+        out = []
+        for trajectory, answers in zip(trajectories, golds, strict=True):
+            kept = self._scored.get(id(trajectory))
+            if kept is None or kept[0] is not trajectory:
+                kept = (trajectory, trajectory_reward(trajectory, answers, self.config))
+            out.append(kept[1])
+        # Keep only this batch: ids of freed trajectories may be reused by the next one.
+        self._scored = {id(t): (t, b) for t, b in zip(trajectories, out, strict=True)}
+        return out
+
+
 class RewardComponent:
     """A TRL reward function returning one component of the AutoRefine reward (named for TRL's logs)."""
 
-    def __init__(self, component: str, config: RewardConfig) -> None:
+    def __init__(self, component: str, scores: TrajectoryScores) -> None:
         self.component = component
-        self.config = config
+        self.scores = scores
         self.__name__ = component
         self.latest: list[tuple[str, list[str], float]] = []
 
@@ -170,15 +190,12 @@ class RewardComponent:
         self,
         prompts: list[Any],
         completions: list[Any],
-        model_text: list[str],
+        trajectory: list[Trajectory],
         golden_answers: list[list[str]],
         **kwargs: Any,
     ) -> list[float]:
-        """Scores from the model's own text only (never from TRL's decoded text, which includes documents)."""
-        scores = [
-            getattr(score_model_text(text, golds, self.config), self.component)
-            for text, golds in zip(model_text, golden_answers, strict=True)
-        ]
+        """Scores of what the agent loop accepted (never TRL's decoded text, which includes documents)."""
+        scores = [getattr(b, self.component) for b in self.scores.breakdowns(trajectory, golden_answers)]
         ids = kwargs.get("id") or [""] * len(scores)
         self.latest = list(zip(ids, golden_answers, scores, strict=True))
         return scores
@@ -261,9 +278,8 @@ def build_trainer(
     client = client or connect_retriever(config.retriever)
     tokenizer, model = load_tokenizer_and_policy(config.model)
     rollout = SearchRollout(client, config.rollout, template, config.eval_temperature)
-    rewards = [RewardComponent("reward", config.reward)] + [
-        RewardComponent(c, config.reward) for c in LOGGED_COMPONENTS
-    ]
+    scores = TrajectoryScores(config.reward)
+    rewards = [RewardComponent(c, scores) for c in ("reward", *LOGGED_COMPONENTS)]
     trainer = GRPOTrainer(
         model=model,
         reward_funcs=rewards,
