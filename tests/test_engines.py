@@ -240,14 +240,13 @@ def test_kept_cache_is_not_reused_after_a_weight_update_or_release(model, tokeni
     assert prefill_widths == [len(contexts[0])]
 
 
-def test_vllm_engine_without_vllm_is_a_clear_error(tokenizer):
-    from autorefine.rollout.vllm_engine import VLLMEngine
+def test_vllm_engine_without_vllm_is_a_clear_error():
+    from autorefine.rollout.engines import engine_from_checkpoint
 
-    pytest.importorskip("torch")
     try:
         import vllm  # noqa: F401
     except ImportError:
         with pytest.raises(ImportError, match="vLLM is not installed"):
-            VLLMEngine(tokenizer, model="any")
+            engine_from_checkpoint(str(QWEN_TOKENIZER), engine="vllm")
     else:  # pragma: no cover - only on GPU machines with vLLM
         pytest.skip("vLLM is installed here")

@@ -109,10 +109,11 @@ def check_run_file(
     """Refuse to mix predictions made with other settings or other question files; record ours."""
     if path.is_file():
         previous = json.loads(path.read_text(encoding="utf-8"))
+        # A key a file from an older version never recorded cannot be checked; every other one must match.
         differing = [
             k
             for k in sorted(set(identity) | set(previous["identity"]))
-            if previous["identity"].get(k) != identity.get(k)
+            if k in previous["identity"] and previous["identity"].get(k) != identity.get(k)
         ]
         if differing:
             was = ", ".join(f"{k}={previous['identity'].get(k)}" for k in differing)
@@ -169,7 +170,8 @@ def evaluate_benchmarks(
         "limit": limit,
         "batch_size": batch_size,
     }
-    identity_keys = ("model", "decoding", "rollout", "template_sha256", "reward")
+    # The engine and weight dtype change greedy outputs too (bf16 vs fp32, vLLM's kernels vs transformers').
+    identity_keys = ("model", "engine", "dtype", "decoding", "rollout", "template_sha256", "reward")
     file_info = {name: {"path": str(path), "sha256": _sha256(path)} for name, path in files.items()}
     done = {name for name, _ in store.rows}
     check_run_file(out / RUN_FILE, {k: settings.get(k) for k in identity_keys}, file_info, done, batch_size)
@@ -184,15 +186,28 @@ def evaluate_benchmarks(
     if remaining < sum(map(len, questions.values())):
         logger.info("resuming in %s: %d questions left", out, remaining)
     started, drawn = time.perf_counter(), 0
-    with tqdm(total=remaining, unit="q", desc="evaluate", disable=not progress, dynamic_ncols=True) as bar:
+    # Greedy: one trajectory per question, progress in questions. sc/esc: progress in samples drawn, counted
+    # as each window returns, against the budget of max_samples per question (ESC's early stops skip the rest).
+    per_question = 1 if decoding.mode == "greedy" else decoding.esc.max_samples
+    unit = "q" if decoding.mode == "greedy" else "sample"
+    bar = tqdm(
+        total=remaining * per_question, unit=unit, desc="evaluate", disable=not progress, dynamic_ncols=True
+    )
+    with bar:
+        finished = 0
         for name, index, batch in todo:
-            bar.set_postfix_str(name)
+            bar.set_postfix_str(f"{name}, {finished}/{remaining} questions")
             _seed(batch_seed(decoding.seed, name, index))
+            at_start = bar.n
             # The whole batch is redone, also when an interruption kept part of it: same batch, same result.
-            predictions = predict_batch(loop, batch, decoding, reward_config)
+            predictions = predict_batch(
+                loop, batch, decoding, reward_config, on_samples=bar.update if per_question > 1 else None
+            )
             store.append(name, [p for p in predictions if not store.has(name, p.id)])
             drawn += sum(p.samples for p in predictions)
-            bar.update(len(batch))
+            finished += len(batch)
+            bar.update(at_start + len(batch) * per_question - bar.n)  # the budget early stopping saved
+            bar.set_postfix_str(f"{name}, {finished}/{remaining} questions")
     seconds = time.perf_counter() - started
 
     per_dataset = {

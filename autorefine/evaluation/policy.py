@@ -11,7 +11,7 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from autorefine.config import RUN_CONFIG_FILE, ConfigError, RetrieverSettings, build, parse_yaml
 from autorefine.protocol import PromptTemplate
@@ -19,8 +19,6 @@ from autorefine.rewards import RewardConfig
 from autorefine.rollout.agent import AgentLoop, RolloutConfig
 
 logger = logging.getLogger(__name__)
-
-EngineName = Literal["transformers", "vllm"]
 
 
 class EvaluationError(RuntimeError):
@@ -98,33 +96,23 @@ def resolve_rollout(
     return rollout, PromptTemplate.load(template or defaults.template)
 
 
-def build_engine(
-    model: str,
-    *,
-    engine: EngineName = "transformers",
-    dtype: str = "auto",
-    device: str | None = None,
-    max_batch_size: int | None = None,
-    seed: int = 0,
-) -> Any:
-    """A generation engine over `model` (weights and tokenizer from the same folder or hub name)."""
-    from autorefine.modeling import load_policy, load_tokenizer
+def build_engine(model: str, **engine_options: Any) -> Any:
+    """`engine_from_checkpoint`, with a missing vLLM reported as an evaluation error."""
+    from autorefine.rollout.engines import engine_from_checkpoint
 
-    tokenizer = load_tokenizer(model)
-    if engine == "vllm":
-        from autorefine.rollout.vllm_engine import VLLMEngine
+    try:
+        return engine_from_checkpoint(model, **engine_options)
+    except ImportError as err:
+        raise EvaluationError(f"--engine vllm: {err}") from None
 
-        try:
-            return VLLMEngine(tokenizer, model=model, dtype=dtype, seed=seed)
-        except ImportError as err:
-            raise EvaluationError(f"--engine vllm: {err}") from None
-    import torch
 
-    from autorefine.rollout.hf_engine import TransformersEngine
+def engine_identity(engine: str, dtype: str) -> dict[str, str]:
+    """Engine and weight dtype as the run identity records them ('auto' resolved where it is this machine's)."""
+    if engine == "transformers":
+        from autorefine.modeling import resolve_dtype
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    policy = load_policy(model, dtype=dtype, device=device).eval()
-    return TransformersEngine(policy, tokenizer, max_batch_size=max_batch_size)
+        dtype = str(resolve_dtype(dtype)).removeprefix("torch.")
+    return {"engine": engine, "dtype": dtype}
 
 
 def connect(url: str) -> Any:
@@ -160,7 +148,7 @@ def load_policy_and_loop(
         "model": str(Path(model).resolve()) if Path(model).is_dir() else model,
         "defaults_from": defaults.source or "package defaults (no autorefine_config.yaml found)",
         "overrides": {k: v for k, v in (overrides or {}).items() if v is not None},
-        "engine": engine_options.get("engine", "transformers"),
+        **engine_identity(engine_options.get("engine", "transformers"), engine_options.get("dtype", "auto")),
     }
     if defaults.source:
         logger.info("rollout limits and template from %s", defaults.source)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -99,16 +99,24 @@ def predict_batch(
     questions: Sequence[Question],
     decoding: Decoding = GREEDY_DECODING,
     reward_config: RewardConfig = RewardConfig(),
+    on_samples: Callable[[int], object] | None = None,
 ) -> list[Prediction]:
-    """Predictions for one batch of questions; every model call carries the whole batch (ESC: its windows)."""
-    if not questions:
-        return []
+    """Predictions for one batch of questions; every model call carries the whole batch (ESC: its windows).
+
+    Greedy decoding runs the loop even for an empty batch: a lockstep engine needs every process each turn.
+    `on_samples(n)` is told of every `n` trajectories drawn (sc/esc), as they come back.
+    """
     if decoding.mode == "greedy":
         trajectories = loop.run([q.question for q in questions], GREEDY)
         return [_prediction(q, t, reward_config) for q, t in zip(questions, trajectories, strict=True)]
+    if not questions:
+        return []
 
     def sample(indices: list[int]) -> list[Trajectory]:
-        return loop.run([questions[i].question for i in indices], decoding.sampling)
+        trajectories = loop.run([questions[i].question for i in indices], decoding.sampling)
+        if on_samples is not None:
+            on_samples(len(trajectories))
+        return trajectories
 
     config = decoding.esc
     if decoding.mode == "esc":

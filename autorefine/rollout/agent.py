@@ -2,6 +2,10 @@
 
 Token ids are appended turn by turn and never re-tokenized: the model's ids are exactly the ids it sampled,
 and inserted text is tokenized on its own, so nothing merges across the model/environment junction.
+
+An engine with a `lockstep` (one built for a multi-process trainer, see `autorefine.rollout.engines`) is called
+once per turn on every process until no process has trajectories left, with no prompts once this process's own
+are done; a searcher failure on one process is then raised on all of them (see `autorefine.rollout.lockstep`).
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ class RolloutTimings:
 
     generation_s: float = 0.0
     retrieval_s: float = 0.0
-    turns: int = 0
+    turns: int = 0  # engine calls with at least one prompt of this process
 
 
 @dataclass
@@ -106,7 +110,14 @@ class AgentLoop:
             for i, p in enumerate(prompts)
         ]
         done: list[_Active] = []
-        while active:
+        lockstep = getattr(self.engine, "lockstep", None)
+        failure: Exception | None = None
+        while True:
+            if lockstep is None:
+                if not active:
+                    break
+            elif not lockstep.next_turn(bool(active), failure):
+                break
             started = time.perf_counter()
             # One slot stays free so a finished trajectory can always end with EOS.
             budgets = [min(cfg.max_new_tokens, self._room(a) - 1) for a in active]
@@ -114,7 +125,7 @@ class AgentLoop:
                 [a.context for a in active], budgets, params, protocol.STOP_STRINGS
             )
             timings.generation_s += time.perf_counter() - started
-            timings.turns += 1
+            timings.turns += 1 if active else 0
 
             searching: list[_Active] = []
             for a, gen in zip(active, generations, strict=True):
@@ -140,7 +151,13 @@ class AgentLoop:
 
             if searching:
                 started = time.perf_counter()
-                results = self.searcher.search([a.pending_query or "" for a in searching], topk=cfg.topk)
+                try:
+                    results = self.searcher.search([a.pending_query or "" for a in searching], topk=cfg.topk)
+                except Exception as err:
+                    if lockstep is None:
+                        raise
+                    failure = err  # the next turn's exchange raises it on every process
+                    continue
                 timings.retrieval_s += time.perf_counter() - started
                 for a, docs in zip(searching, results, strict=True):
                     a.trajectory.queries.append(a.pending_query or "")

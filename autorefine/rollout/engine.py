@@ -14,11 +14,13 @@ GenerationFinish = Literal["stop", "eos", "length"]
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens. `temperature == 0` means greedy decoding."""
+    """How to pick tokens. `temperature == 0` means greedy decoding; every engine applies every field."""
 
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = 0
+    top_k: int = 0  # 0: no top-k filter
+    min_p: float = 0.0  # 0: no min-p filter
+    repetition_penalty: float = 1.0  # 1: none; both engines penalize prompt and generated tokens
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -26,6 +28,12 @@ class SamplingParams:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0: off), got {self.top_k}")
+        if not 0 <= self.min_p < 1:
+            raise ValueError(f"min_p must be in [0, 1), got {self.min_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
     @property
     def greedy(self) -> bool:
@@ -43,7 +51,11 @@ class Generation:
 
 
 class GenerationEngine(Protocol):
-    """Continues many token sequences at once, each until a stop string, EOS or its own token budget."""
+    """Continues many token sequences at once, each until a stop string, EOS or its own token budget.
+
+    An engine that must be called by every process of a group each turn also has a `lockstep`
+    (`autorefine.rollout.lockstep.Lockstep`); `AgentLoop` then keeps the processes in step.
+    """
 
     tokenizer: PreTrainedTokenizerBase
 

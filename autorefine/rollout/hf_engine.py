@@ -20,11 +20,18 @@ from transformers import (
     StopStringCriteria,
 )
 from transformers.cache_utils import DynamicLayer
+from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from autorefine.rollout.engine import Generation, SamplingParams, eos_token_ids, finish_generation
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from autorefine.rollout.lockstep import Lockstep
+
+# Newer transformers 5 releases call generate's cache argument and output field `cache`; `past_key_values`
+# still works there but warns on every call. Older 5.x releases only know `past_key_values`.
+_CACHE = "cache" if "cache" in GenerateDecoderOnlyOutput.__dataclass_fields__ else "past_key_values"
 
 
 class _SampledTokenLogprobs(LogitsProcessor):
@@ -132,6 +139,10 @@ class TransformersEngine:
     With `reuse_cache` (the default), a call whose every context strictly extends a context of the previous
     call, in the same order, prefills only the new tokens; anything else is prefilled from scratch. Without
     it, every call runs on transformers' own cache and nothing is kept between calls.
+
+    With `synced_gpus` (a model sharded across processes: FSDP, DeepSpeed ZeRO-3), every forward pass is a
+    collective: `generate` runs with transformers' `synced_gpus`, and a call with no prompts still runs the
+    forward passes of a one-token dummy row, so that a process whose trajectories are done keeps pace.
     """
 
     def __init__(
@@ -141,10 +152,19 @@ class TransformersEngine:
         *,
         max_batch_size: int | None = None,
         reuse_cache: bool = True,
+        synced_gpus: bool = False,
+        lockstep: Lockstep | None = None,
     ) -> None:
+        if synced_gpus and max_batch_size:
+            # Chunk counts would differ between processes with different numbers of prompts.
+            raise ValueError(
+                "max_batch_size cannot be combined with synced_gpus (one generate call per turn)"
+            )
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
+        self.synced_gpus = synced_gpus
+        self.lockstep = lockstep
         self.eos_ids = eos_token_ids(tokenizer, getattr(model.generation_config, "eos_token_id", None))
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else min(self.eos_ids)
@@ -179,7 +199,11 @@ class TransformersEngine:
         """Continue every prompt; rows are processed in chunks of `max_batch_size`."""
         if len(prompts) != len(max_new_tokens):
             raise ValueError(f"{len(prompts)} prompts but {len(max_new_tokens)} token budgets")
-        size = self.max_batch_size or max(len(prompts), 1)
+        if not prompts:
+            if self.synced_gpus:
+                self._generate_chunk([[self.pad_id]], [1], params, (), None, keep=False)
+            return []
+        size = self.max_batch_size or len(prompts)
         one_chunk = len(prompts) <= size
         # A kept cache covers one chunk; one that cannot be continued is freed before a new one is allocated.
         kept, self._kept = self._kept, None
@@ -225,6 +249,8 @@ class TransformersEngine:
             temperature=params.temperature if not params.greedy else None,
             top_p=params.top_p if not params.greedy else None,
             top_k=params.top_k if not params.greedy else None,
+            min_p=params.min_p if not params.greedy and params.min_p > 0 else None,
+            repetition_penalty=params.repetition_penalty if params.repetition_penalty != 1 else None,
             pad_token_id=self.pad_id,
             eos_token_id=sorted(self.eos_ids),
             use_cache=True,
@@ -236,10 +262,11 @@ class TransformersEngine:
             output = self.model.generate(
                 input_ids=input_ids.to(device),
                 attention_mask=attention_mask.to(device),
-                past_key_values=cache,
                 generation_config=config,
                 logits_processor=LogitsProcessorList([recorder]),
                 stopping_criteria=stopping,
+                synced_gpus=True if self.synced_gpus else None,  # None: transformers decides (single process)
+                **{_CACHE: cache},
             )
         new_tokens = output.sequences[:, width:].cpu()
         logprobs = recorder.collect(new_tokens)
@@ -294,7 +321,7 @@ class TransformersEngine:
         generations: list[Generation],
     ) -> _KeptCache | None:
         """What the next call may reuse: the cache holds every column but the last sampled one."""
-        cache = output.past_key_values
+        cache = getattr(output, _CACHE)
         layers = getattr(cache, "layers", None)
         if not layers or any(type(layer) is not _ReservedLayer for layer in layers):
             return None  # sliding-window or quantized layers drop columns; never reuse those

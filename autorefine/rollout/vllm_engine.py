@@ -1,12 +1,16 @@
-"""Generation engine on vLLM: an in-process `vllm.LLM` (TRL colocate mode) or a `trl vllm-serve` server.
+"""Generation engine on vLLM: an in-process `vllm.LLM` (TRL's colocate mode) or a vLLM server (TRL's server mode).
 
-vLLM is imported lazily and only here; on machines without it, constructing this engine raises a clear error.
-Stop strings go through vLLM's sampling parameters; `finish_generation` still makes the final cut so that
-every engine ends turns by the same rule.
+vLLM is imported lazily and only here; on machines without it, building this engine raises a clear error.
+Stop strings and stop token ids go through vLLM's sampling parameters; `finish_generation` still makes the
+final cut so that every engine ends turns by the same rule. Log-probs are what vLLM reports for the sampled
+token: with TRL's `logprobs_mode="processed_logprobs"`, after temperature and any top-k/top-p/min-p filter.
+A log-prob the server could not give (TRL's client turns NaN into None) is NaN here; TRL ignores NaN tokens
+in its importance-sampling correction.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +18,8 @@ from autorefine.rollout.engine import Generation, SamplingParams, eos_token_ids,
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+    from autorefine.rollout.lockstep import Lockstep
 
 VLLM_MISSING = (
     "vLLM is not installed. Install the GPU extra (`pip install 'autorefine[gpu]'`, CUDA machines only) "
@@ -31,7 +37,12 @@ def require_vllm() -> Any:
 
 
 class VLLMEngine:
-    """Colocated `vllm.LLM` (pass `llm`, e.g. TRL's own instance) or a TRL vLLM server (pass `client`)."""
+    """A colocated `vllm.LLM` (`llm`) or TRL's `VLLMClient` of a vLLM server (`client`).
+
+    With `tp_group` (a tensor-parallel colocated `vllm.LLM`), every rank of the group must call `llm.generate`
+    with the same requests: each call gathers the group's prompts, generates them all, and keeps this rank's
+    share, as TRL does. `lockstep` (required then) makes the agent loop call it every turn on every rank.
+    """
 
     def __init__(
         self,
@@ -39,33 +50,24 @@ class VLLMEngine:
         *,
         llm: Any = None,
         client: Any = None,
-        model: str | None = None,
-        **llm_kwargs: Any,
+        generation_eos: int | Sequence[int] | None = None,
+        tp_group: Any = None,
+        lockstep: Lockstep | None = None,
     ) -> None:
+        if (llm is None) == (client is None):
+            raise ValueError("VLLMEngine needs exactly one of `llm` (colocated) or `client` (server)")
+        if tp_group is not None and lockstep is None:
+            raise ValueError(
+                "a tensor-parallel vLLM (tp_group) needs a lockstep: every rank generates each turn"
+            )
         self.tokenizer = tokenizer
-        self.eos_ids = eos_token_ids(tokenizer)
-        if client is not None:
-            self.client, self.llm = client, None
-            return
-        vllm = require_vllm()
-        if llm is None:
-            if model is None:
-                raise ValueError("VLLMEngine needs an `llm`, a `client`, or a `model` path to load")
-            # Every turn re-sends the whole trajectory: prefix caching turns that into incremental work.
-            llm = vllm.LLM(model=model, enable_prefix_caching=True, **llm_kwargs)
-        self.llm, self.client = llm, None
-        self._sampling_params_cls = vllm.SamplingParams
-
-    @classmethod
-    def from_server(
-        cls, tokenizer: PreTrainedTokenizerBase, base_url: str, timeout: float = 240.0
-    ) -> VLLMEngine:
-        """Engine talking to `trl vllm-serve` at `base_url` over HTTP (weights are synced by TRL itself)."""
-        try:
-            from trl.generation.vllm_client import VLLMClient
-        except ImportError as err:
-            raise ImportError(VLLM_MISSING) from err
-        return cls(tokenizer, client=VLLMClient(base_url=base_url, connection_timeout=timeout))
+        self.llm, self.client = llm, client
+        self.tp_group = tp_group
+        self.lockstep = lockstep
+        # vLLM stops on the model's generation-config EOS ids too; the same ids end a turn here.
+        self.eos_ids = eos_token_ids(tokenizer, generation_eos)
+        self._extra_stop_ids = sorted(self.eos_ids - {tokenizer.eos_token_id})
+        self._sampling_params_cls = require_vllm().SamplingParams if llm is not None else None
 
     def generate(
         self,
@@ -75,36 +77,67 @@ class VLLMEngine:
         stop: Sequence[str],
     ) -> list[Generation]:
         """One continuation per prompt, in order."""
+        if len(prompts) != len(max_new_tokens):
+            raise ValueError(f"{len(prompts)} prompts but {len(max_new_tokens)} token budgets")
         if self.client is not None:
-            return self._generate_on_server(prompts, max_new_tokens, params, stop)
-        sampling = [
-            self._sampling_params_cls(
-                n=1,
-                temperature=params.temperature,
-                top_p=params.top_p,
-                top_k=params.top_k if params.top_k > 0 else -1,
-                max_tokens=max(1, budget),
-                stop=list(stop),
-                include_stop_str_in_output=True,
-                logprobs=0,
-                seed=params.seed,
-            )
-            for budget in max_new_tokens
+            raw = self._generate_on_server(prompts, max_new_tokens, params, stop) if prompts else []
+        else:
+            raw = self._generate_colocated(prompts, max_new_tokens, params, stop)
+        return [
+            finish_generation(ids, logprobs, budget, stop, self.eos_ids, self.tokenizer)
+            for (ids, logprobs), budget in zip(raw, max_new_tokens, strict=True)
         ]
+
+    def _generate_colocated(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: Sequence[int],
+        params: SamplingParams,
+        stop: Sequence[str],
+    ) -> list[tuple[list[int], list[float]]]:
+        requests = [(list(p), int(b)) for p, b in zip(prompts, max_new_tokens, strict=True)]
+        start = 0
+        if self.tp_group is not None:
+            import torch.distributed as dist
+
+            group_requests: list[Any] = [None] * dist.get_world_size(self.tp_group)
+            dist.all_gather_object(group_requests, requests, group=self.tp_group)
+            start = sum(len(r) for r in group_requests[: dist.get_rank(self.tp_group)])
+            requests = [r for rank_requests in group_requests for r in rank_requests]
+        if not requests:
+            return []  # the same on every rank of the group: nobody calls generate
+        sampling = [self._sampling_params(params, budget, stop) for _, budget in requests]
         outputs = self.llm.generate(
-            [{"prompt_token_ids": list(p)} for p in prompts], sampling_params=sampling, use_tqdm=False
+            [{"prompt_token_ids": ids} for ids, _ in requests], sampling_params=sampling, use_tqdm=False
         )
+        outputs = outputs[start : start + len(prompts)]
         results = []
-        for output, budget in zip(outputs, max_new_tokens, strict=True):
+        for output in outputs:
             completion = output.outputs[0]
             ids = list(completion.token_ids)
-            # With logprobs=0 vLLM returns, per position, a dict holding the sampled token's Logprob.
+            steps = list(completion.logprobs or [])
+            # With logprobs=0 each position maps the sampled token's id to its Logprob.
             logprobs = [
-                step[token].logprob for step, token in zip(completion.logprobs or [], ids, strict=False)
+                _logprob(step.get(token) if step else None) for step, token in zip(steps, ids, strict=False)
             ]
-            logprobs += [0.0] * (len(ids) - len(logprobs))
-            results.append(finish_generation(ids, logprobs, budget, stop, self.eos_ids, self.tokenizer))
+            results.append((ids, logprobs + [math.nan] * (len(ids) - len(logprobs))))
         return results
+
+    def _sampling_params(self, params: SamplingParams, budget: int, stop: Sequence[str]) -> Any:
+        return self._sampling_params_cls(
+            n=1,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k if params.top_k > 0 else -1,
+            min_p=params.min_p,
+            repetition_penalty=params.repetition_penalty,
+            max_tokens=max(1, budget),
+            stop=list(stop),
+            stop_token_ids=self._extra_stop_ids,
+            include_stop_str_in_output=True,
+            logprobs=0,
+            seed=params.seed,
+        )
 
     def _generate_on_server(
         self,
@@ -112,24 +145,65 @@ class VLLMEngine:
         max_new_tokens: Sequence[int],
         params: SamplingParams,
         stop: Sequence[str],
-    ) -> list[Generation]:
-        extra: dict[str, Any] = {"stop": list(stop), "include_stop_str_in_output": True}
+    ) -> list[tuple[list[int], list[float]]]:
+        extra: dict[str, Any] = {
+            "stop": list(stop),
+            "stop_token_ids": self._extra_stop_ids,
+            "include_stop_str_in_output": True,
+        }
         if params.seed is not None:
             extra["seed"] = params.seed
         out = self.client.generate(
             prompts=[list(p) for p in prompts],
             n=1,
+            repetition_penalty=params.repetition_penalty,
             temperature=params.temperature,
             top_p=params.top_p,
             top_k=params.top_k,
-            max_tokens=max(1, max(max_new_tokens)),
+            min_p=params.min_p,
+            max_tokens=max(1, max(max_new_tokens)),  # one limit per request; finish_generation cuts each row
             logprobs=0,
             generation_kwargs=extra,
         )
+        token_logprobs = out["logprobs"] or [None] * len(out["completion_ids"])
+        token_ids = out.get("logprob_token_ids") or [None] * len(out["completion_ids"])
         results = []
-        for ids, token_logprobs, budget in zip(
-            out["completion_ids"], out["logprobs"], max_new_tokens, strict=True
-        ):
-            logprobs = [step[0] if step else 0.0 for step in token_logprobs]
-            results.append(finish_generation(ids, logprobs, budget, stop, self.eos_ids, self.tokenizer))
+        for ids, steps, step_ids in zip(out["completion_ids"], token_logprobs, token_ids, strict=True):
+            ids = list(ids)
+            if steps is None:
+                results.append((ids, [math.nan] * len(ids)))
+                continue
+            # Each position lists logprobs by rank; the sampled token's entry is the one with its id.
+            logprobs = []
+            for position, token in enumerate(ids):
+                values = steps[position] if position < len(steps) else []
+                alternatives = step_ids[position] if step_ids and position < len(step_ids) else None
+                index = alternatives.index(token) if alternatives and token in alternatives else 0
+                logprobs.append(_logprob(values[index] if values else None))
+            results.append((ids, logprobs))
         return results
+
+    @classmethod
+    def from_server(
+        cls,
+        tokenizer: PreTrainedTokenizerBase,
+        base_url: str,
+        *,
+        timeout: float = 240.0,
+        generation_eos: int | Sequence[int] | None = None,
+        lockstep: Lockstep | None = None,
+    ) -> VLLMEngine:
+        """Engine talking to a vLLM server at `base_url` through TRL's client (TRL pushes the weights)."""
+        try:
+            from trl.generation.vllm_client import VLLMClient
+
+            client = VLLMClient(base_url=base_url, connection_timeout=timeout)
+        except ImportError as err:
+            raise ImportError(VLLM_MISSING) from err
+        return cls(tokenizer, client=client, generation_eos=generation_eos, lockstep=lockstep)
+
+
+def _logprob(value: Any) -> float:
+    """A reported log-prob as a float; a missing one (None, or a Logprob without a value) is NaN."""
+    value = getattr(value, "logprob", value)
+    return math.nan if value is None else float(value)

@@ -14,11 +14,11 @@ from transformers import TrainerCallback
 
 from autorefine.config import RUN_CONFIG_FILE, RunConfig
 from autorefine.data import Question, read_questions
-from autorefine.evaluation.runner import GREEDY, predict
+from autorefine.evaluation.runner import predict_batch
 from autorefine.evaluation.scoring import Prediction, aggregate
 from autorefine.protocol import PromptTemplate
 from autorefine.rollout.agent import AgentLoop, RolloutConfig, Searcher
-from autorefine.rollout.hf_engine import TransformersEngine
+from autorefine.rollout.engines import TrainerEngine
 from autorefine.training.trl_private import record_metric
 
 if TYPE_CHECKING:
@@ -27,11 +27,18 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+# Written next to the best policy: the held-out reward and step it was saved for, so a resumed run compares
+# its evaluations with the real best instead of overwriting `best/` with the first one.
+BEST_FILE = "heldout_best.json"
+
+
 class HeldoutEvalCallback(TrainerCallback):
     """Every `every` steps, greedy rollouts on held-out questions → `heldout/*` metrics.
 
-    Questions are split across processes and results gathered, so every rank sees the same numbers and takes
-    the same decisions (stop early, save best).
+    Rollouts use the trainer's configured engine (`TrainerEngine`, vLLM included). Questions are split across
+    processes in shards padded to the same number of batches (a lockstep engine needs every process in every
+    batch) and results gathered, so every rank sees the same numbers and takes the same decisions (stop
+    early, save best).
     """
 
     def __init__(
@@ -47,8 +54,10 @@ class HeldoutEvalCallback(TrainerCallback):
         save_best: bool = False,
         batch_size: int = 64,
         on_result: Callable[[int, dict[str, float]], None] | None = None,
+        engine: TrainerEngine | None = None,
     ) -> None:
         self.trainer = trainer
+        self.engine = engine
         self.questions = list(questions)
         self.searcher = searcher
         self.rollout = rollout
@@ -62,25 +71,25 @@ class HeldoutEvalCallback(TrainerCallback):
         self.history: list[dict[str, float]] = []
 
     def evaluate(self) -> dict[str, float]:
-        """Held-out metrics of the current policy."""
+        """Held-out metrics of the current policy, the same on every process."""
         from accelerate.utils import gather_object
-        from trl.models import unwrap_model_for_generation
 
         trainer = self.trainer
         acc = trainer.accelerator
+        if self.engine is None:
+            self.engine = TrainerEngine(trainer)
         shard = self.questions[acc.process_index :: acc.num_processes]
+        largest = -(-len(self.questions) // acc.num_processes)
+        batches = -(-largest // self.batch_size)
         model = trainer.model
         was_training = model.training
         model.eval()
+        local: list[Prediction] = []
         try:
-            with unwrap_model_for_generation(trainer.model_wrapped, acc) as unwrapped:
-                loop = AgentLoop(
-                    TransformersEngine(unwrapped, trainer.processing_class),
-                    self.searcher,
-                    self.rollout,
-                    self.template,
-                )
-                local = predict(loop, shard, GREEDY, batch_size=self.batch_size)
+            with self.engine.current_policy(push_weights=True) as engine:
+                loop = AgentLoop(engine, self.searcher, self.rollout, self.template)
+                for b in range(batches):  # a process with fewer questions runs empty batches
+                    local += predict_batch(loop, shard[b * self.batch_size : (b + 1) * self.batch_size])
         finally:
             model.train(was_training)
         predictions: list[Prediction] = gather_object(local) if acc.num_processes > 1 else local
@@ -96,6 +105,10 @@ class HeldoutEvalCallback(TrainerCallback):
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        best = Path(args.output_dir) / "best" / BEST_FILE
+        if state.global_step > 0 and self.save_best and best.is_file():
+            # Resumed: `best/` may hold a policy from before (or after) the checkpoint; only beat it.
+            self.best_reward = json.loads(best.read_text(encoding="utf-8"))["reward"]
         if self.every > 0 and state.global_step == 0:
             self._run(args, state, control, log=False)
 
@@ -124,15 +137,21 @@ class HeldoutEvalCallback(TrainerCallback):
             self.on_result(state.global_step, metrics)
         if self.save_best and metrics["reward"] > self.best_reward:
             self.best_reward = metrics["reward"]
-            self.trainer.save_model(str(Path(args.output_dir) / "best"))
+            best = Path(args.output_dir) / "best"
+            self.trainer.save_model(str(best))
+            if self.trainer.accelerator.is_main_process:
+                record = {"step": state.global_step, "reward": metrics["reward"], "em": metrics["em"]}
+                (best / BEST_FILE).write_text(json.dumps(record) + "\n", encoding="utf-8")
         if self.stop_at_em is not None and metrics["em"] >= self.stop_at_em:
             logger.info("held-out EM %.3f reached the target %.3f: stopping", metrics["em"], self.stop_at_em)
             control.should_training_stop = True
             control.should_save = True
 
 
-def add_heldout_evaluation(trainer: Trainer, config: RunConfig, searcher: Searcher | None) -> None:
-    """Attach a `HeldoutEvalCallback` when the config asks for periodic held-out evaluation."""
+def add_heldout_evaluation(
+    trainer: Trainer, config: RunConfig, searcher: Searcher | None, engine: TrainerEngine | None = None
+) -> None:
+    """Attach a `HeldoutEvalCallback` (on the trainer's `engine`) when the config asks for held-out evaluation."""
     heldout = config.heldout
     if not heldout.file or heldout.every <= 0:
         return
@@ -149,6 +168,7 @@ def add_heldout_evaluation(trainer: Trainer, config: RunConfig, searcher: Search
             stop_at_em=heldout.stop_at_em,
             save_best=heldout.save_best,
             batch_size=heldout.batch_size,
+            engine=engine,
         )
     )
 

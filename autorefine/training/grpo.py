@@ -21,8 +21,8 @@ from autorefine.protocol import PromptTemplate
 from autorefine.retrieval import RetrieverClient, RetrieverUnavailableError, connect_retriever
 from autorefine.rewards import RewardBreakdown, RewardConfig, trajectory_reward
 from autorefine.rollout.agent import AgentLoop, RolloutConfig
-from autorefine.rollout.engine import GenerationEngine, SamplingParams
-from autorefine.rollout.hf_engine import TransformersEngine
+from autorefine.rollout.engine import SamplingParams
+from autorefine.rollout.engines import TrainerEngine
 from autorefine.rollout.trajectory import FinishReason, Trajectory
 from autorefine.training.callbacks import (
     SampleTableCallback,
@@ -32,7 +32,7 @@ from autorefine.training.callbacks import (
     add_heldout_evaluation,
     save_final,
 )
-from autorefine.training.trainer_args import RunError, with_trainer_defaults
+from autorefine.training.trainer_args import RunError, require_devices, with_trainer_defaults
 from autorefine.training.trl_private import record_metric, save_full_checkpoint
 
 if TYPE_CHECKING:
@@ -61,40 +61,19 @@ class SearchRollout:
         self.total_seconds = 0.0
         self.latest: list[tuple[str, Trajectory]] = []
         self.batches = 0  # rollout batches produced so far (training and evaluation)
-        self._vllm_engine: GenerationEngine | None = None
+        self.engine: TrainerEngine | None = None  # the trainer's engine (`build_trainer` shares it)
 
     def __call__(self, prompts: list[str], trainer: GRPOTrainer) -> dict[str, list[Any]]:
         """Run one batch of rollouts; returns TRL's required keys plus `env_mask` and reward inputs."""
         started = time.perf_counter()
-        args = trainer.args
         training = trainer.model.training
-        params = SamplingParams(
-            temperature=args.temperature if training else self.eval_temperature,
-            top_p=args.top_p,
-            top_k=args.top_k or 0,
-        )
-        if trainer.use_vllm:
-            loop = AgentLoop(self._vllm(trainer), self.searcher, self.rollout, self.template)
+        params = rollout_sampling(trainer.args, None if training else self.eval_temperature)
+        if self.engine is None:
+            self.engine = TrainerEngine(trainer)
+        # TRL pushed the current weights to vLLM just before calling us.
+        with self.engine.current_policy() as engine:
+            loop = AgentLoop(engine, self.searcher, self.rollout, self.template)
             trajectories = loop.run(prompts, params)
-        else:
-            from trl.distributed import DistributedBackend
-            from trl.models import unwrap_model_for_generation
-
-            with (
-                unwrap_model_for_generation(
-                    trainer.model_wrapped,
-                    trainer.accelerator,
-                    gather_deepspeed3_params=args.ds3_gather_for_generation,
-                    gradient_checkpointing_kwargs=args.activation_checkpointing_kwargs,
-                ) as unwrapped,
-                torch.no_grad(),
-                DistributedBackend(trainer.accelerator).summon_full_params(
-                    trainer.model_wrapped, recurse=False
-                ),
-            ):
-                engine = TransformersEngine(unwrapped, trainer.processing_class)
-                loop = AgentLoop(engine, self.searcher, self.rollout, self.template)
-                trajectories = loop.run(prompts, params)
         elapsed = time.perf_counter() - started
         self.total_seconds += elapsed
         self.latest = list(zip(prompts, trajectories, strict=True))
@@ -110,22 +89,6 @@ class SearchRollout:
             "trajectory": trajectories,
             "finish_reason": [str(t.finish_reason) for t in trajectories],
         }
-
-    def _vllm(self, trainer: GRPOTrainer) -> GenerationEngine:
-        if self._vllm_engine is None:
-            from autorefine.rollout.vllm_engine import VLLMEngine
-
-            generation = trainer.vllm_generation
-            if trainer.args.vllm_mode == "colocate":
-                # TRL builds this `vllm.LLM`; vLLM V1 turns prefix caching on by default, so each turn's resent
-                # context is served from cache.
-                self._vllm_engine = VLLMEngine(trainer.processing_class, llm=generation.llm)
-            else:
-                url = trainer.args.vllm_server_base_url or (
-                    f"http://{trainer.args.vllm_server_host}:{trainer.args.vllm_server_port}"
-                )
-                self._vllm_engine = VLLMEngine.from_server(trainer.processing_class, url)
-        return self._vllm_engine
 
     def _record(
         self, trainer: GRPOTrainer, trajectories: list[Trajectory], retrieval_s: float, rollout_s: float
@@ -235,6 +198,59 @@ def build_dataset(path: str, limit: int | None = None):  # -> datasets.Dataset
     )
 
 
+def rollout_sampling(args: Any, temperature: float | None = None) -> SamplingParams:
+    """Token sampling of rollouts from the trainer's arguments (`temperature` overrides theirs, e.g. greedy 0)."""
+    return SamplingParams(
+        temperature=args.temperature if temperature is None else temperature,
+        top_p=args.top_p,
+        top_k=args.top_k or 0,
+        min_p=args.min_p or 0.0,
+        repetition_penalty=args.repetition_penalty,
+    )
+
+
+# TRL's importance-sampling corrections that weight a whole trajectory by the product of its token ratios.
+SEQUENCE_LEVEL_IS = ("sequence_mask", "sequence_truncate")
+
+
+def check_rollout_args(args: Any) -> None:
+    """Refuse, at start, trainer settings the rollout engines cannot honour or that would bias training."""
+    if args.generation_kwargs:
+        raise RunError(
+            f"trainer.generation_kwargs ({sorted(args.generation_kwargs)}) is not passed to the multi-turn "
+            "rollout engines; set trainer.temperature, top_p, top_k, min_p or repetition_penalty instead"
+        )
+    if args.use_vllm and args.vllm_structured_outputs_regex:
+        raise RunError("trainer.vllm_structured_outputs_regex is not supported with multi-turn rollouts")
+    if args.use_vllm and args.vllm_enable_sleep_mode:
+        raise RunError(
+            "trainer.vllm_enable_sleep_mode is not supported with multi-turn rollouts; turn it off"
+        )
+    sampling = rollout_sampling(args)
+    filters = [
+        name
+        for name, on in (
+            (f"top_p={sampling.top_p}", sampling.top_p < 1),
+            (f"top_k={sampling.top_k}", sampling.top_k > 0),
+            (f"min_p={sampling.min_p}", sampling.min_p > 0),
+            (f"repetition_penalty={sampling.repetition_penalty}", sampling.repetition_penalty != 1),
+        )
+        if on
+    ]
+    sequence_level = args.vllm_importance_sampling_mode in SEQUENCE_LEVEL_IS
+    if args.use_vllm and args.vllm_importance_sampling_correction and sequence_level and filters:
+        raise RunError(
+            f"trainer.{', '.join(filters)} cannot be combined with use_vllm and the sequence-level "
+            f"vllm_importance_sampling_mode={args.vllm_importance_sampling_mode}: vLLM reports log-probs after "
+            "these filters (TRL starts it with logprobs_mode=processed_logprobs) and the trainer recomputes "
+            "them without, so every trajectory's correction is the product of its tokens' kept probability "
+            "mass (0.5-0.6 for 40-token trajectories of the synthetic warm start at top_p=0.95, shrinking "
+            "with every model token) and scales its policy-gradient term down (not KL, not entropy). "
+            "Sample training rollouts with top_p: 1.0, top_k: 0, min_p: 0.0, repetition_penalty: 1.0, or use "
+            "a token-level correction (vllm_importance_sampling_mode: token_truncate or token_mask)"
+        )
+
+
 def make_grpo_args(config: GRPORunConfig):  # -> trl.GRPOConfig
     """TRL arguments from the `trainer` section, with the fields autorefine derives filled in."""
     from trl import GRPOConfig
@@ -244,11 +260,10 @@ def make_grpo_args(config: GRPORunConfig):  # -> trl.GRPOConfig
         "reward_weights": "reward (the AutoRefine reward has weight 1, logged components 0)",
         "remove_unused_columns": "autorefine (reward functions need the golden_answers column)",
     }
-    values = with_trainer_defaults(check_trainer_args(GRPOConfig, config.trainer, forbidden=derived))
-    if values.get("vllm_enable_sleep_mode"):
-        raise RunError(
-            "trainer.vllm_enable_sleep_mode is not supported with multi-turn rollouts; turn it off"
-        )
+    values = with_trainer_defaults(
+        check_trainer_args(GRPOConfig, config.trainer, forbidden=derived), GRPOConfig
+    )
+    require_devices(values)
     values.setdefault("output_dir", "runs/grpo")
     args = GRPOConfig(
         **values,
@@ -256,6 +271,7 @@ def make_grpo_args(config: GRPORunConfig):  # -> trl.GRPOConfig
         reward_weights=[1.0] + [0.0] * len(LOGGED_COMPONENTS),
         remove_unused_columns=False,
     )
+    check_rollout_args(args)
     generate_every = args.steps_per_generation * args.num_iterations
     if args.save_steps and args.save_strategy == "steps" and args.save_steps % generate_every:
         # TRL re-uses one generation batch for `generate_every` optimizer steps and does not checkpoint it.
@@ -289,6 +305,8 @@ def build_trainer(
         rollout_func=rollout,
         peft_config=lora_config(config.lora),
     )
+    # One engine per trainer, shared by the rollouts and the held-out evaluation.
+    rollout.engine = TrainerEngine(trainer)
     trainer.add_callback(StepTimerCallback(trainer, lambda: rollout.total_seconds))
     log = config.logging
     trainer.add_callback(
@@ -301,7 +319,7 @@ def build_trainer(
             SaveRolloutsCallback(lambda: (rollout.batches, rollout_records(rollout, rewards[0])))
         )
     trainer.add_callback(SaveRunConfigCallback(to_dict(config)))
-    add_heldout_evaluation(trainer, config, client)
+    add_heldout_evaluation(trainer, config, client, rollout.engine)
     return trainer, rollout
 
 

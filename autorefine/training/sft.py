@@ -19,7 +19,7 @@ from autorefine.training.callbacks import (
     save_final,
 )
 from autorefine.training.traces import build_gold_traces, load_trajectory_rows
-from autorefine.training.trainer_args import RunError, with_trainer_defaults
+from autorefine.training.trainer_args import RunError, require_devices, with_trainer_defaults
 
 if TYPE_CHECKING:
     from trl import SFTTrainer
@@ -53,9 +53,9 @@ def build_trainer(config: SFTRunConfig) -> SFTTrainer:
     """The configured SFTTrainer, its data built from saved trajectories or gold traces over real retrieval."""
     from trl import SFTConfig, SFTTrainer
 
-    values = with_trainer_defaults(check_trainer_args(SFTConfig, config.trainer))
+    values = with_trainer_defaults(check_trainer_args(SFTConfig, config.trainer), SFTConfig)
+    require_devices(values)
     values.setdefault("output_dir", "runs/sft")
-    args = SFTConfig(**values)
     template = PromptTemplate.load(config.template)
     needs_retriever = config.traces_file is None or bool(config.heldout.file and config.heldout.every)
     client = connect_retriever(config.retriever) if needs_retriever else None
@@ -72,6 +72,8 @@ def build_trainer(config: SFTRunConfig) -> SFTTrainer:
         logger.info("gold traces: %d of %d questions kept", len(traces), len(questions))
         examples = [sft_example(t.prompt_ids, t.completion_ids, t.env_mask) for _, t in traces]
 
+    values["max_length"] = sequence_length_limit(examples, values.get("max_length"))
+    args = SFTConfig(**values)
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -82,6 +84,24 @@ def build_trainer(config: SFTRunConfig) -> SFTTrainer:
     trainer.add_callback(SaveRunConfigCallback(to_dict(config)))
     add_heldout_evaluation(trainer, config, client)
     return trainer
+
+
+def sequence_length_limit(examples: list[dict[str, list[int]]], configured: int | None) -> int:
+    """SFT's `max_length`: the longest example unless the config sets it, and never one that cuts an example.
+
+    TRL truncates at 1024 tokens by default, which would cut the answer (the last model tokens) off any
+    trajectory longer than that: a rollout allows up to `rollout.max_completion_tokens` after its prompt.
+    """
+    longest = max((len(e["input_ids"]) for e in examples), default=1)
+    if configured is None:
+        return longest
+    cut = sum(len(e["input_ids"]) > configured for e in examples)
+    if cut:
+        raise RunError(
+            f"trainer.max_length={configured} would truncate {cut} of {len(examples)} SFT examples (the longest "
+            f"has {longest} tokens, prompt and documents included); raise it or leave it unset"
+        )
+    return configured
 
 
 def train_sft(config: SFTRunConfig, resume: str | None = None) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 
@@ -9,13 +10,29 @@ class RunError(RuntimeError):
     """A run cannot start or continue; the message says what to do."""
 
 
-def with_trainer_defaults(values: dict[str, Any]) -> dict[str, Any]:
+def with_trainer_defaults(values: dict[str, Any], args_cls: type | None = None) -> dict[str, Any]:
     """Trainer arguments with bf16 on only where a GPU supports it, unless the config says otherwise."""
     import torch
 
     # TRL turns bf16 on by default; on a CPU that means bf16 autocast, several times slower than float32.
     values.setdefault("bf16", bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()))
-    # TRL's default `gradient_checkpointing=True` is a deprecated alias in transformers 5 that warns on every
-    # run; the same default under its new name.
-    values.setdefault("activation_checkpointing", values.get("gradient_checkpointing", True))
+    # TRL's default `gradient_checkpointing=True` is a deprecated alias in newer transformers 5 releases that
+    # warns on every run; the same default under the name this transformers knows.
+    fields = {f.name for f in dataclasses.fields(args_cls)} if args_cls is not None else set()
+    if args_cls is None or "activation_checkpointing" in fields:
+        values.setdefault("activation_checkpointing", values.get("gradient_checkpointing", True))
     return values
+
+
+def require_devices(values: dict[str, Any]) -> None:
+    """Stop with one line when the arguments need a CUDA GPU (bf16/fp16, vLLM) and none is visible."""
+    import torch
+
+    if torch.cuda.is_available() or values.get("use_cpu"):
+        return  # `use_cpu: true` asks for CPU training on purpose (bf16 autocast, vLLM's CPU build)
+    needs = [key for key in ("bf16", "fp16", "use_vllm") if values.get(key)]
+    if needs:
+        raise RunError(
+            f"this configuration needs a CUDA GPU (trainer.{', trainer.'.join(f'{k}=true' for k in needs)}) "
+            "and none is visible here; on a CPU start from configs/grpo/tiny-cpu.yaml or set those to false"
+        )
