@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -250,3 +252,33 @@ def test_vllm_engine_without_vllm_is_a_clear_error():
             engine_from_checkpoint(str(QWEN_TOKENIZER), engine="vllm")
     else:  # pragma: no cover - only on GPU machines with vLLM
         pytest.skip("vLLM is installed here")
+
+
+def test_generate_raises_no_deprecation_warning(model, tokenizer, capfd):
+    engine = TransformersEngine(model, tokenizer)
+    greedy = SamplingParams(temperature=0)
+    prompts = [ids(tokenizer, "Who wrote Hamlet?")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        first = engine.generate(prompts, [4], greedy, ["</search>"])
+        engine.generate(next_turn(tokenizer, prompts, first), [4], greedy, ["</search>"])  # the kept cache
+    assert "deprecated" not in capfd.readouterr().err  # nor transformers' own logged notice
+
+
+def test_synced_engine_without_prompts_still_runs_the_forward_passes(model, tokenizer, free_port):
+    import torch.distributed as dist
+
+    # a sharded model all-gathers its weights in every forward: a process with nothing to do must take part
+    forwards = []
+    handle = model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        engine = TransformersEngine(model, tokenizer)
+        assert engine.generate([], [], SamplingParams(), []) == [] and forwards == []
+        engine.synced_gpus = True
+        assert engine.generate([], [], SamplingParams(), []) == [] and len(forwards) == 1
+    finally:
+        dist.destroy_process_group()
+        handle.remove()
+    with pytest.raises(ValueError, match="max_batch_size"):
+        TransformersEngine(model, tokenizer, max_batch_size=2, synced_gpus=True)

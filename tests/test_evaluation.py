@@ -462,3 +462,42 @@ def test_vllm_engine_without_vllm_is_a_one_line_error(tmp_path, tiny_model_dir, 
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --engine vllm: vLLM is not installed") and len(err.splitlines()) == 1
+
+
+def test_a_resumed_evaluation_refuses_another_engine_or_dtype(tmp_path, warmstart_engine, synthetic_client):
+    def run(**record):
+        return evaluate_benchmarks(
+            loop_of(warmstart_engine, synthetic_client),
+            {"synthetic": HELDOUT},
+            tmp_path / "out",
+            limit=2,
+            batch_size=2,
+            record={"model": "warmstart", **record},
+            progress=False,
+        )
+
+    run(engine="transformers", dtype="float32")
+    # bf16 or vLLM's kernels give other greedy trajectories: mixing them into one table is refused
+    with pytest.raises(EvaluationError, match=r"different dtype \(was dtype=float32\)"):
+        run(engine="transformers", dtype="bfloat16")
+    with pytest.raises(EvaluationError, match="different engine"):
+        run(engine="vllm", dtype="float32")
+    run(engine="transformers", dtype="float32")  # the same identity resumes
+
+
+def test_sampled_decoding_shows_progress_in_samples_drawn(
+    tmp_path, warmstart_engine, synthetic_client, capsys
+):
+    decoding = Decoding("esc", ESCConfig(window=2, max_samples=4), seed=3)
+    evaluate_benchmarks(
+        loop_of(warmstart_engine, synthetic_client),
+        {"synthetic": HELDOUT},
+        tmp_path / "out",
+        decoding,
+        limit=3,
+        batch_size=3,
+        progress=True,
+    )
+    err = capsys.readouterr().err
+    # the bar moves as each window of 3 questions × 2 samples returns, against a budget of 3 × 4 samples
+    assert "6/12" in err and "12/12" in err and "sample" in err

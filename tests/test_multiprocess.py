@@ -60,3 +60,102 @@ def test_two_cpu_processes_train_with_whole_groups(synthetic_bm25_server, tmp_pa
             statistics.mean(r["reward"] for r in step_rows), abs=1e-4
         )
     assert (out / "final" / "model.safetensors").is_file()
+
+
+# --- lockstep generation, shared failures and vLLM modes over 2 gloo processes (tests/launch_grpo.py) ---------
+
+
+def launch(tmp_path, port: int, *overrides: str, flags: tuple[str, ...] = ()) -> tuple[int, list[dict], str]:
+    """Train the tiny-cpu preset on 2 processes; returns the exit status, each rank's report and stderr."""
+    report = tmp_path / "report"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(REPO_ROOT / "configs/accelerate/cpu_2proc.yaml"),
+        "--main_process_port", str(port),
+        str(REPO_ROOT / "tests/launch_grpo.py"), "--report", str(report), *flags, "--",
+        f"trainer.output_dir={tmp_path / 'run'}",
+        "trainer.per_device_train_batch_size=8",  # 2 × 8 = 16 trajectories = 4 questions × 4 per step
+        "trainer.num_generations=4",
+        "trainer.save_strategy=no",
+        "trainer.report_to=[]",
+        "logging.sample_table_every=0",
+        *overrides,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=900)
+    reports = [json.loads(p.read_text()) for p in sorted(report.glob("rank-*.json"))]
+    return result.returncode, reports, result.stderr
+
+
+@pytest.mark.slow
+def test_heldout_evaluation_with_uneven_shards_gives_both_ranks_the_same_metrics(
+    synthetic_bm25_server, tmp_path, free_port
+):
+    # 3 questions in batches of 1: rank 0 evaluates 2, rank 1 evaluates 1 and then an empty batch, whose turns
+    # it takes without prompts while rank 0 is still generating
+    status, reports, stderr = launch(
+        tmp_path, free_port(), f"retriever.url={synthetic_bm25_server}", "trainer.max_steps=2",
+        "heldout.every=1", "heldout.limit=3", "heldout.batch_size=1", "heldout.save_best=true",
+    )  # fmt: skip
+    assert status == 0, stderr[-4000:]
+    assert [r["rank"] for r in reports] == [0, 1]
+    assert reports[0]["heldout"] == reports[1]["heldout"]
+    assert [h["step"] for h in reports[0]["heldout"]] == [0, 1, 2]
+    assert all(h["count"] == 3 for h in reports[0]["heldout"])
+    assert reports[1]["calls_without_prompts"] > 0 and reports[0]["calls_without_prompts"] == 0
+    assert (tmp_path / "run" / "best" / "heldout_best.json").is_file()
+
+
+@pytest.mark.slow
+def test_a_retriever_lost_on_one_rank_stops_both_with_a_checkpoint(
+    synthetic_bm25_server, tmp_path, free_port
+):
+    status, reports, stderr = launch(
+        tmp_path, free_port(), f"retriever.url={synthetic_bm25_server}", "trainer.max_steps=3",
+        "heldout.every=0", flags=("--fail-search-on-rank", "1", "--fail-at-search", "2"),
+    )  # fmt: skip
+    assert status != 0
+    assert stderr.count("Restart the retriever, then resume with:") == 2  # one line per rank, no hang
+    checkpoint = tmp_path / "run" / "checkpoint-1"
+    assert (checkpoint / "model.safetensors").is_file() and (checkpoint / "trainer_state.json").is_file()
+    for report in reports:  # both ranks stopped at the same step, with the same instructions
+        assert report["global_step"] == 1
+        assert f"resume with: autorefine train-grpo --resume {checkpoint}" in report["error"]
+        assert "unreachable" in report["error"]
+
+
+@pytest.mark.slow
+def test_colocated_vllm_with_tensor_parallel_2_generates_in_lockstep(
+    synthetic_bm25_server, tmp_path, free_port
+):
+    # the fake vllm.LLM checks, with a collective over its TP group, that both ranks send the same requests
+    status, reports, stderr = launch(
+        tmp_path, free_port(), f"retriever.url={synthetic_bm25_server}", "trainer.max_steps=1",
+        "trainer.use_vllm=true", "trainer.vllm_mode=colocate", "trainer.vllm_tensor_parallel_size=2",
+        "heldout.every=1", "heldout.limit=3", "heldout.batch_size=1",
+        flags=("--fake-vllm",),
+    )  # fmt: skip
+    assert status == 0, stderr[-4000:]
+    assert reports[0]["vllm_calls"] == reports[1]["vllm_calls"]
+    assert 16 in reports[0]["vllm_calls"]  # a training turn: both ranks' 8 trajectories in one call
+    assert reports[0]["heldout"] == reports[1]["heldout"] and len(reports[0]["heldout"]) == 2
+
+
+@pytest.mark.slow
+def test_vllm_server_mode_waits_for_the_weight_push_on_every_rank(synthetic_bm25_server, tmp_path, free_port):
+    from tests.fake_vllm import FakeVLLMServer
+
+    # a slow push: a rank that does not wait for rank 0 sends its first requests mid-update or to old weights
+    with FakeVLLMServer(str(REPO_ROOT / "data/synthetic/warmstart"), free_port(), push_delay_s=1.5) as server:
+        status, reports, stderr = launch(
+            tmp_path, free_port(), f"retriever.url={synthetic_bm25_server}", "trainer.max_steps=2",
+            "heldout.every=0", "trainer.use_vllm=true", "trainer.vllm_mode=server",
+            f"trainer.vllm_server_base_url={server.url}", flags=("--fake-vllm",),
+        )  # fmt: skip
+    assert status == 0, stderr[-4000:]
+    assert len(reports) == 2 and server.updates == 2
+    assert {r["rank"] for r in server.requests} == {"0", "1"}
+    assert not [r for r in server.requests if r["updating"]], "a request reached the server mid-update"
+    # requests of step N come after push N: versions only grow, and none saw the initial weights
+    versions = [r["version"] for r in server.requests]
+    assert versions == sorted(versions) and min(versions) == 1

@@ -132,12 +132,20 @@ def test_documents_change_what_the_model_predicts(synthetic_bm25_server):
 # --- exact resume -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_resume_matches_an_uninterrupted_run(synthetic_bm25_server, tmp_path):
+    """Two generation batches of two optimizer steps each, held-out evaluation and save_best, cut after one."""
     overrides = (
         "trainer.max_steps=4",
+        "trainer.steps_per_generation=2",  # TRL buffers one generation batch for two steps
+        "trainer.per_device_train_batch_size=16",
         "trainer.save_strategy=steps",
         "trainer.save_steps=2",
         "trainer.seed=5",
+        f"heldout.file={SYNTHETIC_DIR / 'heldout.jsonl'}",
+        "heldout.limit=8",
+        "heldout.every=2",
+        "heldout.save_best=true",
     )
     full = build_trainer(tiny_config(synthetic_bm25_server, tmp_path / "full", *overrides))[0]
     full.train()
@@ -157,8 +165,53 @@ def test_resume_matches_an_uninterrupted_run(synthetic_bm25_server, tmp_path):
         full.model.named_parameters(), resumed.model.named_parameters(), strict=True
     ):
         assert torch.allclose(a, b, atol=1e-6), name
-    rewards = lambda tr: [h["reward"] for h in tr.state.log_history if "reward" in h]  # noqa: E731
-    assert rewards(full)[2:] == pytest.approx(rewards(resumed)[-2:])
+    # rewards are logged once per generation batch: the batch of steps 3-4 was generated after the resume
+    assert rewards_after(full, 2) and rewards_after(full, 2) == pytest.approx(rewards_after(resumed, 2))
+    part, whole = heldout_rows(tmp_path / "part"), heldout_rows(tmp_path / "full")
+    assert [r["step"] for r in part] == [0, 2, 4]  # step 2 is not evaluated again on resume
+    assert len(part) == len(whole) and all(p == pytest.approx(w) for p, w in zip(part, whole, strict=True))
+    best = lambda run: tmp_path / run / "best"  # noqa: E731
+    assert (best("part") / "heldout_best.json").read_text() == (
+        best("full") / "heldout_best.json"
+    ).read_text()
+    for name in ("model.safetensors", "config.json"):
+        assert (best("part") / name).read_bytes() == (best("full") / name).read_bytes()
+
+
+def rewards_after(trainer, step: int) -> dict[int, float]:
+    """Logged rewards by step, for the steps after `step`."""
+    return {h["step"]: h["reward"] for h in trainer.state.log_history if "reward" in h and h["step"] > step}
+
+
+def heldout_rows(run: Path) -> list[dict]:
+    """The run's held-out evaluations, without their wall times."""
+    rows = [json.loads(line) for line in (run / "heldout.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
+def test_a_resumed_run_keeps_a_better_best_policy(synthetic_bm25_server, tmp_path):
+    overrides = (
+        "trainer.max_steps=1",
+        "trainer.save_strategy=steps",
+        "trainer.save_steps=1",
+        f"heldout.file={SYNTHETIC_DIR / 'heldout.jsonl'}",
+        "heldout.limit=4",
+        "heldout.every=1",
+        "heldout.save_best=true",
+    )
+    build_trainer(tiny_config(synthetic_bm25_server, tmp_path, *overrides))[0].train()
+    record = tmp_path / "best" / "heldout_best.json"
+    assert json.loads(record.read_text())["step"] in (0, 1)
+    # the best policy so far scored higher than anything the resumed run will reach
+    record.write_text(json.dumps({"step": 1, "reward": 2.0, "em": 1.0}))
+    saved = (tmp_path / "best" / "model.safetensors").read_bytes()
+    resumed = build_trainer(tiny_config(synthetic_bm25_server, tmp_path, *overrides, "trainer.max_steps=2"))[
+        0
+    ]
+    resumed.train(resume_from_checkpoint=latest_checkpoint(tmp_path))
+    assert resumed.state.global_step == 2
+    assert json.loads(record.read_text())["reward"] == 2.0
+    assert (tmp_path / "best" / "model.safetensors").read_bytes() == saved
 
 
 # --- failures ----------------------------------------------------------------------------------------------
@@ -294,3 +347,76 @@ def test_warm_start_checkpoint_is_small_and_loadable():
     assert files["model.safetensors"] < 8 * 2**20
     model = load_policy(SYNTHETIC_DIR / "warmstart", dtype="float32")
     assert 0.5e6 < sum(p.numel() for p in model.parameters()) < 2e6
+
+
+# --- one engine per trainer; starting on the wrong machine ----------------------------------------------------
+
+
+def test_the_stop_string_criterion_is_built_once_per_trainer(synthetic_bm25_server, tmp_path, monkeypatch):
+    import autorefine.rollout.hf_engine as hf_engine
+
+    built = []
+
+    class Counted(hf_engine.StopStringCriteria):
+        def __init__(self, *args, **kwargs):
+            built.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(hf_engine, "StopStringCriteria", Counted)
+    config = tiny_config(
+        synthetic_bm25_server,
+        tmp_path,
+        f"heldout.file={SYNTHETIC_DIR / 'heldout.jsonl'}",
+        "heldout.limit=4",
+        "heldout.every=1",
+        "heldout.save_best=false",
+    )
+    trainer, rollout = build_trainer(config)
+    trainer.train()
+    assert trainer.state.global_step == 2 and rollout.batches == 2
+    # two rollout batches and three held-out evaluations, on one engine: the vocabulary is walked once
+    assert len(built) == 1
+
+
+def test_a_gpu_preset_on_a_machine_without_gpu_stops_with_one_line(capsys):
+    from autorefine.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible here")
+    preset = REPO_ROOT / "configs/grpo/autorefine-qwen2.5-3b-base.yaml"
+    assert main(["train-grpo", "--config", str(preset)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1
+    assert err.startswith(
+        "error: this configuration needs a CUDA GPU (trainer.bf16=true, trainer.use_vllm=true)"
+    )
+
+
+def test_sft_on_saved_rollouts_keeps_whole_trajectories(tmp_path):
+    from autorefine.training.sft import build_trainer as build_sft
+
+    rows = tmp_path / "rollouts.jsonl"
+    long = {
+        "prompt_ids": [5] * 300,
+        "completion_ids": [6] * 1200,
+        "env_mask": [1] * 600 + [0] * 500 + [1] * 100,
+    }
+    short = {"prompt_ids": [5] * 30, "completion_ids": [7] * 20, "env_mask": [1] * 20}
+    rows.write_text("".join(json.dumps({"id": str(i), **r}) + "\n" for i, r in enumerate([long, short])))
+    base = [
+        f"trainer.output_dir={tmp_path / 'sft'}",
+        f"traces_file={rows}",
+        "heldout.every=0",
+        "tiny_model={hidden_size: 32, num_layers: 1, num_heads: 2, num_kv_heads: 1}",
+    ]
+    trainer = build_sft(load_config(SFTRunConfig, REPO_ROOT / "configs/sft/synthetic-warmstart.yaml", base))
+    assert trainer.args.max_length == 1500  # TRL's default 1024 would cut the last model tokens off
+    assert sorted(len(x) for x in trainer.train_dataset["input_ids"]) == [50, 1500]
+    with pytest.raises(RunError, match="would truncate 1 of 2 SFT examples"):
+        build_sft(
+            load_config(
+                SFTRunConfig,
+                REPO_ROOT / "configs/sft/synthetic-warmstart.yaml",
+                [*base, "trainer.max_length=1024"],
+            )
+        )

@@ -157,3 +157,19 @@ def predict(
         )
         for p in batch
     ]
+
+
+def predict_shard(
+    loop: AgentLoop, questions: Sequence[Question], *, rank: int, world_size: int, batch_size: int
+) -> list[Prediction]:
+    """Greedy predictions for this process's share of `questions` (every `world_size`-th, from `rank`).
+
+    Every process runs the same number of batches, the last ones possibly empty: with a lockstep engine each
+    batch is a collective, so a process with fewer questions must still take part in the others' batches.
+    """
+    shard = list(questions[rank::world_size])
+    largest = -(-len(questions) // world_size)
+    out: list[Prediction] = []
+    for start in range(0, max(largest, 1), batch_size):
+        out += predict_batch(loop, shard[start : start + batch_size])
+    return out

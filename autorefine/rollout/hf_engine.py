@@ -258,7 +258,9 @@ class TransformersEngine:
         )
         stopping = StoppingCriteriaList([self._stop_criterion(stop)]) if stop else None
         recorder = _SampledTokenLogprobs(params.temperature)
-        with torch.inference_mode():
+        # A sharded model gathers its weights into tensors made in this context: under inference mode they
+        # would have no version counter, and the kept-cache check reads one.
+        with torch.no_grad() if self.synced_gpus else torch.inference_mode():
             output = self.model.generate(
                 input_ids=input_ids.to(device),
                 attention_mask=attention_mask.to(device),

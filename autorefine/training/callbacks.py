@@ -14,7 +14,7 @@ from transformers import TrainerCallback
 
 from autorefine.config import RUN_CONFIG_FILE, RunConfig
 from autorefine.data import Question, read_questions
-from autorefine.evaluation.runner import predict_batch
+from autorefine.evaluation.runner import predict_shard
 from autorefine.evaluation.scoring import Prediction, aggregate
 from autorefine.protocol import PromptTemplate
 from autorefine.rollout.agent import AgentLoop, RolloutConfig, Searcher
@@ -78,18 +78,19 @@ class HeldoutEvalCallback(TrainerCallback):
         acc = trainer.accelerator
         if self.engine is None:
             self.engine = TrainerEngine(trainer)
-        shard = self.questions[acc.process_index :: acc.num_processes]
-        largest = -(-len(self.questions) // acc.num_processes)
-        batches = -(-largest // self.batch_size)
         model = trainer.model
         was_training = model.training
         model.eval()
-        local: list[Prediction] = []
         try:
             with self.engine.current_policy(push_weights=True) as engine:
                 loop = AgentLoop(engine, self.searcher, self.rollout, self.template)
-                for b in range(batches):  # a process with fewer questions runs empty batches
-                    local += predict_batch(loop, shard[b * self.batch_size : (b + 1) * self.batch_size])
+                local = predict_shard(
+                    loop,
+                    self.questions,
+                    rank=acc.process_index,
+                    world_size=acc.num_processes,
+                    batch_size=self.batch_size,
+                )
         finally:
             model.train(was_training)
         predictions: list[Prediction] = gather_object(local) if acc.num_processes > 1 else local

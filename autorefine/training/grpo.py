@@ -244,8 +244,8 @@ def check_rollout_args(args: Any) -> None:
             f"vllm_importance_sampling_mode={args.vllm_importance_sampling_mode}: vLLM reports log-probs after "
             "these filters (TRL starts it with logprobs_mode=processed_logprobs) and the trainer recomputes "
             "them without, so every trajectory's correction is the product of its tokens' kept probability "
-            "mass (0.5-0.6 for 40-token trajectories of the synthetic warm start at top_p=0.95, shrinking "
-            "with every model token) and scales its policy-gradient term down (not KL, not entropy). "
+            "mass (measured on the synthetic warm start at top_p=0.95: 0.63 on average for 48 model tokens, "
+            "about 0.05 at 300) and scales its policy-gradient term down (not KL, not entropy). "
             "Sample training rollouts with top_p: 1.0, top_k: 0, min_p: 0.0, repetition_penalty: 1.0, or use "
             "a token-level correction (vllm_importance_sampling_mode: token_truncate or token_mask)"
         )

@@ -1,0 +1,203 @@
+"""Contract tests of the vLLM engine in both of TRL's modes, through fakes shaped exactly like vLLM and TRL's client.
+
+Colocate: `VLLMEngine(llm=...)` over tests/fake_vllm.py's `vllm.LLM`. Server: `VLLMEngine(client=...)` over TRL's
+own `VLLMClient.generate` and `parse_logprobs`, talking HTTP to a fake `vllm serve`. Both fakes sample from the
+warm-start policy, so the transformers engine over the same weights is the reference.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+
+from autorefine import protocol
+from autorefine.data import read_questions
+from autorefine.modeling import load_policy, load_tokenizer
+from autorefine.protocol import PromptTemplate
+from autorefine.retrieval import RetrieverClient
+from autorefine.rollout import AgentLoop, RolloutConfig, SamplingParams
+from autorefine.rollout.hf_engine import TransformersEngine
+from autorefine.rollout.vllm_engine import VLLMEngine
+from tests import fake_vllm
+from tests.paths import SYNTHETIC_DIR
+
+WARM = SYNTHETIC_DIR / "warmstart"
+ROLLOUT = RolloutConfig(max_turns=2, max_new_tokens=48, max_obs_tokens=160, max_completion_tokens=320)
+GREEDY = SamplingParams(temperature=0)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(WARM)
+
+
+@pytest.fixture(scope="module")
+def policy():
+    return load_policy(WARM, dtype="float32").eval()
+
+
+@pytest.fixture
+def vllm_installed(monkeypatch):
+    fake_vllm.install(monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def server():
+    from autorefine.retriever_process import free_port
+
+    with fake_vllm.FakeVLLMServer(str(WARM), free_port()) as running:
+        yield running
+
+
+def colocated(tokenizer, path=WARM, **kwargs) -> VLLMEngine:
+    return VLLMEngine(tokenizer, llm=fake_vllm.LLM(model=str(path), seed=0), **kwargs)
+
+
+def served(tokenizer, url: str, **kwargs) -> VLLMEngine:
+    return VLLMEngine(tokenizer, client=fake_vllm.fake_client_class()(base_url=url), **kwargs)
+
+
+def trajectories(engine, url: str, limit: int = 4):
+    questions = [q.question for q in read_questions(SYNTHETIC_DIR / "heldout.jsonl", limit=limit)]
+    with RetrieverClient(url) as client:
+        loop = AgentLoop(engine, client, ROLLOUT, PromptTemplate.load(SYNTHETIC_DIR / "template.txt"))
+        return loop.run(questions, GREEDY)
+
+
+@pytest.mark.parametrize("mode", ["colocate", "server"])
+def test_greedy_rollouts_match_the_transformers_engine(
+    mode, vllm_installed, server, tokenizer, policy, synthetic_bm25_server
+):
+    engine = colocated(tokenizer) if mode == "colocate" else served(tokenizer, server.url)
+    reference = trajectories(TransformersEngine(policy, tokenizer), synthetic_bm25_server)
+    got = trajectories(engine, synthetic_bm25_server)
+    assert [t.num_searches for t in got] == [t.num_searches for t in reference]
+    for t, r in zip(got, reference, strict=True):
+        assert t.completion_ids == r.completion_ids
+        assert t.env_mask == r.env_mask
+        assert t.finish_reason == r.finish_reason
+        assert t.logprobs == pytest.approx(r.logprobs, abs=1e-4)
+
+
+def with_extra_eos(tmp_path, tokenizer, policy):
+    """A copy of the warm start whose generation config lists, besides EOS, the token it greedily writes first."""
+    prompt = AgentLoop(TransformersEngine(policy, tokenizer), None, ROLLOUT).prompt_ids("Who?")
+    [first] = TransformersEngine(policy, tokenizer).generate([prompt], [1], GREEDY, [])
+    extra = first.token_ids[0]
+    assert extra != tokenizer.eos_token_id
+    folder = tmp_path / "model"
+    shutil.copytree(WARM, folder)
+    config = json.loads((folder / "generation_config.json").read_text())
+    config["eos_token_id"] = [tokenizer.eos_token_id, extra]  # as Qwen2.5-Instruct lists <|im_end|> too
+    (folder / "generation_config.json").write_text(json.dumps(config))
+    return folder, prompt, extra
+
+
+def test_generation_config_eos_ids_end_a_turn_in_every_engine(vllm_installed, tmp_path, tokenizer, policy):
+    from autorefine.rollout.engines import engine_from_checkpoint
+
+    folder, prompt, extra = with_extra_eos(tmp_path, tokenizer, policy)
+    engines = {
+        "transformers": engine_from_checkpoint(str(folder), dtype="float32"),
+        "vllm colocate": engine_from_checkpoint(str(folder), engine="vllm"),
+    }
+    with fake_vllm.FakeVLLMServer(str(folder), _port()) as running:
+        # a trainer passes its model's generation-config EOS ids (see TrainerEngine)
+        engines["vllm server"] = served(
+            tokenizer, running.url, generation_eos=[tokenizer.eos_token_id, extra]
+        )
+        for name, engine in engines.items():
+            [gen] = engine.generate([prompt], [20], GREEDY, protocol.STOP_STRINGS)
+            assert (gen.token_ids, gen.finish) == ([extra], "eos"), name
+
+
+def _port() -> int:
+    from autorefine.retriever_process import free_port
+
+    return free_port()
+
+
+def test_a_missing_server_logprob_is_nan_not_a_crash(tokenizer):
+    with fake_vllm.FakeVLLMServer(str(WARM), _port(), nan_logprob_at=1) as running:
+        engine = served(tokenizer, running.url)
+        prompt = tokenizer.encode("What is the home city of Bigu Bolvou?")
+        [gen] = engine.generate([prompt], [6], GREEDY, [])
+    assert len(gen.logprobs) == len(gen.token_ids) == 6
+    assert math.isnan(gen.logprobs[1])
+    assert all(math.isfinite(x) for i, x in enumerate(gen.logprobs) if i != 1)
+
+
+SETTINGS = SamplingParams(temperature=0.8, top_p=0.9, top_k=7, min_p=0.05, repetition_penalty=1.3, seed=11)
+
+
+def test_every_sampling_setting_reaches_both_vllm_modes(vllm_installed, server, tokenizer):
+    engine = colocated(tokenizer)
+    sent = []
+    generate = engine.llm.generate
+    engine.llm.generate = lambda prompts, sampling_params, **kw: (
+        sent.extend(sampling_params) or generate(prompts, sampling_params, **kw)
+    )
+    engine.generate([[5, 6, 7]], [5], SETTINGS, ["</search>"])
+    [colocate] = sent
+    assert (colocate.temperature, colocate.top_p, colocate.top_k, colocate.min_p) == (0.8, 0.9, 7, 0.05)
+    assert (colocate.repetition_penalty, colocate.seed, colocate.max_tokens) == (1.3, 11, 5)
+    assert colocate.stop == ["</search>"] and colocate.include_stop_str_in_output and colocate.logprobs == 0
+
+    bodies = []
+    client = fake_vllm.fake_client_class()(base_url=server.url)
+    post = client._post
+    client._post = lambda url, **kw: bodies.append(kw.get("json")) or post(url, **kw)
+    VLLMEngine(tokenizer, client=client).generate([[5, 6, 7]], [4], SETTINGS, ["</search>"])
+    [body] = bodies
+    expected = {"temperature": 0.8, "top_p": 0.9, "top_k": 7, "min_p": 0.05, "repetition_penalty": 1.3}
+    assert {k: body[k] for k in expected} == expected
+    assert (body["seed"], body["max_tokens"], body["logprobs"]) == (11, 4, 0)
+    assert body["stop"] == ["</search>"] and body["include_stop_str_in_output"] is True
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        pytest.param(SamplingParams(temperature=0, repetition_penalty=1.8), id="repetition_penalty"),
+        # sampling that can only ever pick the most likely token is greedy decoding, in every engine
+        pytest.param(SamplingParams(temperature=1.0, min_p=0.999, seed=3), id="min_p"),
+        pytest.param(SamplingParams(temperature=1.0, top_k=1, seed=3), id="top_k"),
+    ],
+)
+def test_sampling_settings_act_alike_in_both_engines(params, vllm_installed, tokenizer, policy):
+    prompt = tokenizer.encode("What is the home city of Bigu Bolvou? the the the Bigu Bigu")
+    greedy = TransformersEngine(policy, tokenizer).generate([prompt], [12], GREEDY, [])[0].token_ids
+    hf = TransformersEngine(policy, tokenizer).generate([prompt], [12], params, [])[0].token_ids
+    if params.repetition_penalty != 1:
+        assert hf != greedy  # the penalty changes what greedy decoding writes
+    else:
+        assert hf == greedy
+    assert colocated(tokenizer).generate([prompt], [12], params, [])[0].token_ids == hf
+
+
+def test_vllm_settings_that_cannot_reach_the_rollouts_are_refused():
+    from autorefine.config import GRPORunConfig, load_config
+    from autorefine.training.grpo import make_grpo_args
+    from autorefine.training.trainer_args import RunError
+    from tests.paths import REPO_ROOT
+
+    def args(*overrides):
+        return make_grpo_args(
+            load_config(
+                GRPORunConfig, REPO_ROOT / "configs/grpo/tiny-cpu.yaml", ["trainer.report_to=[]", *overrides]
+            )
+        )
+
+    with pytest.raises(RunError, match="generation_kwargs"):
+        args("trainer.generation_kwargs={suppress_tokens: [1]}")
+    with pytest.raises(RunError, match="sleep_mode"):
+        args("trainer.use_vllm=true", "trainer.vllm_enable_sleep_mode=true")
+    with pytest.raises(RunError, match="structured_outputs"):
+        args("trainer.use_vllm=true", "trainer.vllm_structured_outputs_regex=a+")
+    sampling = args(
+        "trainer.min_p=0.1", "trainer.repetition_penalty=1.1"
+    )  # the transformers engine takes them
+    assert (sampling.min_p, sampling.repetition_penalty) == (0.1, 1.1)
