@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 VLLM_MISSING = (
     "vLLM is not installed. Install the GPU extra (`pip install 'autorefine[gpu]'`, CUDA machines only) "
-    "or use the transformers engine (`rollout.engine: transformers`)."
+    "or use the transformers engine (`trainer.use_vllm=false`, `--engine transformers`)."
 )
 
 
