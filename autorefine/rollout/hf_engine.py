@@ -55,7 +55,8 @@ class _SampledTokenLogprobs(LogitsProcessor):
     def collect(self, new_tokens: torch.Tensor) -> torch.Tensor:
         """Log-probs of `new_tokens` (batch × steps), finishing the last step."""
         if self.previous is not None and len(self.steps) < new_tokens.shape[1]:
-            self.steps.append(self.previous.gather(1, new_tokens[:, len(self.steps)].unsqueeze(1)).squeeze(1))
+            last = new_tokens[:, len(self.steps)].unsqueeze(1).to(self.previous.device)
+            self.steps.append(self.previous.gather(1, last).squeeze(1))
         if not self.steps:
             return torch.zeros(new_tokens.shape, dtype=torch.float32)
         return torch.stack(self.steps, dim=1).cpu()
