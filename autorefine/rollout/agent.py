@@ -5,7 +5,8 @@ and inserted text is tokenized on its own, so nothing merges across the model/en
 
 An engine with a `lockstep` (one built for a multi-process trainer, see `autorefine.rollout.engines`) is called
 once per turn on every process until no process has trajectories left, with no prompts once this process's own
-are done; a searcher failure on one process is then raised on all of them (see `autorefine.rollout.lockstep`).
+are done; a failure on one process between two engine calls (a lost retriever) is then raised on all of them
+(see `autorefine.rollout.lockstep`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from autorefine import protocol
 from autorefine.protocol import PromptTemplate
-from autorefine.rollout.engine import GenerationEngine, SamplingParams
+from autorefine.rollout.engine import Generation, GenerationEngine, SamplingParams
 from autorefine.rollout.trajectory import FinishReason, Segment, SegmentKind, Trajectory
 
 if TYPE_CHECKING:
@@ -126,46 +127,13 @@ class AgentLoop:
             )
             timings.generation_s += time.perf_counter() - started
             timings.turns += 1 if active else 0
-
-            searching: list[_Active] = []
-            for a, gen in zip(active, generations, strict=True):
-                text = self._append(a, "model", gen.token_ids, gen.logprobs)
-                a.trajectory.num_turns += 1
-                a.turns_left -= 1
-                action = protocol.parse_action(text)
-                if action is not None and action.kind == protocol.ANSWER:
-                    self._finish(a, FinishReason.ANSWER)
-                elif gen.finish == "eos":
-                    self._finish(a, FinishReason.NO_ACTION)
-                elif self._room(a) <= 1:
-                    self._finish(a, FinishReason.LENGTH)
-                elif action is not None and a.searches_left > 0 and a.turns_left > 0:
-                    a.pending_query = action.content
-                    searching.append(a)
-                elif action is not None:
-                    self._finish(a, FinishReason.MAX_TURNS)
-                elif a.turns_left > 0:
-                    self._insert(a, "feedback", self._feedback)
-                else:
-                    self._finish(a, FinishReason.NO_ACTION)
-
-            if searching:
-                started = time.perf_counter()
-                try:
-                    results = self.searcher.search([a.pending_query or "" for a in searching], topk=cfg.topk)
-                except Exception as err:
-                    if lockstep is None:
-                        raise
-                    failure = err  # the next turn's exchange raises it on every process
-                    continue
-                timings.retrieval_s += time.perf_counter() - started
-                for a, docs in zip(searching, results, strict=True):
-                    a.trajectory.queries.append(a.pending_query or "")
-                    a.trajectory.retrieved_ids.append([d.id for d in docs])
-                    a.searches_left -= 1
-                    a.pending_query = None
-                    self._insert(a, "documents", self._documents_ids(docs))
-
+            try:
+                self._act(active, generations, timings)
+            except Exception as err:
+                if lockstep is None:
+                    raise
+                failure = err  # (a lost retriever, most likely) the next exchange raises it on every process
+                continue
             still = []
             for a in active:
                 (done if a.trajectory.finish_reason is not None else still).append(a)
@@ -176,6 +144,41 @@ class AgentLoop:
             release()
         self.last_timings = timings
         return [a.trajectory for a in sorted(done, key=lambda a: a.index)]
+
+    def _act(self, active: list[_Active], generations: list[Generation], timings: RolloutTimings) -> None:
+        """Append each turn, then answer, search, correct or stop; searches of the turn go in one batch."""
+        searching: list[_Active] = []
+        for a, gen in zip(active, generations, strict=True):
+            text = self._append(a, "model", gen.token_ids, gen.logprobs)
+            a.trajectory.num_turns += 1
+            a.turns_left -= 1
+            action = protocol.parse_action(text)
+            if action is not None and action.kind == protocol.ANSWER:
+                self._finish(a, FinishReason.ANSWER)
+            elif gen.finish == "eos":
+                self._finish(a, FinishReason.NO_ACTION)
+            elif self._room(a) <= 1:
+                self._finish(a, FinishReason.LENGTH)
+            elif action is not None and a.searches_left > 0 and a.turns_left > 0:
+                a.pending_query = action.content
+                searching.append(a)
+            elif action is not None:
+                self._finish(a, FinishReason.MAX_TURNS)
+            elif a.turns_left > 0:
+                self._insert(a, "feedback", self._feedback)
+            else:
+                self._finish(a, FinishReason.NO_ACTION)
+        if not searching:
+            return
+        started = time.perf_counter()
+        results = self.searcher.search([a.pending_query or "" for a in searching], topk=self.config.topk)
+        timings.retrieval_s += time.perf_counter() - started
+        for a, docs in zip(searching, results, strict=True):
+            a.trajectory.queries.append(a.pending_query or "")
+            a.trajectory.retrieved_ids.append([d.id for d in docs])
+            a.searches_left -= 1
+            a.pending_query = None
+            self._insert(a, "documents", self._documents_ids(docs))
 
     def _documents_ids(self, docs: list[Document]) -> list[int]:
         body = self._encode(protocol.format_documents(docs))[: self.config.max_obs_tokens]
