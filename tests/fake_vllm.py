@@ -14,7 +14,7 @@
 - `FakeVLLMClient`: TRL's real `VLLMClient` (its `generate` and `parse_logprobs` run unchanged) with only the
   NCCL weight transfer replaced.
 - `install()`: makes `import vllm` and TRL's vLLM checks see these fakes (also in `accelerate launch`ed
-  processes: see tests/drivers/train_grpo_with_fakes.py).
+  processes: see tests/launch_grpo.py).
 
 Both share one sampler over a transformers model loaded from the same folder vLLM would load, applying vLLM's
 sampling parameters in vLLM's order (repetition penalty, temperature, min-p, top-k, top-p) and reporting
