@@ -182,11 +182,24 @@ def build(cls: type, data: Any, where: str) -> Any:
         raise ConfigError(f"{where or 'config'}: {err}") from err
 
 
+_OLD_TRAINER_NAMES = {
+    "activation_checkpointing": "gradient_checkpointing",
+    "activation_checkpointing_kwargs": "gradient_checkpointing_kwargs",
+}
+
+
 def check_trainer_args(
     args_cls: type, data: dict[str, Any], forbidden: Mapping[str, str] | None = None
 ) -> dict[str, Any]:
     """Check a `trainer` section against a TRL config class; `forbidden` maps keys to where they must be set."""
     fields = {f.name for f in dataclasses.fields(args_cls) if f.init}
+    # Presets use the names of transformers >= 5.23; older 5.x releases take the same options under the old ones.
+    data = {
+        (
+            _OLD_TRAINER_NAMES[key] if key not in fields and _OLD_TRAINER_NAMES.get(key) in fields else key
+        ): value
+        for key, value in data.items()
+    }
     _reject_unknown(set(data) - fields, fields, "trainer", f"trainer (trl.{args_cls.__name__})")
     for key, instead in (forbidden or {}).items():
         if key in data:

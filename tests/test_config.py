@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
@@ -164,3 +165,21 @@ def test_cli_reports_config_errors_in_one_line(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: config file not found: {tmp_path / 'missing.yaml'}"
+
+
+def test_trainer_args_take_the_old_checkpointing_names_on_older_transformers():
+    @dataclasses.dataclass
+    class OlderTrainingArguments:  # transformers < 5.23 knows only the old names
+        gradient_checkpointing: bool = False
+        gradient_checkpointing_kwargs: dict | None = None
+
+    values = check_trainer_args(
+        OlderTrainingArguments,
+        {"activation_checkpointing": True, "activation_checkpointing_kwargs": {"use_reentrant": False}},
+    )
+    assert values == {
+        "gradient_checkpointing": True,
+        "gradient_checkpointing_kwargs": {"use_reentrant": False},
+    }
+    with pytest.raises(ConfigError, match="activation_checkpointin"):
+        check_trainer_args(OlderTrainingArguments, {"activation_checkpointin": True})
