@@ -165,7 +165,12 @@ def _add_policy_arguments(parser: argparse.ArgumentParser) -> None:
 
     esc_defaults = ESCConfig()
     parser.add_argument("--model", required=True, help="policy folder (or hub name) with its tokenizer")
-    parser.add_argument("--retriever-url", required=True, help="retrieval server, e.g. http://127.0.0.1:8000")
+    parser.add_argument(
+        "--retriever-url",
+        required=True,
+        help="retrieval server, e.g. http://127.0.0.1:8000, or replicas as URL,URL,... (API key: "
+        "$AUTOREFINE_RETRIEVER_API_KEY)",
+    )
     limits = parser.add_argument_group(
         "rollout limits (default: the checkpoint's autorefine_config.yaml, else the AutoRefine training ones)"
     )

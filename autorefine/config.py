@@ -93,12 +93,21 @@ class HeldoutSettings:
 
 @dataclass(frozen=True)
 class RetrieverSettings:
-    """Where the retrieval server is and how patiently to talk to it."""
+    """Where the retrieval server (or its replicas) is and how patiently to talk to it."""
 
-    url: str = "http://127.0.0.1:8000"
+    url: str | list[str] = "http://127.0.0.1:8000"  # one URL, a list, or "URL,URL": replicas of one index
     timeout_s: float = 60.0
     max_retries: int = 5
     startup_wait_s: float = 30.0
+    probe_interval_s: float = 5.0  # how often a replica that failed is checked again
+    api_key_file: str | None = (
+        None  # file holding the server's bearer token (else $AUTOREFINE_RETRIEVER_API_KEY)
+    )
+
+    def __post_init__(self) -> None:
+        from autorefine.retrieval import parse_urls
+
+        parse_urls(self.url)
 
 
 @dataclass(frozen=True)

@@ -2,13 +2,14 @@
 
 The app answers `/health` with 503 while the index and encoder load in a background thread, so the port
 is open (and a client's readiness poll works) from the first second. Retrieval goes through the
-micro-batcher; request validation happens here, before anything is queued.
+micro-batcher; request validation (API key, body size, fields) happens here, before anything is queued.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import threading
@@ -16,12 +17,13 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from retriever_server.batching import MicroBatcher
@@ -38,6 +40,10 @@ from retriever_server.manifest import (
 logger = logging.getLogger(__name__)
 
 Hit = tuple[float, dict[str, str]]
+API_KEY_ENV = "AUTOREFINE_RETRIEVER_API_KEY"  # the same variable the client reads
+DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20  # 1,024 queries of 8 KB; a trainer's queries are a few hundred bytes
+# Module level: FastAPI resolves the (postponed) annotations of dependencies in this module's globals.
+_BEARER = HTTPBearer(auto_error=False)
 
 
 class ApiError(Exception):
@@ -65,6 +71,8 @@ class ServeConfig:
     verify_corpus_hash: bool = False
     max_batch_tokens: int | None = None
     search_params: dict[str, Any] = field(default_factory=dict)
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    api_key: str | None = field(default=None, repr=False)  # bearer token every request must carry
 
 
 @dataclass
@@ -137,38 +145,45 @@ class Retriever:
         retriever.process([(["warm-up query"], 1)])  # first passes allocate; keep that out of request latency
         return retriever
 
+    def _keys(self, queries: list[str]) -> Any:
+        """What the index searches: the query strings (BM25) or their embeddings (dense)."""
+        return queries if self.encoder is None else self.encoder.encode_queries(queries)
+
     def search(self, queries: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
         """Encode (dense) and search a list of queries; each distinct query is encoded and searched once."""
-        # GRPO groups often send the same query several times (same question, several rollouts).
         distinct = list(dict.fromkeys(queries))
-        if self.encoder is None:
-            scores, rows = self.index.search(distinct, k)
-        else:
-            scores, rows = self.index.search(self.encoder.encode_queries(distinct), k)
-        if len(distinct) == len(queries):
-            return scores, rows
+        scores, rows = self.index.search(self._keys(distinct), k)
         where = {query: i for i, query in enumerate(distinct)}
         picks = [where[query] for query in queries]
         return scores[picks], rows[picks]
 
     def process(self, requests: list[tuple[list[str], int]]) -> list[list[list[Hit]]]:
-        """One batch: all queries searched with the largest topk, then cut back per request."""
-        queries = [q for batch_queries, _ in requests for q in batch_queries]
-        scores, rows = self.search(queries, max(k for _, k in requests))
+        """One batch: distinct queries encoded once, then searched once per distinct topk, hits per request.
+
+        Searching each topk on its own keeps a request's hits independent of the batch it landed in: an
+        approximate index searched with a larger k widens its search (HNSW's beam is max(efSearch, k),
+        IVF-PQ re-ranks k·k_factor candidates), so cutting a larger-k result back would change the answer.
+        """
+        distinct = list(dict.fromkeys(q for queries, _ in requests for q in queries))
+        position = {query: i for i, query in enumerate(distinct)}
+        # GRPO groups often send the same query several times (same question, several rollouts).
+        keys = self._keys(distinct)
+        found: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+        for k in sorted({k for _, k in requests}):
+            group = list(dict.fromkeys(q for queries, kk in requests if kk == k for q in queries))
+            picks = [position[q] for q in group]
+            scores, rows = self.index.search(
+                [keys[i] for i in picks] if self.encoder is None else keys[picks], k
+            )
+            found.update({(q, k): (scores[i], rows[i]) for i, q in enumerate(group)})
         start = time.perf_counter()
-        results: list[list[list[Hit]]] = []
-        at = 0
-        for batch_queries, k in requests:
-            per_query = []
-            for i in range(at, at + len(batch_queries)):
-                hits = [
-                    (float(s), self.store.get(int(r)))
-                    for s, r in zip(scores[i, :k], rows[i, :k], strict=True)
-                    if r >= 0
-                ]
-                per_query.append(hits)
-            results.append(per_query)
-            at += len(batch_queries)
+        results = [
+            [
+                [(float(s), self.store.get(int(r))) for s, r in zip(*found[(q, k)], strict=True) if r >= 0]
+                for q in queries
+            ]
+            for queries, k in requests
+        ]
         self.lookup_seconds += time.perf_counter() - start
         return results
 
@@ -223,6 +238,21 @@ def parse_retrieve_body(body: bytes, content_type: str, config: ServeConfig) -> 
     elif not isinstance(return_scores, bool):
         raise ApiError(422, f"field 'return_scores' must be a boolean, got {type(return_scores).__name__}")
     return queries, topk, return_scores
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, or ApiError 413 as soon as it is known to exceed `limit` bytes (never read whole)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"request body of {declared} bytes exceeds --max-request-bytes {limit}")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"request body exceeds --max-request-bytes {limit}")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def render_result(hits: list[list[Hit]], return_scores: bool) -> bytes:
@@ -281,11 +311,31 @@ def create_app(
         yield
         await batcher.stop()
 
-    app = FastAPI(title="retriever-server", lifespan=lifespan)
+    async def require_api_key(
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)],
+    ) -> None:
+        """401 unless the request carries the server's token (when it has one); the token is never echoed."""
+        if config.api_key is None:
+            return
+        if credentials is None:
+            raise StarletteHTTPException(
+                401,
+                "missing API key: this retriever requires the header 'Authorization: Bearer <token>' "
+                f"(client: set retriever.api_key_file or ${API_KEY_ENV})",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        if not hmac.compare_digest(credentials.credentials.encode(), config.api_key.encode()):
+            raise StarletteHTTPException(
+                401,
+                "wrong API key: the bearer token sent is not this retriever's",
+                headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+            )
+
+    app = FastAPI(title="retriever-server", lifespan=lifespan, dependencies=[Depends(require_api_key)])
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail))
+        return JSONResponse({"detail": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -310,6 +360,8 @@ def create_app(
                 "max_queries": config.max_queries,
                 "batch_wait_ms": config.batch_wait_ms,
                 "batch_max_size": config.batch_max_size,
+                "max_request_bytes": config.max_request_bytes,
+                "api_key_required": config.api_key is not None,
                 "busy": batcher.stats.busy,
             }
         )
@@ -333,8 +385,9 @@ def create_app(
         """Search-R1 retrieval: top-k documents per query, with or without scores."""
         start = time.perf_counter()
         try:
+            body = await read_body(request, config.max_request_bytes)
             queries, topk, return_scores = parse_retrieve_body(
-                await request.body(), request.headers.get("content-type", ""), config
+                body, request.headers.get("content-type", ""), config
             )
         except ApiError as err:
             return _error(err.status, err.message)

@@ -230,6 +230,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--k-factor", dest="k_factor", type=_positive_int, help="ivfpq: override the re-ranked candidates"
     )
+    serve.add_argument(
+        "--max-request-bytes",
+        type=_positive_int,
+        default=None,
+        help="largest request body in bytes; larger ones get 413 (default 8 MiB)",
+    )
+    serve.add_argument(
+        "--api-key-file",
+        type=Path,
+        default=None,
+        help="require 'Authorization: Bearer <token>' on every request, the token being this file's "
+        "content (default: $AUTOREFINE_RETRIEVER_API_KEY if set, else no token)",
+    )
     serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     serve.add_argument(
         "--access-log", action="store_true", help="log every request (off: it costs throughput)"
@@ -335,7 +348,24 @@ def _report(args: argparse.Namespace, result: Any) -> int:
     return 0
 
 
+def _api_key(path: Path | None) -> str | None:
+    """The serving token: the file's content, else $AUTOREFINE_RETRIEVER_API_KEY, else None."""
+    from retriever_server.app import API_KEY_ENV
+
+    if path is None:
+        return os.environ.get(API_KEY_ENV, "").strip() or None
+    try:
+        token = path.expanduser().read_text("utf-8").strip()
+    except OSError as err:
+        raise ValueError(f"--api-key-file {path}: {err.strerror or err}") from None
+    if not token:
+        raise ValueError(f"--api-key-file {path} is empty")
+    return token
+
+
 def _serve(args: argparse.Namespace) -> int:
+    import ipaddress
+
     import uvicorn
 
     from retriever_server.app import ServeConfig, create_app, plan_serving
@@ -353,8 +383,22 @@ def _serve(args: argparse.Namespace) -> int:
         verify_corpus_hash=args.verify_corpus_hash,
         max_batch_tokens=args.max_batch_tokens,
         search_params={k: getattr(args, k) for k in ("efSearch", "nprobe", "k_factor") if getattr(args, k)},
+        **({"max_request_bytes": args.max_request_bytes} if args.max_request_bytes else {}),
+        api_key=_api_key(args.api_key_file),
     )
     plan = plan_serving(config)
+    try:
+        loopback = ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        loopback = args.host == "localhost"
+    if config.api_key is None and not loopback:
+        logging.getLogger(__name__).warning(
+            "serving on %s without an API key: anyone who reaches the port can query it "
+            "(--api-key-file FILE, or set $AUTOREFINE_RETRIEVER_API_KEY)",
+            args.host,
+        )
+    elif config.api_key is not None:
+        logging.getLogger(__name__).info("every request must carry the API key (Authorization: Bearer)")
     fatal: list[str] = []
     server: Any = None
 

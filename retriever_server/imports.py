@@ -6,12 +6,9 @@ of GPU time. An import scans the corpus as a build does, checks the file against
 encoder (count, dimension, inner-product metric, and a spot check that a few passages encode to the
 vectors at their rows), and writes a manifest, so `serve` loads it like an index we built.
 
-Reading the file without loading it (faiss-cpu 1.15, measured): `read_index(path, IO_FLAG_MMAP_IFC)`
-memory-maps the vectors of flat indexes, of HNSW storage and of IVF inverted lists (a 154 MB IndexFlatIP
-opens with +0.7 MB of RSS), but an HNSW graph is still read into RAM (~8·M bytes per vector: ~11 GB for
-HNSW64 over wiki-18). `IO_FLAG_MMAP` maps IVF lists only and reads flat and HNSW files whole;
-`IO_FLAG_ONDISK_SAME_DIR` concerns IVF lists kept in a separate `.ivfdata` file only; and
-`IO_FLAG_MMAP | IO_FLAG_MMAP_IFC` fails on IVF files.
+Reading the file without loading it: opened like `serve` opens indexes (`indexes.mmap_flags`, which
+documents what FAISS can map). `IO_FLAG_ONDISK_SAME_DIR` concerns IVF lists kept in a separate
+`.ivfdata` file only, and `IO_FLAG_MMAP | IO_FLAG_MMAP_IFC` fails on IVF files.
 
 Placing the file (`--import-mode`): `auto` hard-links it into the index directory as `index.faiss` (no
 copy; the directory stays self-contained) or, where no hard link can be made (another filesystem),
@@ -43,7 +40,7 @@ from retriever_server.build import (
 )
 from retriever_server.corpus import OFFSETS_FILE, DocumentStore, corpus_fingerprint, scan_corpus
 from retriever_server.encoders import BM25, DenseEncoder, resolve_encoder_spec
-from retriever_server.indexes import FAISS_FILE, configure_threads
+from retriever_server.indexes import FAISS_FILE, configure_threads, mmap_flags
 from retriever_server.manifest import MANIFEST_FILE, read_manifest, write_manifest
 
 logger = logging.getLogger(__name__)
@@ -85,9 +82,8 @@ def open_foreign_index(path: str | os.PathLike[str]) -> ForeignIndex:
     path = Path(path)
     if not path.is_file():
         raise BuildError(f"FAISS index file not found: {path}")
-    flags = getattr(faiss, "IO_FLAG_MMAP_IFC", faiss.IO_FLAG_MMAP)  # older FAISS: map IVF lists at least
     try:
-        index = faiss.read_index(str(path), flags)
+        index = faiss.read_index(str(path), mmap_flags())
     except RuntimeError as err:
         raise BuildError(
             f"{path} is not a FAISS index that faiss {faiss.__version__} can read ({_faiss_reason(err)})"

@@ -13,6 +13,11 @@ Retriever fixtures (reusable by any test):
   `--batch-wait-ms 0`, `verify_corpus_hash=True` → `--verify-corpus-hash`); `port=` fixes the port.
 - `demo_bm25_server`: URL of one BM25 demo server shared by the whole session.
 - `synthetic_bm25_server`: URL of a BM25 server over the synthetic task corpus (session).
+- `start_searchr1_server`: a function `start_searchr1_server(corpus, **flags)`, a context manager yielding
+  `(url, process)`: `python -m tests.searchr1_server` (the Search-R1 API only: `POST /retrieve`, no
+  `/health`) on a free 127.0.0.1 port, ready when entered; flags `bare_documents`, `unquoted_titles`.
+- `synthetic_searchr1_server`: URL of such a server over the synthetic corpus answering bare documents
+  with unquoted titles, the shape furthest from ours (session).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -181,4 +187,52 @@ def synthetic_bm25_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     out = tmp_path_factory.mktemp("synthetic-bm25")
     build_index(SYNTHETIC_DIR / "corpus.jsonl", out, index_type="bm25", progress=False)
     with launch_retriever(out) as (url, _):
+        yield url
+
+
+@contextlib.contextmanager
+def launch_searchr1_server(
+    corpus: str | os.PathLike[str], *, port: int | None = None, timeout: float = 120.0, **flags: bool
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Run tests/searchr1_server.py on 127.0.0.1; yield (url, process) once `POST /retrieve` answers."""
+    port = port or free_port_number()
+    url = f"http://127.0.0.1:{port}"
+    options = [f"--{name.replace('_', '-')}" for name, on in flags.items() if on]
+    command = [sys.executable, "-m", "tests.searchr1_server", "--corpus", str(corpus), "--port", str(port)]
+    with tempfile.TemporaryDirectory(prefix="searchr1-log-") as tmp:
+        log = Path(tmp) / "server.log"
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                [*command, *options], stdout=out, stderr=subprocess.STDOUT, cwd=REPO_ROOT
+            )
+        try:
+            deadline = time.monotonic() + timeout
+            probe = {"queries": ["probe"], "topk": 1, "return_scores": True}
+            while True:  # the server's own readiness: the port opens once the index is built
+                if process.poll() is not None:
+                    raise RuntimeError(f"searchr1_server exited with {process.returncode}:\n{_log_tail(log)}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.post(f"{url}/retrieve", json=probe, timeout=2.0).status_code == 200:
+                        break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"searchr1_server at {url} not ready after {timeout} s:\n{_log_tail(log)}"
+                    )
+                time.sleep(0.1)
+            yield url, process
+        finally:
+            stop(process)
+
+
+@pytest.fixture(scope="session")
+def start_searchr1_server() -> Any:
+    """The `launch_searchr1_server` context-manager factory (see the module docstring)."""
+    return launch_searchr1_server
+
+
+@pytest.fixture(scope="session")
+def synthetic_searchr1_server() -> Iterator[str]:
+    """A Search-R1-API-only server over the synthetic corpus: bare documents, unquoted titles."""
+    corpus = SYNTHETIC_DIR / "corpus.jsonl"
+    with launch_searchr1_server(corpus, bare_documents=True, unquoted_titles=True) as (url, _):
         yield url

@@ -116,10 +116,14 @@ def engine_identity(engine: str, dtype: str) -> dict[str, str]:
 
 
 def connect(url: str) -> Any:
-    """A retriever client checked with /health (see `connect_retriever`)."""
+    """A client to the retriever at `url` (replicas: comma-separated URLs), checked ready (`connect_retriever`)."""
     from autorefine.retrieval import connect_retriever
 
-    return connect_retriever(RetrieverSettings(url=url))
+    try:
+        settings = RetrieverSettings(url=url)
+    except ValueError as err:
+        raise ConfigError(f"--retriever-url: {err}") from None
+    return connect_retriever(settings)
 
 
 @dataclass
