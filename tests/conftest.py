@@ -62,14 +62,17 @@ def _log_tail(log: Path) -> str:
     return log.read_text("utf-8", errors="replace")[-3000:] if log.exists() else ""
 
 
-def wait_until_ready(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 120.0) -> None:
+def wait_until_ready(
+    url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 120.0, token: str | None = None
+) -> None:
     """Poll `url/health` until 200; fail with the server log if it exits or times out first."""
     deadline = time.monotonic() + timeout
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"retriever exited with {process.returncode} before ready:\n{_log_tail(log)}")
         with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/health", timeout=2.0).status_code == 200:
+            if httpx.get(f"{url}/health", timeout=2.0, headers=headers).status_code == 200:
                 return
         time.sleep(0.1)
     raise RuntimeError(f"retriever at {url} not ready after {timeout} s:\n{_log_tail(log)}")
@@ -99,7 +102,9 @@ def launch_retriever(
         process.log_path = log  # type: ignore[attr-defined]  # for tests that read the server's output
         try:
             if wait:
-                wait_until_ready(url, process, log, timeout)
+                key_file = flags.get("api_key_file")
+                token = Path(key_file).read_text("utf-8").strip() if key_file else None
+                wait_until_ready(url, process, log, timeout, token)
             yield url, process
         finally:
             stop(process)

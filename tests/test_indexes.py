@@ -81,6 +81,189 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
     np.testing.assert_array_equal(loaded.search(x[:20], 3)[1], index.search(x[:20], 3)[1])
 
 
+def _anonymous_rss_mb() -> float:
+    status = Path("/proc/self/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("RssAnon:")).split()[1]) / 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc (Linux)")
+def test_faiss_files_are_opened_memory_mapped(tmp_path: Path) -> None:
+    x, q = _unit_vectors(2000, 64, 4), _unit_vectors(20, 64, 5)
+    for kind in ("flat", "hnsw", "ivfpq"):
+        built = _faiss(kind, x)
+        path = tmp_path / f"{kind}.faiss"
+        built.save(path)
+        loaded = FaissIndex.load(path, kind, built.params)
+        assert str(path) in Path("/proc/self/maps").read_text(), kind  # the file is mapped, not copied
+        np.testing.assert_array_equal(loaded.search(q, 5)[1], built.search(q, 5)[1])
+    # A flat index does not take its size in anonymous memory to open (62 GB for wiki-18 with e5-base).
+    big = faiss.IndexFlatIP(256)
+    big.add(_unit_vectors(60_000, 256, 6))  # 61 MB
+    faiss.write_index(big, str(tmp_path / "big.faiss"))
+    del big
+    before = _anonymous_rss_mb()
+    opened = FaissIndex.load(tmp_path / "big.faiss", "flat", {})
+    assert _anonymous_rss_mb() - before < 15, "the vectors were read into anonymous memory"
+    assert opened.ntotal == 60_000 and opened.search(q[:1, :1].repeat(256, axis=1) / 16, 1)[1].shape == (1, 1)
+
+
+# --- the GPU clone, with FAISS's GPU entry points faked (no GPU here) ------------------------------------
+#
+# faiss-cpu has the Python helper `index_cpu_to_all_gpus` (faiss/gpu_wrappers.py) but not the SWIG GPU API
+# it calls. The fakes below stand in for exactly those names, with faiss-gpu's signatures: the real helper
+# runs, `StandardGpuResources()` per GPU, `index_cpu_to_gpu_multiple(GpuResourcesVector, Int32Vector,
+# index, GpuMultipleClonerOptions)`, `GpuParameterSpace().set_index_parameter(index, name, value)`. A CPU
+# clone stands in for the GPU index. Failures raise RuntimeError, as FAISS's C++ exceptions do.
+
+CUDA_OOM = (
+    "Error in virtual void* faiss::gpu::StandardGpuResourcesImpl::allocMemory(const faiss::gpu::AllocRequest&) "
+    "at /project/faiss/faiss/gpu/StandardGpuResources.cpp:570: Error: 'err == cudaSuccess' failed: "
+    "StandardGpuResources: alloc fail type TemporaryMemoryBuffer dev 0 space Device stream 0x0 size "
+    "1610612736 bytes (cudaMalloc error out of memory [2])"
+)
+
+
+class FakeGpuMultipleClonerOptions:
+    """faiss.GpuMultipleClonerOptions: a struct of cloning options (the fields FAISS defines)."""
+
+    def __init__(self) -> None:
+        self.indicesOptions = 1
+        self.useFloat16CoarseQuantizer = False
+        self.useFloat16 = False
+        self.usePrecomputed = False
+        self.reserveVecs = 0
+        self.storeTransposed = False
+        self.verbose = False
+        self.use_cuvs = False
+        self.allowCpuCoarseQuantizer = False
+        self.shard = False
+        self.shard_type = 1
+        self.common_ivf_quantizer = False
+
+
+class FakeGpu:
+    """Installs the fake GPU API on the faiss module; `fail` names the step that raises."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, gpus: int = 2, fail: str | None = None) -> None:
+        self.fail = fail
+        self.clones: list[tuple[list[int], Any, FakeGpuMultipleClonerOptions]] = []
+        self.parameters: list[tuple[Any, str, Any]] = []
+        self.gpu_indexes: list[Any] = []  # what the fake cloner returned
+        fake = self
+
+        class StandardGpuResources:
+            def __init__(self) -> None:
+                if fake.fail == "resources":
+                    raise RuntimeError(CUDA_OOM)
+
+        class GpuResourcesVector(list):
+            def push_back(self, item: Any) -> None:
+                self.append(item)
+
+        def index_cpu_to_gpu_multiple(resources: Any, devices: Any, index: Any, options: Any) -> Any:
+            if fake.fail == "clone":
+                raise RuntimeError(
+                    "Error in faiss::Index* faiss::gpu::ToGpuCloner::clone_Index: This index type is not implemented on GPU."
+                )
+            fake.clones.append(([devices.at(i) for i in range(devices.size())], index, options))
+            fake.gpu_indexes.append(faiss.clone_index(index))
+            return fake.gpu_indexes[-1]
+
+        class GpuParameterSpace:
+            def set_index_parameter(self, index: Any, name: str, value: Any) -> None:
+                if fake.fail == "nprobe":
+                    raise RuntimeError("Error in GpuParameterSpace::set_index_parameter: unknown parameter")
+                fake.parameters.append((index, name, value))
+
+        for module in (faiss, faiss.gpu_wrappers):
+            monkeypatch.setattr(module, "get_num_gpus", lambda: gpus)
+            monkeypatch.setattr(module, "StandardGpuResources", StandardGpuResources, raising=False)
+            monkeypatch.setattr(module, "GpuResourcesVector", GpuResourcesVector, raising=False)
+            monkeypatch.setattr(module, "index_cpu_to_gpu_multiple", index_cpu_to_gpu_multiple, raising=False)
+        monkeypatch.setattr(faiss, "GpuMultipleClonerOptions", FakeGpuMultipleClonerOptions, raising=False)
+        monkeypatch.setattr(faiss, "GpuParameterSpace", GpuParameterSpace, raising=False)
+
+
+def _saved(tmp_path: Path, kind: str, **given: Any) -> tuple[Path, FaissIndex]:
+    x = _unit_vectors(3000, 64, 7)
+    if kind == "ivf":  # another IVF index imported as is (IVF-Flat): no build parameters recorded
+        quantizer = faiss.IndexFlatIP(64)
+        raw = faiss.IndexIVFFlat(quantizer, 64, 16, faiss.METRIC_INNER_PRODUCT)
+        raw.train(x)
+        raw.add(x)
+        raw.nprobe = 5
+        index = FaissIndex(raw, "ivf", {})
+    else:
+        index = _faiss(kind, x, **given)
+    path = tmp_path / f"{kind}.faiss"
+    index.save(path)
+    return path, index
+
+
+CLONED_KINDS = [("flat", {}), ("ivfpq", {"refine": "sq8"}), ("ivfpq", {"refine": "none"}), ("ivf", {})]
+
+
+FAILURES = [
+    pytest.param(kind, given, fail, id=f"{name}-{fail}")
+    for (kind, given), name in zip(CLONED_KINDS, ["flat", "ivfpq-sq8", "ivfpq", "ivf"], strict=True)
+    for fail in ("resources", "clone", "nprobe")
+    if not (kind == "flat" and fail == "nprobe")  # a flat index has no nprobe to set
+]
+
+
+@pytest.mark.parametrize(("kind", "given", "fail"), FAILURES)
+def test_a_failed_gpu_clone_leaves_the_cpu_index_as_it_was(
+    kind: str,
+    given: dict[str, Any],
+    fail: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    path, built = _saved(tmp_path, kind, **given)
+    q = _unit_vectors(30, 64, 8)
+    params = {**built.params, "nprobe": 3} if kind != "flat" else {}
+    on_cpu = FaissIndex.load(path, kind, params, use_gpu=False)
+    gpu = FakeGpu(monkeypatch, fail=fail)
+    loaded = FaissIndex.load(path, kind, params)
+    assert (loaded.on_gpu, loaded._keep) == (False, [])
+    assert type(loaded.index) is type(on_cpu.index)
+    assert all(loaded.index is not clone for clone in gpu.gpu_indexes)  # not a half-configured GPU index
+    if kind != "flat":
+        assert faiss.extract_index_ivf(loaded.index).nprobe == 3
+    if isinstance(on_cpu.index, faiss.IndexRefine):
+        assert loaded.index.k_factor == on_cpu.index.k_factor
+    for k in (1, 5):
+        np.testing.assert_array_equal(loaded.search(q, k)[1], on_cpu.search(q, k)[1])
+    assert "keeping the" in caplog.text and "on CPU: the GPU clone failed" in caplog.text
+
+
+@pytest.mark.parametrize(("kind", "given"), CLONED_KINDS, ids=["flat", "ivfpq-sq8", "ivfpq", "ivf"])
+def test_gpu_clone_shards_over_every_gpu_in_fp16_and_keeps_search_parameters(
+    kind: str, given: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, built = _saved(tmp_path, kind, **given)
+    q = _unit_vectors(30, 64, 9)
+    params = {**built.params, "nprobe": 3} if kind != "flat" else {}
+    on_cpu = FaissIndex.load(path, kind, params, use_gpu=False)
+    gpu = FakeGpu(monkeypatch, gpus=2)
+    loaded = FaissIndex.load(path, kind, params)
+    assert loaded.on_gpu
+    [(devices, cloned, options)] = gpu.clones
+    assert devices == [0, 1] and options.shard and options.useFloat16
+    refine = isinstance(on_cpu.index, faiss.IndexRefine)
+    assert type(cloned).__name__ == ("IndexIVFPQ" if refine else type(on_cpu.index).__name__)
+    if kind == "flat":
+        assert gpu.parameters == []
+    else:  # the GPU index visits as many lists as the CPU one was told to
+        assert [(name, value) for _, name, value in gpu.parameters] == [("nprobe", 3)]
+    if refine:  # IVF-PQ on the GPUs, its refinement on CPU, the parts' owners kept alive
+        assert isinstance(loaded.index, faiss.IndexRefine) and loaded.index.k_factor == on_cpu.index.k_factor
+    else:
+        assert loaded.index is gpu.gpu_indexes[0]
+    np.testing.assert_array_equal(loaded.search(q, 5)[1], on_cpu.search(q, 5)[1])
+
+
 def test_ivfpq_defaults_follow_corpus_size_and_dim() -> None:
     small, large = default_params("ivfpq", 4858, 384), default_params("ivfpq", 21_000_000, 768)
     assert small["nlist"] * 39 <= 4858 and 2 ** small["nbits"] * 39 <= 4858

@@ -287,6 +287,123 @@ def test_health_is_503_until_loaded(demo_bm25_index: Path, free_port: Any) -> No
         thread.join(10)
 
 
+@pytest.mark.parametrize(
+    ("kind", "params"),
+    [("hnsw", {"M": 4, "efConstruction": 16, "efSearch": 1}), ("ivfpq", {})],  # both clearly approximate
+)
+def test_a_requests_hits_do_not_depend_on_its_micro_batch(
+    kind: str, params: dict[str, Any], wiki200_corpus: Path, wiki200_flat_index: Path, tmp_path: Path
+) -> None:
+    # HNSW's beam is max(efSearch, k) and IVF-PQ re-ranks k·k_factor candidates: searched with a batch
+    # neighbour's larger k, a request would get other (better) hits than alone.
+    shards = wiki200_flat_index / "embeddings"
+    build_index(
+        wiki200_corpus,
+        tmp_path,
+        index_type=kind,
+        index_params=params,
+        shards_dir=shards,
+        shard_size=64,
+        progress=False,
+    )
+    retriever = Retriever.load(plan_serving(ServeConfig(index_dir=tmp_path)))
+    questions = QUESTIONS[:30]
+    for question in questions:  # the same query alone, then sharing a batch with a topk-20 request
+        alone = retriever.process([([question], 3)])[0]
+        batched = retriever.process([([question], 3), ([question], 20)])
+        assert batched[0] == alone, question
+    mixed = retriever.process([(questions, 3), (questions[:5], 20), (["Genentech lobbyist"], 7)])
+    assert mixed[0] == retriever.process([(questions, 3)])[0]
+
+
+# ---- API key and request size --------------------------------------------------------------------------
+
+SECRET = "retriever-token-7f3a9c"
+
+
+def _bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.mark.parametrize("source", ["file", "environment"])
+def test_api_key_is_required_on_every_route(
+    source: str,
+    start_retriever: Any,
+    demo_bm25_index: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    flags: dict[str, Any] = {}
+    if source == "file":
+        (tmp_path / "key").write_text(f"  {SECRET}\n")
+        flags["api_key_file"] = tmp_path / "key"
+    else:
+        monkeypatch.setenv("AUTOREFINE_RETRIEVER_API_KEY", SECRET)  # inherited by the server process
+    with start_retriever(demo_bm25_index, wait=False, **flags) as (url, process):
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/health", headers=_bearer(SECRET)).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline and process.poll() is None
+            time.sleep(0.1)
+        body = {"queries": ["Shirley Temple"], "topk": 1}
+        for method, path in (("GET", "/health"), ("GET", "/stats"), ("POST", "/retrieve")):
+            missing = httpx.request(method, f"{url}{path}", json=body)
+            assert missing.status_code == 401 and missing.headers["www-authenticate"].startswith("Bearer")
+            assert "missing API key" in missing.json()["detail"]
+            assert "Authorization: Bearer <token>" in missing.json()["detail"]
+            for wrong in ("nope", SECRET + "x", SECRET[:-1]):
+                refused = httpx.request(method, f"{url}{path}", json=body, headers=_bearer(wrong))
+                assert refused.status_code == 401 and "wrong API key" in refused.json()["detail"]
+                assert wrong not in refused.text
+            answered = httpx.request(method, f"{url}{path}", json=body, headers=_bearer(SECRET))
+            assert answered.status_code == 200
+        assert httpx.get(f"{url}/health", headers=_bearer(SECRET)).json()["api_key_required"] is True
+        assert SECRET not in process.log_path.read_text("utf-8")
+
+
+def test_serving_beyond_loopback_without_a_key_warns(demo_bm25_index: Path, free_port: Any) -> None:
+    port = free_port()
+    command = serve_command(demo_bm25_index, port, ("--host", "0.0.0.0"))
+    with subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT) as process:
+        try:
+            assert process.stderr is not None
+            lines = []
+            while "Uvicorn running" not in "".join(lines):
+                line = process.stderr.readline()
+                assert line, "".join(lines)
+                lines.append(line)
+        finally:
+            process.terminate()
+    assert "serving on 0.0.0.0 without an API key" in "".join(lines)
+
+
+def test_request_body_over_the_limit_is_413(start_retriever: Any, demo_bm25_index: Path) -> None:
+    with start_retriever(demo_bm25_index, max_request_bytes=2000) as (url, _):
+        big = {"queries": ["Shirley Temple " * 20] * 8, "topk": 1}
+        response = _post(url, big)
+        assert response.status_code == 413
+        assert "exceeds --max-request-bytes 2000" in response.json()["detail"]
+        assert response.json()["detail"].startswith("request body of ")  # the declared Content-Length
+
+        def chunks() -> Iterator[bytes]:  # no Content-Length: counted while streaming
+            yield b'{"queries": ['
+            for _ in range(100):
+                yield b'"Shirley Temple actress",'
+            yield b'"x"]}'
+
+        streamed = httpx.post(
+            f"{url}/retrieve", content=chunks(), headers={"content-type": "application/json"}, timeout=30
+        )
+        assert streamed.status_code == 413
+        assert streamed.json()["detail"] == "request body exceeds --max-request-bytes 2000"
+        assert httpx.get(f"{url}/health").json()["max_request_bytes"] == 2000
+        _assert_serves(url)
+
+
 # ---- manifest checks: serve refuses a mismatched corpus or encoder -----------------------------------
 
 
@@ -431,6 +548,8 @@ def test_cli_help_lists_subcommands_and_options() -> None:
         "--batch-max-size",
         "--threads",
         "--verify-corpus-hash",
+        "--api-key-file",
+        "--max-request-bytes",
     ):
         assert option in serve.stdout
 
