@@ -10,9 +10,11 @@ Retriever fixtures (reusable by any test):
 - `start_retriever`: a function `start_retriever(index_dir, **flags)`, a context manager yielding
   `(url, process)`: a real `python -m retriever_server.cli serve` subprocess on a free 127.0.0.1 port,
   ready when entered, always terminated on exit. Flags map to CLI options (`batch_wait_ms=0` →
-  `--batch-wait-ms 0`, `verify_corpus_hash=True` → `--verify-corpus-hash`); `port=` fixes the port.
+  `--batch-wait-ms 0`, `verify_corpus_hash=True` → `--verify-corpus-hash`); `port=` fixes the port;
+  with `api_key_file=` the readiness poll sends that token.
 - `demo_bm25_server`: URL of one BM25 demo server shared by the whole session.
-- `synthetic_bm25_server`: URL of a BM25 server over the synthetic task corpus (session).
+- `synthetic_bm25_index`, `synthetic_bm25_server`: BM25 index of the synthetic task corpus, and the URL of a
+  server over it (session).
 - `start_searchr1_server`: a function `start_searchr1_server(corpus, **flags)`, a context manager yielding
   `(url, process)`: `python -m tests.searchr1_server` (the Search-R1 API only: `POST /retrieve`, no
   `/health`) on a free 127.0.0.1 port, ready when entered; flags `bare_documents`, `unquoted_titles`.
@@ -185,13 +187,19 @@ def demo_bm25_server(demo_bm25_index: Path) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def synthetic_bm25_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """URL of a BM25 server over the synthetic task's corpus (data/synthetic), shared by the session."""
+def synthetic_bm25_index(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """BM25 index of the synthetic task's corpus (data/synthetic)."""
     from retriever_server.build import build_index
 
     out = tmp_path_factory.mktemp("synthetic-bm25")
     build_index(SYNTHETIC_DIR / "corpus.jsonl", out, index_type="bm25", progress=False)
-    with launch_retriever(out) as (url, _):
+    return out
+
+
+@pytest.fixture(scope="session")
+def synthetic_bm25_server(synthetic_bm25_index: Path) -> Iterator[str]:
+    """URL of a BM25 server over the synthetic task's corpus, shared by the session."""
+    with launch_retriever(synthetic_bm25_index) as (url, _):
         yield url
 
 
