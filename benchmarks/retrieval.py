@@ -1,12 +1,26 @@
-"""Retrieval server benchmark: throughput and latency under concurrency, micro-batching on/off, recall.
+"""Retrieval benchmark: server throughput and latency, micro-batching, recall; client failover and start-up.
 
-    python benchmarks/retrieval.py [--duration 10] [--index-root runs/bench]
+    python benchmarks/retrieval.py [--sections throughput,failover,startup] [--duration 10]
+                                   [--index-root runs/bench] [--repeats 3] [--eval-questions 96]
 
-Builds (once, then reused) MiniLM flat / HNSW / IVF-PQ indexes of data/demo/corpus.jsonl under
---index-root, starts `retriever-server serve` as a subprocess with micro-batching on (5 ms) and off (0),
-and drives it with 1, 8 and 32 concurrent keep-alive clients sending 1-query or 64-query requests
+`throughput`: builds (once, then reused) MiniLM flat / HNSW / IVF-PQ indexes of data/demo/corpus.jsonl
+under --index-root, starts `retriever-server serve` as a subprocess with micro-batching on (5 ms) and off
+(0), and drives it with 1, 8 and 32 concurrent keep-alive clients sending 1-query or 64-query requests
 (HotpotQA dev questions, topk 3). The load generator is a minimal asyncio HTTP/1.1 client, so that on a
-small machine as little CPU as possible goes to the client. Prints a markdown report.
+small machine as little CPU as possible goes to the client.
+
+`failover`: two BM25 replicas of the synthetic corpus. How long the client takes to notice a replica that
+was killed (connection refused) or frozen (SIGSTOP: the kernel still accepts connections, nothing answers,
+so the request timeout decides), how long a replica restarted takes to be probed back into rotation, and
+`evaluate_benchmarks` (warm-start policy, greedy) against one replica, two, and two of which one is
+killed after the fourth search call: wall time, requests retried, and whether every question was answered
+identically.
+
+`startup`: `connect_retriever` against our server (`GET /health`) and against tests/searchr1_server.py,
+which speaks only `POST /retrieve` (404 on /health, then a one-query probe): time to connect to a running
+server, and how long after a freshly started server first answers the client reports it ready.
+
+Prints a markdown report per section.
 """
 
 from __future__ import annotations
@@ -16,8 +30,11 @@ import asyncio
 import json
 import os
 import platform
+import signal
+import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -30,12 +47,19 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from autorefine.retriever_process import free_port, running_retriever  # noqa: E402
+from autorefine.retriever_process import (  # noqa: E402
+    ensure_bm25_index,
+    free_port,
+    running_retriever,
+    serve_command,
+    stop,
+)
 from retriever_server.build import build_index  # noqa: E402
 from retriever_server.indexes import FaissIndex  # noqa: E402
 from retriever_server.manifest import read_manifest  # noqa: E402
 
 CORPUS = REPO / "data" / "demo" / "corpus.jsonl"
+SYNTHETIC = REPO / "data" / "synthetic"
 QUESTION_FILES = [
     REPO / "data" / "demo" / "hotpotqa_dev.jsonl",
     REPO / "data" / "demo" / "hotpotqa_train.jsonl",
@@ -235,9 +259,285 @@ def time_split(url: str, port: int, questions: list[str], n_requests: int) -> di
     }
 
 
+# --- failover and start-up: the client against replicas and against a server without /health --------------
+
+
+def _spawn(command: list[str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _wait_answering(url: str, timeout: float = 120.0, poll_s: float = 0.01) -> float:
+    """Poll `url` every `poll_s` until any HTTP answer to POST /retrieve; the monotonic time it came."""
+    deadline = time.monotonic() + timeout
+    body = {"queries": ["probe"], "topk": 1, "return_scores": True}
+    while time.monotonic() < deadline:
+        try:
+            if httpx.post(f"{url}/retrieve", json=body, timeout=2).status_code == 200:
+                return time.monotonic()
+        except httpx.TransportError:
+            pass
+        time.sleep(poll_s)
+    raise RuntimeError(f"{url} did not answer within {timeout} s")
+
+
+@contextmanager
+def replica(index: Path, port: int) -> Any:
+    """Our server on `port`; yields (url, process) once it answers."""
+    process = _spawn(serve_command(index, port))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_answering(url)
+        yield url, process
+    finally:
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGCONT)  # a frozen one must wake up to die gracefully
+        stop(process)
+
+
+def detection(index: Path, queries: list[str], mode: str, timeout_s: float) -> dict[str, float]:
+    """Kill or freeze the second of two replicas; time until the client marks it down, and that search."""
+    from autorefine.retrieval import RetrieverClient
+
+    with replica(index, free_port()) as (a, _), replica(index, free_port()) as (b, process):
+        client = RetrieverClient([a, b], timeout=timeout_s, probe_interval_s=3600)
+        for query in queries[:20]:  # warm both replicas (and their pooled connections)
+            client.search([query], topk=3)
+        normal = []
+        for query in queries[20:60]:
+            started = time.perf_counter()
+            client.search([query], topk=3)
+            normal.append(time.perf_counter() - started)
+        os.kill(process.pid, signal.SIGKILL if mode == "killed" else signal.SIGSTOP)
+        if mode == "killed":
+            process.wait()
+        started = time.monotonic()
+        calls = []
+        for query in queries[60:]:
+            call = time.perf_counter()
+            client.search([query], topk=3)
+            calls.append(time.perf_counter() - call)
+            if not client.replicas[1].healthy:
+                break
+        detected = (client.replicas[1].down_since or float("nan")) - started
+        retried = client.retried
+        client.close()
+    return {
+        "detect_s": detected,
+        "failing_call_s": calls[-1],
+        "normal_call_s": float(np.median(normal)),
+        "retried": retried,
+    }
+
+
+def probed_back(index: Path, queries: list[str], probe_interval_s: float) -> float:
+    """Seconds from a restarted replica answering again until the client has it back in rotation."""
+    from autorefine.retrieval import RetrieverClient
+
+    port = free_port()
+    with replica(index, free_port()) as (a, _):
+        with replica(index, port) as (b, _):
+            client = RetrieverClient([a, b], probe_interval_s=probe_interval_s)
+            client.search(queries[:2], topk=3)
+        while client.replicas[1].healthy:  # b is gone: the next searches find out
+            client.search(queries[:1], topk=3)
+        process = _spawn(serve_command(index, port))
+        try:
+            answering = _wait_answering(b)
+            while not client.replicas[1].healthy:
+                time.sleep(0.005)
+            back = time.monotonic() - answering
+        finally:
+            stop(process)
+            client.close()
+    return back
+
+
+def _policy_loop() -> Any:
+    """The synthetic warm-start policy in an agent loop with its training limits (no retriever yet)."""
+    from autorefine.modeling import load_policy, load_tokenizer
+    from autorefine.protocol import PromptTemplate
+    from autorefine.rollout import AgentLoop, RolloutConfig
+    from autorefine.rollout.hf_engine import TransformersEngine
+
+    model = load_policy(SYNTHETIC / "warmstart", dtype="float32").eval()
+    engine = TransformersEngine(model, load_tokenizer(SYNTHETIC / "warmstart"))
+    rollout = RolloutConfig(
+        max_turns=2, max_new_tokens=48, max_obs_tokens=160, max_completion_tokens=320, topk=3
+    )
+    return AgentLoop(engine, None, rollout, PromptTemplate.load(SYNTHETIC / "template.txt"))
+
+
+class KillAfter:
+    """A Searcher that kills `process` before its `n`-th search call."""
+
+    def __init__(self, client: Any, process: subprocess.Popen[bytes] | None, n: int) -> None:
+        self.client, self.process, self.n, self.calls = client, process, n, 0
+
+    def search(self, queries: list[str], topk: int = 3) -> Any:
+        self.calls += 1
+        if self.process is not None and self.calls == self.n:
+            self.process.kill()
+            self.process.wait()
+        return self.client.search(queries, topk)
+
+
+def evaluation_runs(index: Path, questions: int, repeats: int) -> list[dict[str, Any]]:
+    """`evaluate_benchmarks` with one replica, two, and two losing one mid-run; `repeats` rounds, interleaved."""
+    import tempfile
+
+    from autorefine.config import RetrieverSettings
+    from autorefine.evaluation.benchmark import PREDICTIONS_FILE, PredictionsFile, evaluate_benchmarks
+    from autorefine.retrieval import connect_retriever
+
+    loop = _policy_loop()
+    runs: list[dict[str, Any]] = []
+    with replica(index, free_port()) as (a, _):
+        for round_ in range(repeats):
+            for setup in ("one replica", "two replicas", "two, one killed mid-run"):
+                with replica(index, free_port()) as (b, process):
+                    urls = [a] if setup == "one replica" else [a, b]
+                    client = connect_retriever(RetrieverSettings(url=urls))
+                    loop.searcher = KillAfter(client, process if "killed" in setup else None, 4)
+                    with tempfile.TemporaryDirectory(prefix="failover-bench-") as tmp:
+                        started = time.perf_counter()
+                        metrics = evaluate_benchmarks(
+                            loop, {"synthetic": SYNTHETIC / "heldout.jsonl"}, Path(tmp),
+                            limit=questions, batch_size=8, progress=False,
+                        )  # fmt: skip
+                        seconds = time.perf_counter() - started
+                        rows = {
+                            k: v["prediction"]
+                            for k, v in PredictionsFile(Path(tmp) / PREDICTIONS_FILE).rows.items()
+                        }
+                    stats = client.stats()
+                    client.close()
+                runs.append(
+                    {"setup": setup, "round": round_, "seconds": seconds, "answered": metrics["datasets"]["synthetic"]["count"],
+                     "em": metrics["datasets"]["synthetic"]["em"], "retried": stats["retried"],
+                     "searches": loop.searcher.calls, "rows": rows}
+                )  # fmt: skip
+                print(
+                    f"failover eval {setup} round {round_}: {seconds:.1f} s, retried {stats['retried']}",
+                    file=sys.stderr,
+                )
+    return runs
+
+
+def failover_section(index: Path, questions: list[str], eval_questions: int, repeats: int) -> list[str]:
+    """Markdown lines: detection, probing back, and evaluation wall time with a replica lost."""
+    killed = [detection(index, questions, "killed", 60.0) for _ in range(repeats)]
+    frozen = detection(index, questions, "frozen", 2.0)
+    back = [probed_back(index, questions, 5.0) for _ in range(repeats)]
+    runs = evaluation_runs(index, eval_questions, repeats)
+    lines = [
+        "Failover: two BM25 replicas of the synthetic corpus (6,000 passages), one client, topk 3.",
+        "",
+        "| event | client setting | detected after | that search took | a normal search | retried |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for name, setting, rows in (("replica killed (connection refused)", "timeout_s 60", killed),
+                                ("replica frozen (SIGSTOP)", "timeout_s 2", [frozen])):  # fmt: skip
+        lines.append(
+            f"| {name} ({len(rows)}×) | {setting} | {1000 * np.median([r['detect_s'] for r in rows]):.1f} ms | "
+            f"{1000 * np.median([r['failing_call_s'] for r in rows]):.1f} ms | "
+            f"{1000 * np.median([r['normal_call_s'] for r in rows]):.1f} ms | "
+            f"{int(np.median([r['retried'] for r in rows]))} |"
+        )
+    lines += [
+        "",
+        f"- A restarted replica is back in rotation {np.median(back):.2f} s (median of {len(back)}; "
+        f"max {max(back):.2f} s) after it answers again, with the default probe_interval_s 5.",
+        "",
+        f"`evaluate_benchmarks`, greedy, warm-start policy, {eval_questions} held-out questions in batches of 8 "
+        f"({repeats} rounds, setups interleaved; the replica is killed before the 4th search call):",
+        "",
+        "| setup | wall s (median) | wall s (each round) | questions answered | EM | requests retried | "
+        "predictions = one replica's |",
+        "|---|---:|---|---:|---:|---:|---|",
+    ]
+    reference = [r for r in runs if r["setup"] == "one replica"]
+    for setup in ("one replica", "two replicas", "two, one killed mid-run"):
+        rows = [r for r in runs if r["setup"] == setup]
+        same = all(r["rows"] == reference[0]["rows"] for r in rows)
+        each = ", ".join(f"{r['seconds']:.2f}" for r in rows)
+        lines.append(
+            f"| {setup} | {np.median([r['seconds'] for r in rows]):.2f} | "
+            f"{each} | {rows[0]['answered']} | {rows[0]['em']:.1%} | "
+            f"{', '.join(str(r['retried']) for r in rows)} | {'yes' if same else 'NO'} |"
+        )
+    two = np.median([r["seconds"] for r in runs if r["setup"] == "two replicas"])
+    lost = np.median([r["seconds"] for r in runs if r["setup"] == "two, one killed mid-run"])
+    lines += [
+        "",
+        f"- Losing one of two replicas mid-run: {lost - two:+.2f} s of wall time ({lost / two:.3f}×).",
+    ]
+    return lines
+
+
+def startup_section(index: Path, repeats: int) -> list[str]:
+    """Markdown lines: `connect_retriever` with and without /health, warm and from a fresh server."""
+    from autorefine.config import RetrieverSettings
+    from autorefine.retrieval import connect_retriever
+
+    def searchr1_command(port: int) -> list[str]:
+        return [sys.executable, "-m", "tests.searchr1_server", "--corpus", str(SYNTHETIC / "corpus.jsonl"),
+                "--port", str(port)]  # fmt: skip
+
+    servers = {
+        "ours (GET /health)": lambda port: serve_command(index, port),
+        "Search-R1 API only (404 on /health, then POST /retrieve)": searchr1_command,
+    }
+    lines = [
+        "Start-up: `connect_retriever` against a running server (a new client, its readiness check, ready), and "
+        "against a server started at the same moment: when the server first answers `POST /retrieve` (a "
+        "separate loop polls every 10 ms) and when the client reports it ready (it polls every 0.5 s, the "
+        "default), both from the server's spawn.",
+        "",
+        f"| server | connect to a running server (median of 20) | fresh server: answers after (median of {repeats}) "
+        "| client reports ready after | checked with |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for name, command in servers.items():
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        answers, readies = [], []
+        for _ in range(repeats):
+            spawned = time.monotonic()
+            process = _spawn(command(port))
+            try:
+                with ThreadPoolExecutor(1) as pool:
+                    answered = pool.submit(_wait_answering, url)
+                    client = connect_retriever(RetrieverSettings(url=url, startup_wait_s=120))
+                    readies.append(time.monotonic() - spawned)
+                    answers.append(answered.result() - spawned)
+                checked = "GET /health" if client.replicas[0].has_health else "POST /retrieve"
+                client.close()
+                connects = []
+                for _ in range(20):
+                    started = time.perf_counter()
+                    connect_retriever(RetrieverSettings(url=url)).close()
+                    connects.append(time.perf_counter() - started)
+            finally:
+                stop(process)
+        lines.append(
+            f"| {name} | {1000 * np.median(connects):.1f} ms | {np.median(answers):.2f} s | "
+            f"{np.median(readies):.2f} s | {checked} |"
+        )
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--sections",
+        default="throughput,failover,startup",
+        help="comma-separated: throughput, failover, startup",
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="failover/startup repetitions (3)")
+    parser.add_argument(
+        "--eval-questions", type=int, default=96, help="questions per failover evaluation (96)"
     )
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of load per table cell (10)")
     parser.add_argument(
@@ -247,8 +547,30 @@ def main() -> None:
         "--threads", type=int, default=None, help="server --threads (default: available cores)"
     )
     args = parser.parse_args()
+    sections = {name.strip() for name in args.sections.split(",")}
+    unknown = sections - {"throughput", "failover", "startup"}
+    if unknown:
+        parser.error(f"unknown section(s): {', '.join(sorted(unknown))}")
 
     questions = _questions()
+    load_before = os.getloadavg()
+    if sections & {"failover", "startup"}:
+        synthetic = ensure_bm25_index(SYNTHETIC / "corpus.jsonl", args.index_root / "synthetic-bm25")
+        if "failover" in sections:
+            print("\n".join(failover_section(synthetic, questions, args.eval_questions, args.repeats)) + "\n")
+        if "startup" in sections:
+            print("\n".join(startup_section(synthetic, args.repeats)) + "\n")
+    if "throughput" in sections:
+        throughput_section(args, questions)
+    load_after = os.getloadavg()
+    print(
+        f"- load average (1/5/15 min) before: {'/'.join(f'{x:.2f}' for x in load_before)}, "
+        f"after: {'/'.join(f'{x:.2f}' for x in load_after)}; {os.cpu_count()} CPUs; Python {platform.python_version()}"
+    )
+
+
+def throughput_section(args: argparse.Namespace, questions: list[str]) -> None:
+    """The server under concurrent load, micro-batching on and off, and recall of approximate indexes."""
     dirs = build_indexes(args.index_root)
     from retriever_server.encoders import DenseEncoder, EncoderSpec
     from retriever_server.indexes import configure_threads
@@ -258,7 +580,6 @@ def main() -> None:
     alone = encoder_alone(encoder, questions)
     recall = recall_at_3(dirs, questions, encoder)
     del encoder
-    load_before = os.getloadavg()
     extra = {"threads": args.threads} if args.threads else {}
     rows = []
     split: dict[str, float] = {}
@@ -274,7 +595,6 @@ def main() -> None:
                         f"batching {label:10} clients {clients:2} q/req {per_request:2}: {cell}",
                         file=sys.stderr,
                     )
-    load_after = os.getloadavg()
 
     qps = {(label, c, q): cell["qps"] for label, c, q, cell in rows}
     print(
@@ -304,10 +624,6 @@ def main() -> None:
     )
     for kind in ("hnsw", "ivfpq"):
         print(f"  - {kind} parameters: {read_manifest(dirs[kind])['index']['params']}")
-    print(
-        f"- load average (1/5/15 min) before: {'/'.join(f'{x:.2f}' for x in load_before)}, "
-        f"after: {'/'.join(f'{x:.2f}' for x in load_after)}; {os.cpu_count()} CPUs; Python {platform.python_version()}"
-    )
 
 
 if __name__ == "__main__":
