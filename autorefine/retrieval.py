@@ -152,7 +152,7 @@ class RetrieverClient:
         self.probe_interval_s = probe_interval_s
         self.report_every_s = report_every_s
         self.retried = 0  # requests answered by another replica after one failed
-        self._has_api_key = api_key is not None
+        self._has_api_key = bool(api_key)
         self._jitter = random.Random()  # private, so retries never shift the training RNG
         self._lock = threading.Lock()
         self._cursor = 0
@@ -260,10 +260,12 @@ class RetrieverClient:
             )
             time.sleep(delay)
             tried.clear()
-        where = self.url if len(self.replicas) == 1 else f"every replica ({self.url})"
+        if len(self.replicas) == 1:
+            where, last = f"{self.url}{path}", problem.split(": ", 1)[-1]
+        else:
+            where, last = f"every replica ({self.url})", problem
         raise RetrieverUnavailableError(
-            f"retriever at {where}{path if len(self.replicas) == 1 else ''} unreachable after "
-            f"{self.max_retries + 1} attempts (last: {problem})"
+            f"retriever at {where} unreachable after {self.max_retries + 1} attempts (last: {last})"
         )
 
     def _post(self, replica: Replica, path: str, body: dict[str, Any]) -> Any:
@@ -310,6 +312,8 @@ class RetrieverClient:
             replica.healthy = False
             replica.down_since = time.monotonic()
             healthy = sum(r.healthy for r in self.replicas)
+        if len(self.replicas) == 1:
+            return  # a lone server is retried with backoff anyway; the retry warnings say so
         logger.warning(
             "retriever replica %s is down (%s); %d of %d replicas healthy",
             replica.url,
@@ -326,7 +330,8 @@ class RetrieverClient:
             replica.healthy = True
             down_for = time.monotonic() - (replica.down_since or time.monotonic())
             replica.down_since = None
-        logger.info("retriever replica %s is back (%s) after %.1f s down", replica.url, how, down_for)
+        if len(self.replicas) > 1:
+            logger.info("retriever replica %s is back (%s) after %.1f s down", replica.url, how, down_for)
 
     def _start_prober(self) -> None:
         with self._lock:
