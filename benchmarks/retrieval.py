@@ -1,7 +1,8 @@
 """Retrieval benchmark: server throughput and latency, micro-batching, recall; client failover and start-up.
 
-    python benchmarks/retrieval.py [--sections throughput,failover,startup] [--duration 10]
+    python benchmarks/retrieval.py [--sections throughput,failover,startup,overhead] [--duration 10]
                                    [--index-root runs/bench] [--repeats 3] [--eval-questions 96]
+                                   [--baseline OTHER_CHECKOUT]
 
 `throughput`: builds (once, then reused) MiniLM flat / HNSW / IVF-PQ indexes of data/demo/corpus.jsonl
 under --index-root, starts `retriever-server serve` as a subprocess with micro-batching on (5 ms) and off
@@ -19,6 +20,9 @@ identically.
 `startup`: `connect_retriever` against our server (`GET /health`) and against tests/searchr1_server.py,
 which speaks only `POST /retrieve` (404 on /health, then a one-query probe): time to connect to a running
 server, and how long after a freshly started server first answers the client reports it ready.
+
+`overhead`: the HTTP layer's per-request cost (BM25, batching off, one client, 1-query requests) with and
+without an API key, and, with `--baseline DIR`, served by another checkout's code, interleaved.
 
 Prints a markdown report per section.
 """
@@ -128,8 +132,9 @@ def server(index: Path, **flags: Any) -> Any:
 class RawClient:
     """One keep-alive HTTP/1.1 connection: POST a body, read a Content-Length response."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, token: str | None = None) -> None:
         self.port = port
+        self.auth = f"Authorization: Bearer {token}\r\n" if token else ""
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
@@ -139,7 +144,7 @@ class RawClient:
         assert self.reader is not None
         head = (
             f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n"
+            f"{self.auth}Content-Length: {len(body)}\r\n\r\n"
         )
         self.writer.write(head.encode() + body)
         await self.writer.drain()
@@ -157,7 +162,12 @@ class RawClient:
 
 
 async def _load(
-    port: int, clients: int, per_request: int, questions: list[str], duration: float
+    port: int,
+    clients: int,
+    per_request: int,
+    questions: list[str],
+    duration: float,
+    token: str | None = None,
 ) -> dict[str, float]:
     latencies: list[float] = []
     bodies = [
@@ -169,7 +179,7 @@ async def _load(
     deadline = time.perf_counter() + duration
 
     async def one_client(c: int) -> None:
-        client = RawClient(port)
+        client = RawClient(port, token)
         n = c
         try:
             while time.perf_counter() < deadline:
@@ -266,13 +276,16 @@ def _spawn(command: list[str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def _wait_answering(url: str, timeout: float = 120.0, poll_s: float = 0.01) -> float:
-    """Poll `url` every `poll_s` until any HTTP answer to POST /retrieve; the monotonic time it came."""
+def _wait_answering(
+    url: str, timeout: float = 120.0, poll_s: float = 0.01, token: str | None = None
+) -> float:
+    """Poll `url` every `poll_s` until POST /retrieve answers 200; the monotonic time it came."""
     deadline = time.monotonic() + timeout
     body = {"queries": ["probe"], "topk": 1, "return_scores": True}
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     while time.monotonic() < deadline:
         try:
-            if httpx.post(f"{url}/retrieve", json=body, timeout=2).status_code == 200:
+            if httpx.post(f"{url}/retrieve", json=body, timeout=2, headers=headers).status_code == 200:
                 return time.monotonic()
         except httpx.TransportError:
             pass
@@ -538,14 +551,70 @@ def startup_section(index: Path, repeats: int) -> list[str]:
     return lines
 
 
+def overhead_section(
+    index: Path, questions: list[str], duration: float, rounds: int, baseline: Path | None
+) -> list[str]:
+    """Markdown lines: per-request cost of the HTTP layer, BM25, batching off, one client, 1-query requests."""
+    import tempfile
+
+    token = "benchmark-token-0123456789abcdef"
+    setups: list[tuple[str, Path, str | None]] = [
+        ("this checkout", REPO, None),
+        ("this checkout, API key", REPO, token),
+    ]
+    if baseline is not None:
+        setups.insert(0, (f"baseline checkout ({baseline.name})", baseline, None))
+    cells: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in setups}
+    with tempfile.TemporaryDirectory(prefix="overhead-bench-") as tmp:
+        key_file = Path(tmp) / "key"
+        key_file.write_text(token)
+        for round_ in range(rounds):
+            for name, source, key in setups[round_ % len(setups) :] + setups[: round_ % len(setups)]:
+                port = free_port()
+                extra = ("--batch-wait-ms", "0", *(("--api-key-file", str(key_file)) if key else ()))
+                process = subprocess.Popen(
+                    serve_command(index, port, extra), cwd=source, env={**os.environ, "PYTHONPATH": str(source)},
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                )  # fmt: skip
+                try:
+                    _wait_answering(f"http://127.0.0.1:{port}", token=key)
+                    asyncio.run(_load(port, 1, 1, questions, 1.0, key))  # warm-up
+                    cells[name].append(asyncio.run(_load(port, 1, 1, questions, duration, key)))
+                finally:
+                    stop(process)
+                print(f"overhead {name}: {cells[name][-1]}", file=sys.stderr)
+    lines = [
+        f"Per-request overhead: BM25 over the synthetic corpus, `--batch-wait-ms 0`, one keep-alive client sending "
+        f"1-query requests for {duration:.0f} s after a 1 s warm-up; {rounds} rounds, setups interleaved and "
+        "rotated (each round starts with the next one).",
+        "",
+        "| server | requests/s (median) | each round | p50 ms (median) |",
+        "|---|---:|---|---:|",
+    ]
+    for name, _, _ in setups:
+        rows = cells[name]
+        each = ", ".join(f"{c['qps']:.1f}" for c in rows)
+        lines.append(
+            f"| {name} | {np.median([c['qps'] for c in rows]):.1f} | {each} | "
+            f"{np.median([c['p50_ms'] for c in rows]):.2f} |"
+        )
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
         "--sections",
-        default="throughput,failover,startup",
-        help="comma-separated: throughput, failover, startup",
+        default="throughput,failover,startup,overhead",
+        help="comma-separated: throughput, failover, startup, overhead",
+    )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="overhead: also serve with the retriever_server of this other checkout (e.g. `git archive main`)",
     )
     parser.add_argument("--repeats", type=int, default=3, help="failover/startup repetitions (3)")
     parser.add_argument(
@@ -560,14 +629,19 @@ def main() -> None:
     )
     args = parser.parse_args()
     sections = {name.strip() for name in args.sections.split(",")}
-    unknown = sections - {"throughput", "failover", "startup"}
+    unknown = sections - {"throughput", "failover", "startup", "overhead"}
     if unknown:
         parser.error(f"unknown section(s): {', '.join(sorted(unknown))}")
 
     questions = _questions()
     load_before = os.getloadavg()
-    if sections & {"failover", "startup"}:
+    if sections & {"failover", "startup", "overhead"}:
         synthetic = ensure_bm25_index(SYNTHETIC / "corpus.jsonl", args.index_root / "synthetic-bm25")
+        if "overhead" in sections:
+            print(
+                "\n".join(overhead_section(synthetic, questions, args.duration, args.repeats, args.baseline))
+                + "\n"
+            )
         if "failover" in sections:
             print("\n".join(failover_section(synthetic, questions, args.eval_questions, args.repeats)) + "\n")
         if "startup" in sections:

@@ -243,9 +243,11 @@ def parse_retrieve_body(body: bytes, content_type: str, config: ServeConfig) -> 
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, or ApiError 413 as soon as it is known to exceed `limit` bytes (never read whole)."""
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"request body of {declared} bytes exceeds --max-request-bytes {limit}")
-    chunks: list[bytes] = []
+    if declared.isdigit():
+        if int(declared) > limit:
+            raise ApiError(413, f"request body of {declared} bytes exceeds --max-request-bytes {limit}")
+        return await request.body()  # uvicorn never hands over more than the declared length
+    chunks: list[bytes] = []  # chunked: counted as it arrives
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
@@ -314,9 +316,8 @@ def create_app(
     async def require_api_key(
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)],
     ) -> None:
-        """401 unless the request carries the server's token (when it has one); the token is never echoed."""
-        if config.api_key is None:
-            return
+        """401 unless the request carries the server's token; the token is never echoed."""
+        assert config.api_key is not None
         if credentials is None:
             raise StarletteHTTPException(
                 401,
@@ -331,7 +332,9 @@ def create_app(
                 headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
             )
 
-    app = FastAPI(title="retriever-server", lifespan=lifespan, dependencies=[Depends(require_api_key)])
+    # Without a key there is nothing to check: no dependency, so no per-request cost.
+    guards = [Depends(require_api_key)] if config.api_key is not None else []
+    app = FastAPI(title="retriever-server", lifespan=lifespan, dependencies=guards)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
