@@ -139,6 +139,9 @@ def test_api_key_never_reaches_logs_run_config_or_wandb(
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
     (tmp_path / "wandb").mkdir()
+    import wandb
+
+    wandb.teardown()  # wandb reads WANDB_DIR once per process: an earlier test may have set it up already
     caplog.set_level(logging.DEBUG)
     with start_retriever(synthetic_bm25_index, api_key_file=key_file) as (url, process):
         run = tmp_path / "run"
