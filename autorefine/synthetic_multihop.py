@@ -1,6 +1,7 @@
 """A multi-hop synthetic task: made-up people work for made-up companies, and companies have home cities.
 
-Three kinds of question, each carrying its gold evidence (`metadata.evidence`) and its hop count:
+Three kinds of question, each carrying its gold evidence (`metadata.evidence`), its hop count (`hops`) and its
+kind (`kind`: employer, city, two_hop):
 
 - "Which company does X work for?"                            one hop: X's passage
 - "What is the home city of C?"                               one hop: C's passage
@@ -22,11 +23,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from autorefine import protocol
-from autorefine.data import Evidence, Question, read_questions
-from autorefine.retrieval import Document
+from autorefine.data import Evidence, Question
 from autorefine.synthetic import made_up_cities, made_up_names, made_up_word
-from autorefine.training.traces import TracePlan, gold_turn
+from autorefine.training.traces import TracePlan
 
 if TYPE_CHECKING:
     from autorefine.process_score import TrajectoryScores
@@ -38,19 +37,6 @@ TEMPLATE = "Search, then answer.\nQuestion: {question}\n"
 
 _COMPANY_SUFFIXES = ["Forge", "Mills", "Foundry", "Traders", "Group", "Labs", "Motors", "Textiles"]
 _PRODUCTS = ["bricks", "ropes", "lamps", "boats", "clocks", "paper", "glass", "soap", "tools", "carpets"]
-_OCCUPATIONS = [
-    "baker",
-    "pilot",
-    "weaver",
-    "mason",
-    "painter",
-    "farmer",
-    "sailor",
-    "tailor",
-    "miner",
-    "potter",
-]
-_HOBBIES = ["chess", "rowing", "archery", "gardening", "singing", "fishing", "hiking", "knitting"]
 
 
 @dataclass(frozen=True)
@@ -70,9 +56,7 @@ class Employee:
     name: str
     company: str
     city: str
-    occupation: str
     born: int
-    hobby: str
 
 
 @dataclass(frozen=True)
@@ -99,24 +83,15 @@ def make_world(
     for name in made_up_names(num_people, num_first_names, rng):
         company = rng.choice(companies)
         home = rng.choice([city for city in cities if city != company.city])
-        people.append(
-            Employee(
-                name,
-                company.name,
-                home,
-                rng.choice(_OCCUPATIONS),
-                rng.randint(1900, 1999),
-                rng.choice(_HOBBIES),
-            )
-        )
+        people.append(Employee(name, company.name, home, rng.randint(1900, 1999)))
     return World({c.name: c for c in companies}, {p.name: p for p in people})
 
 
 def company_passages(company: Company) -> list[str]:
     """FlashRAG `contents` of a company's passages: the fact, and a distractor without it."""
     return [
-        f'"{company.name}"\n{company.name} makes {company.product}. {city_evidence(company).text}',
-        f'"{company.name}"\n{company.name} was founded in {company.founded} and sells {company.product}.',
+        f'"{company.name}"\n{city_evidence(company).text}',
+        f'"{company.name}"\n{company.name} was founded in {company.founded} and makes {company.product}.',
     ]
 
 
@@ -124,15 +99,13 @@ def person_passages(person: Employee) -> list[str]:
     """FlashRAG `contents` of a person's passages: the fact (employer and own city), and a distractor."""
     return [
         f'"{person.name}"\n{home_evidence(person).text} {employer_evidence(person).text}',
-        f'"{person.name}"\n{person.name} was born in {person.born} and likes {person.hobby}.',
+        f'"{person.name}"\n{person.name} was born in {person.born}.',
     ]
 
 
 def home_evidence(person: Employee) -> Evidence:
     """The fact naming the city a person lives in: never evidence for a question, only a tempting answer."""
-    return Evidence(
-        person.name, f"{person.name} is a {person.occupation} who lives in {person.city}.", person.city
-    )
+    return Evidence(person.name, f"{person.name} lives in {person.city}.", person.city)
 
 
 def employer_evidence(person: Employee) -> Evidence:
@@ -145,25 +118,28 @@ def city_evidence(company: Company) -> Evidence:
     return Evidence(company.name, f"The home city of {company.name} is {company.city}.", company.city)
 
 
-def _row(qid: str, question: str, answer: str, evidence: list[Evidence]) -> dict:
-    metadata = {"hops": len(evidence), "evidence": [item.to_dict() for item in evidence]}
+KINDS = ("employer", "city", "two_hop")
+
+
+def _row(qid: str, kind: str, question: str, answer: str, evidence: list[Evidence]) -> dict:
+    metadata = {"hops": len(evidence), "kind": kind, "evidence": [item.to_dict() for item in evidence]}
     return {"id": qid, "question": question, "golden_answers": [answer], "metadata": metadata}
 
 
 def person_question(qid: str, person: Employee, world: World, two_hop: bool) -> dict:
     """The employer question about `person`, or the two-hop question through their company."""
     if not two_hop:
-        return _row(
-            qid, EMPLOYER_QUESTION.format(person=person.name), person.company, [employer_evidence(person)]
-        )
+        question = EMPLOYER_QUESTION.format(person=person.name)
+        return _row(qid, "employer", question, person.company, [employer_evidence(person)])
     company = world.companies[person.company]
     evidence = [employer_evidence(person), city_evidence(company)]
-    return _row(qid, TWO_HOP_QUESTION.format(person=person.name), company.city, evidence)
+    return _row(qid, "two_hop", TWO_HOP_QUESTION.format(person=person.name), company.city, evidence)
 
 
 def company_question(qid: str, company: Company) -> dict:
     """The home-city question about `company`."""
-    return _row(qid, CITY_QUESTION.format(company=company.name), company.city, [city_evidence(company)])
+    question = CITY_QUESTION.format(company=company.name)
+    return _row(qid, "city", question, company.city, [city_evidence(company)])
 
 
 def write_multihop_task(
@@ -233,65 +209,32 @@ def question_entities(question: Question) -> set[str]:
     return {item["title"] for item in items} | {item["answer"] for item in items[:-1]}
 
 
-def gold_documents(question: Question, world: World) -> list[str]:
-    """The documents block each gold search returns when retrieval is perfect: the item's entity passages."""
-    blocks = []
-    for item in question.metadata["evidence"]:
-        entity = item["title"]
-        texts = (
-            company_passages(world.companies[entity])
-            if entity in world.companies
-            else person_passages(world.people[entity])
-        )
-        blocks.append(protocol.format_documents([Document("", text) for text in texts]))
-    return blocks
-
-
-def tokenizer_training_text(task_dir: Path) -> list[str]:
-    """Texts a tokenizer for this task must encode compactly: passages, prompts and gold turns."""
-    template = (task_dir / "template.txt").read_text(encoding="utf-8")
-    world = load_world(task_dir)
-    texts = [
-        json.loads(line)["contents"] for line in (task_dir / "corpus.jsonl").read_text("utf-8").splitlines()
-    ]
-    for split in ("train", "heldout"):
-        for question in read_questions(task_dir / f"{split}.jsonl"):
-            texts.append(template.format(question=question.question, topk=3))
-            completion = ""
-            for documents in [*gold_documents(question, world), None]:
-                completion += gold_turn(question, completion)
-                if documents is not None:
-                    completion += protocol.DOCUMENTS_OPEN + documents + protocol.DOCUMENTS_CLOSE
-            texts.append(completion)
-    texts += [protocol.DOCUMENTS_OPEN, protocol.DOCUMENTS_CLOSE, protocol.CORRECTION_MESSAGE]
-    texts += [f"Doc {i}(Title: x) y" for i in range(1, 6)]
-    return texts
-
-
 def warmstart_plans(
     questions: list[Question],
     world: World,
     *,
-    repeat_fraction: float,
     early_fraction: float,
+    repeat_fraction: dict[str, float],
     seed: int = 0,
 ) -> dict[str, TracePlan]:
     """Imperfect trace plans for a warm start that leaves IP-DPO room to improve.
 
     With probability `early_fraction` a two-hop question is answered after its first hop: the trace refines
-    the sentence saying where the person lives and answers that city (wrong). Otherwise, with probability
-    `repeat_fraction`, any question repeats its last search before the correct answer. Questions without a
-    plan get gold traces.
+    the sentence saying where the person lives and answers that city (wrong). Otherwise a question repeats
+    its last search before the correct answer with the probability `repeat_fraction` gives its kind
+    ("employer", "city", "two_hop"). Questions without a plan get gold traces.
     """
+    if unknown := set(repeat_fraction) - set(KINDS):
+        raise ValueError(f"repeat_fraction has unknown question kinds {sorted(unknown)} (kinds: {KINDS})")
     rng = random.Random(seed)
     plans = {}
     for question in questions:
         gold = TracePlan.gold(question)
-        draw = rng.random()
-        if len(gold.searches) == 2 and draw < early_fraction:
+        kind = question.metadata["kind"]
+        if kind == "two_hop" and rng.random() < early_fraction:
             home = home_evidence(world.people[gold.searches[0].title])
             plans[question.id] = TracePlan((home,), home.answer)
-        elif rng.random() < repeat_fraction:
+        elif rng.random() < repeat_fraction.get(kind, 0.0):
             plans[question.id] = TracePlan((*gold.searches, gold.searches[-1]), gold.answer)
     return plans
 
@@ -303,12 +246,12 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def hop_report(
-    questions: Sequence[Question], scores: Sequence[TrajectoryScores]
+    questions: Sequence[Question], scores: Sequence[TrajectoryScores], key: str = "hops"
 ) -> dict[str, dict[str, float]]:
-    """Mean EM, F1, searches, model tokens and process score per hop count ("1", "2") and over all ("all")."""
+    """Mean EM, F1, searches, model tokens, process and format scores per `metadata[key]` value and over all."""
     groups: dict[str, list[TrajectoryScores]] = {"all": list(scores)}
     for question, score in zip(questions, scores, strict=True):
-        groups.setdefault(str(question.metadata.get("hops", "?")), []).append(score)
+        groups.setdefault(str(question.metadata.get(key, "?")), []).append(score)
     report = {}
     for name in sorted(groups):
         group = groups[name]

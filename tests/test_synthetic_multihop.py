@@ -16,16 +16,14 @@ from autorefine.protocol import PromptTemplate
 from autorefine.retrieval import RetrieverClient
 from autorefine.rollout import AgentLoop, FinishReason, SamplingParams
 from autorefine.rollout.hf_engine import TransformersEngine
-from autorefine.synthetic import train_tokenizer
 from autorefine.synthetic_multihop import (
     hop_report,
     load_world,
-    tokenizer_training_text,
     warmstart_plans,
     write_multihop_task,
 )
 from autorefine.training.traces import TracePlan, build_gold_traces, planned_turns
-from tests.paths import MULTIHOP_DIR, REPO_ROOT
+from tests.paths import MULTIHOP_DIR, REPO_ROOT, SYNTHETIC_DIR
 
 PRESET = REPO_ROOT / "configs" / "sft" / "multihop-warmstart.yaml"
 WARMSTART = MULTIHOP_DIR / "warmstart"
@@ -59,6 +57,7 @@ def test_every_evidence_chain_is_in_the_corpus_and_links_to_the_answer():
     for question in TRAIN + HELDOUT:
         items = question_evidence(question)
         assert question.metadata["hops"] == len(items) in (1, 2)
+        assert (question.metadata["kind"] == "two_hop") == (len(items) == 2)
         assert items[-1].answer == question.golden_answers[0]
         if len(items) == 2:
             assert items[0].answer == items[1].title  # the bridge: the company the first fact names
@@ -83,10 +82,11 @@ def test_the_shipped_task_is_what_the_generator_writes(tmp_path):
     for name in ("corpus.jsonl", "train.jsonl", "heldout.jsonl", "entities.jsonl", "template.txt"):
         assert (tmp_path / name).read_bytes() == (MULTIHOP_DIR / name).read_bytes(), name
     assert json.loads((MULTIHOP_DIR / "task.json").read_text()) == {"seed": 0, **counts, "vocab": 1034}
-    tokenizer = train_tokenizer(tmp_path, texts=tokenizer_training_text(tmp_path))
-    shipped = load_tokenizer(MULTIHOP_DIR / "tokenizer")
-    sample = HELDOUT[0].question + " <search> x </search> Doc 1(Title: y)"
-    assert tokenizer.encode(sample) == shipped.encode(sample)
+    # The one-hop tokenizer, shared so that the warm start can start from the one-hop policy.
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (MULTIHOP_DIR / "tokenizer" / name).read_bytes() == (
+            SYNTHETIC_DIR / "tokenizer" / name
+        ).read_bytes()
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +130,7 @@ def test_gold_traces_search_each_evidence_title_once(client):
 
 def test_planned_traces_repeat_a_search_or_answer_early(client):
     two_hop = [q for q in HELDOUT if q.metadata["hops"] == 2][:20]
-    plans = warmstart_plans(two_hop, WORLD, repeat_fraction=0.5, early_fraction=0.5, seed=3)
+    plans = warmstart_plans(two_hop, WORLD, early_fraction=0.5, repeat_fraction={"two_hop": 0.5}, seed=3)
     kinds = {
         q.id: "gold" if q.id not in plans else "early" if len(plans[q.id].searches) == 1 else "repeat"
         for q in two_hop
@@ -158,6 +158,8 @@ def test_planned_traces_repeat_a_search_or_answer_early(client):
             assert score.process == pytest.approx(1.0)
     with pytest.raises(ValueError, match="at least one search"):
         TracePlan((), "x")
+    with pytest.raises(ValueError, match=r"unknown question kinds \['three_hop'\]"):
+        warmstart_plans(two_hop, WORLD, early_fraction=0.0, repeat_fraction={"three_hop": 1.0})
 
 
 def test_warm_start_checkpoint_is_small_and_records_how_it_was_made():
@@ -165,7 +167,8 @@ def test_warm_start_checkpoint_is_small_and_records_how_it_was_made():
     assert sizes["model.safetensors"] < 6_000_000
     report = json.loads((WARMSTART / "heldout_report.json").read_text())
     assert set(report["traces"]) == {"gold_1hop", "repeat_1hop", "gold_2hop", "repeat_2hop", "early_2hop"}
-    assert set(report["greedy"]) == {"1", "2", "all"}
+    assert set(report["greedy"]["hops"]) == {"1", "2", "all"}
+    assert set(report["greedy"]["kind"]) == {"employer", "city", "two_hop", "all"}
 
 
 @pytest.mark.slow
@@ -175,10 +178,11 @@ def test_warm_start_answers_heldout_questions_and_searches_more_for_two_hops(cli
     engine = TransformersEngine(model, load_tokenizer(WARMSTART))
     loop = AgentLoop(engine, client, config().rollout, PromptTemplate.load(MULTIHOP_DIR / "template.txt"))
     trajectories = loop.run([q.question for q in HELDOUT], SamplingParams(temperature=0.0))
-    report = hop_report(HELDOUT, score_trajectories(trajectories, HELDOUT, LexicalMatcher()))
+    scores = score_trajectories(trajectories, HELDOUT, LexicalMatcher())
+    report = hop_report(HELDOUT, scores)
     assert report["all"]["em"] >= 0.3
     assert report["2"]["em"] < 0.9  # room for IP-DPO
     assert report["2"]["searches"] > report["1"]["searches"] >= 1.0
     # The same numbers as the report shipped with the policy (greedy decoding is deterministic).
-    shipped = json.loads((WARMSTART / "heldout_report.json").read_text())["greedy"]
+    shipped = json.loads((WARMSTART / "heldout_report.json").read_text())["greedy"]["hops"]
     assert report["all"]["em"] == pytest.approx(shipped["all"]["em"], abs=0.02)
