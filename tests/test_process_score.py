@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -28,7 +30,7 @@ from autorefine.process_score import (
 from autorefine.retrieval import RetrieverClient
 from autorefine.rollout import AgentLoop, RolloutConfig, SamplingParams
 from autorefine.rollout.trajectory import Trajectory
-from tests.paths import QWEN_TOKENIZER
+from tests.paths import QWEN_TOKENIZER, REPO_ROOT
 from tests.scripted import ScriptedEngine, Turn
 
 EMPLOYER = Evidence("Ada Lovelace", "Ada Lovelace works for Babbage Engines.", "Babbage Engines")
@@ -285,3 +287,9 @@ def test_embedding_matcher_orders_the_table_like_the_lexical_one_in_one_encoder_
         > scores["full", "no_refine"].process
         > scores["bare", "no_refine"].process
     )
+
+
+def test_importing_the_process_score_loads_no_torch():
+    code = "import sys, autorefine.process_score; assert 'torch' not in sys.modules, 'torch imported'"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr
