@@ -4,9 +4,10 @@
     python scripts/make_warmstart.py --task multihop [--seed 0] [--out data/synthetic_multihop/warmstart]
 
 Builds a BM25 index over the task's corpus, serves it on a free loopback port, runs the task's SFT preset
-(`configs/sft/synthetic-warmstart.yaml` or `configs/sft/multihop-warmstart.yaml`: SFT until held-out EM
-reaches its target), and copies the final policy and tokenizer (no optimizer state, a few MB) to `--out`.
-CI tests and the learning benchmarks start from these policies.
+(`configs/sft/synthetic-warmstart.yaml`: from scratch until held-out EM reaches its target;
+`configs/sft/multihop-warmstart.yaml`: 700 steps from the one-hop policy), and copies the final policy and
+tokenizer (no optimizer state, a few MB) to `--out`. CI tests and the learning benchmarks start from these
+policies.
 
 For `multihop`, the traces are written first (`traces.jsonl` in the work folder) from imperfect plans
 (`autorefine.synthetic_multihop.warmstart_plans`): some repeat their last search, some two-hop questions are
