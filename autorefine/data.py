@@ -1,6 +1,12 @@
-"""Question files in FlashRAG format (`{"id", "question", "golden_answers"}`), and the training mix.
+"""Question files in FlashRAG format (`{"id", "question", "golden_answers", "metadata"}`), and the training mix.
 
 Every reader here fails on bad input with the file, the line and the id, rather than training on it.
+
+A row may carry gold evidence in `metadata.evidence`: a list of `{"title", "text", "answer"?}` items, the
+passages or facts a complete solution needs (the process score of IP-DPO matches trajectories against them).
+Readers that know a dataset's own layout fill it in: HotpotQA and 2WikiMultihopQA supporting facts, MuSiQue
+question decompositions; NQ, TriviaQA and PopQA have none (an empty list). A row without evidence is scored
+with the no-evidence fallback (F1 / searches, see `autorefine.process_score`).
 """
 
 from __future__ import annotations
@@ -24,6 +30,20 @@ class DataError(ValueError):
 
 
 @dataclass(frozen=True)
+class Evidence:
+    """One gold evidence item: a passage (or the sentences of it that matter) and, optionally, what it answers."""
+
+    title: str
+    text: str
+    answer: str | None = None  # e.g. a MuSiQue sub-answer, or the bridge entity of a two-hop question
+
+    def to_dict(self) -> dict[str, str]:
+        """The JSON form stored in `metadata.evidence` (no `answer` key when there is none)."""
+        row = {"title": self.title, "text": self.text}
+        return row if self.answer is None else {**row, "answer": self.answer}
+
+
+@dataclass(frozen=True)
 class Question:
     """One QA example."""
 
@@ -40,8 +60,12 @@ class Question:
         return row
 
 
-def parse_question(raw: Any, where: str) -> Question:
-    """Validate one decoded row; `where` (file:line) goes into every error message."""
+def parse_question(raw: Any, where: str, source: str | None = None) -> Question:
+    """Validate one decoded row; `where` (file:line) goes into every error message.
+
+    With a known `source` dataset (see `source_evidence`) and no `metadata.evidence` yet, the evidence is
+    built from the source's own metadata layout.
+    """
     if not isinstance(raw, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(raw).__name__}")
     qid = raw.get("id")
@@ -58,12 +82,168 @@ def parse_question(raw: Any, where: str) -> Question:
         raise DataError(f"{label}: row has no gold answers ('golden_answers' must be a non-empty list)")
     if not all(isinstance(a, str) and a.strip() for a in answers):
         raise DataError(f"{label}: every gold answer must be a non-empty string, got {answers!r}")
-    metadata = raw.get("metadata") if isinstance(raw.get("metadata"), dict) else {}
+    metadata = raw.get("metadata")
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict):
+        raise DataError(f"{label}: 'metadata' must be an object, got {type(metadata).__name__}")
+    if "evidence" in metadata:
+        _check_evidence(metadata["evidence"], label)
+    elif source is not None and (evidence := source_evidence(source, metadata, label)) is not None:
+        metadata = {**metadata, "evidence": evidence}
     return Question(str(qid), question, list(answers), metadata)
 
 
-def iter_questions(path: str | Path) -> Iterator[Question]:
-    """Stream a JSONL question file, checking every line and rejecting duplicate ids."""
+_EVIDENCE_KEYS = {"title", "text", "answer"}
+
+
+def _check_evidence(evidence: Any, label: str) -> None:
+    if not isinstance(evidence, list):
+        raise DataError(f"{label}: 'metadata.evidence' must be a list, got {type(evidence).__name__}")
+    for i, item in enumerate(evidence):
+        where = f"{label}: metadata.evidence[{i}]"
+        if not isinstance(item, dict):
+            raise DataError(f"{where} must be an object with 'title' and 'text', got {type(item).__name__}")
+        if unknown := sorted(set(item) - _EVIDENCE_KEYS):
+            raise DataError(f"{where} has unknown keys {unknown} (allowed: title, text, answer)")
+        if not isinstance(item.get("title"), str):
+            raise DataError(f"{where}: 'title' must be a string, got {item.get('title')!r}")
+        if not isinstance(item.get("text"), str) or not item["text"].strip():
+            raise DataError(f"{where}: 'text' must be a non-empty string, got {item.get('text')!r}")
+        if item.get("answer") is not None and not isinstance(item["answer"], str):
+            raise DataError(f"{where}: 'answer' must be a string or null, got {item['answer']!r}")
+
+
+def question_evidence(question: Question) -> list[Evidence]:
+    """The gold evidence of a question (validated when it was read); [] when it has none."""
+    return [
+        Evidence(item["title"], item["text"], item.get("answer"))
+        for item in question.metadata.get("evidence") or []
+    ]
+
+
+# Evidence from each source's own metadata layout. FlashRAG keeps the original fields in `metadata`, column-wise
+# where it converted from a Hugging Face dataset (`{"title": [...], "sent_id": [...]}`) and row-wise where it
+# copied the original JSON (`[[title, sent_id], ...]`, `[{"idx": ..., ...}, ...]`); both are read.
+NO_EVIDENCE_SOURCES = ("nq", "triviaqa", "popqa")
+
+
+def _records(value: Any, name: str, keys: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Rows of `value`, given as a list of objects, a list of tuples in `keys` order, or columns of equal length."""
+    if isinstance(value, dict):
+        present = [key for key in value if key in keys]
+        columns = [value[key] for key in present]
+        if not present or not all(isinstance(c, list) for c in columns) or len({len(c) for c in columns}) > 1:
+            raise ValueError(f"'{name}' columns {list(keys)} must be lists of equal length")
+        return [dict(zip(present, row, strict=True)) for row in zip(*columns, strict=True)]
+    if not isinstance(value, list):
+        raise ValueError(f"'{name}' must be a list or an object of columns, got {type(value).__name__}")
+    rows = []
+    for item in value:
+        if isinstance(item, dict):
+            rows.append(item)
+        elif isinstance(item, list | tuple) and len(item) >= 2:
+            rows.append(dict(zip(keys, item, strict=False)))
+        else:
+            raise ValueError(
+                f"'{name}' has an entry that is neither an object nor a {list(keys)} list: {item!r}"
+            )
+    return rows
+
+
+def supporting_facts_evidence(metadata: dict[str, Any]) -> list[Evidence]:
+    """HotpotQA / 2WikiMultihopQA: one item per supporting title, its supporting sentences in source order.
+
+    Sentence ids past a paragraph's end (a known quirk of a few HotpotQA rows) and titles missing from the
+    row's `context` are left out. A 2Wiki evidence triple whose subject is the title gives the item's answer.
+    """
+    facts = metadata.get("supporting_facts")
+    if facts is None:
+        return []
+    context: dict[str, list[str]] = {}
+    # HotpotQA names a paragraph's sentences `sentences`, 2Wiki `content`.
+    for row in _records(metadata.get("context") or [], "context", ("title", "sentences", "content")):
+        sentences = row.get("sentences", row.get("content"))
+        if not isinstance(row.get("title"), str) or not isinstance(sentences, list):
+            raise ValueError(f"'context' entry is not a title with a list of sentences: {row!r}")
+        context.setdefault(row["title"], [str(sentence) for sentence in sentences])
+    chosen: dict[str, list[int]] = {}
+    for fact in _records(facts, "supporting_facts", ("title", "sent_id")):
+        title, sent_id = fact.get("title"), fact.get("sent_id")
+        if not isinstance(title, str) or not isinstance(sent_id, int) or isinstance(sent_id, bool):
+            raise ValueError(f"'supporting_facts' entry is not a (title, sentence id) pair: {fact!r}")
+        ids = chosen.setdefault(title, [])
+        if sent_id not in ids:
+            ids.append(sent_id)
+    answers = {}
+    for triple in metadata.get("evidences") or []:
+        if isinstance(triple, list | tuple) and len(triple) == 3 and all(isinstance(t, str) for t in triple):
+            answers.setdefault(triple[0].strip().lower(), triple[2])
+    out = []
+    for title, ids in chosen.items():
+        sentences = context.get(title, [])
+        text = " ".join(sentences[i].strip() for i in sorted(ids) if 0 <= i < len(sentences)).strip()
+        if text:
+            out.append(Evidence(title, text, answers.get(title.strip().lower())))
+    return out
+
+
+def musique_evidence(metadata: dict[str, Any]) -> list[Evidence]:
+    """MuSiQue: the supporting paragraph of each decomposition step with its sub-answer, then other supporting ones."""
+    paragraphs = _records(
+        metadata.get("paragraphs") or [], "paragraphs", ("idx", "title", "paragraph_text", "is_supporting")
+    )
+    by_idx = {p.get("idx", i): p for i, p in enumerate(paragraphs)}
+    out, used = [], set()
+    steps = _records(
+        metadata.get("question_decomposition") or [],
+        "question_decomposition",
+        ("id", "question", "answer", "paragraph_support_idx"),
+    )
+    for step in steps:
+        idx = step.get("paragraph_support_idx")
+        if idx is None:  # unanswerable MuSiQue-Full steps point at no paragraph
+            continue
+        if idx not in by_idx:
+            raise ValueError(f"'question_decomposition' points at paragraph {idx!r}, which the row lacks")
+        answer = step.get("answer")
+        out.append(_paragraph_evidence(by_idx[idx], answer if isinstance(answer, str) and answer else None))
+        used.add(idx)
+    for idx, paragraph in by_idx.items():
+        if paragraph.get("is_supporting") and idx not in used:
+            out.append(_paragraph_evidence(paragraph, None))
+    return out
+
+
+def _paragraph_evidence(paragraph: dict[str, Any], answer: str | None) -> Evidence:
+    title, text = paragraph.get("title"), paragraph.get("paragraph_text")
+    if not isinstance(title, str) or not isinstance(text, str) or not text.strip():
+        raise ValueError(f"paragraph {paragraph.get('idx')!r} has no title and text")
+    return Evidence(title, text.strip(), answer)
+
+
+EVIDENCE_CONVERTERS = {
+    "hotpotqa": supporting_facts_evidence,
+    "2wikimultihopqa": supporting_facts_evidence,
+    "musique": musique_evidence,
+}
+
+
+def source_evidence(source: str, metadata: dict[str, Any], label: str) -> list[dict[str, str]] | None:
+    """`metadata.evidence` for a row of a known source dataset ([] for NQ/TriviaQA/PopQA); None for others."""
+    if source in NO_EVIDENCE_SOURCES:
+        return []
+    converter = EVIDENCE_CONVERTERS.get(source)
+    if converter is None:
+        return None
+    try:
+        return [item.to_dict() for item in converter(metadata)]
+    except ValueError as err:
+        raise DataError(f"{label}: cannot read the {source} evidence in 'metadata': {err}") from None
+
+
+def iter_questions(path: str | Path, source: str | None = None) -> Iterator[Question]:
+    """Stream a JSONL question file, checking every line and rejecting duplicate ids (`source`: see parse_question)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"question file not found: {path}")
@@ -77,17 +257,17 @@ def iter_questions(path: str | Path) -> Iterator[Question]:
                 raw = json.loads(line)
             except json.JSONDecodeError as err:
                 raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
-            question = parse_question(raw, where)
+            question = parse_question(raw, where, source)
             if question.id in seen:
                 raise DataError(f"{where}: duplicate id {question.id!r}")
             seen.add(question.id)
             yield question
 
 
-def read_questions(path: str | Path, limit: int | None = None) -> list[Question]:
-    """All questions of a file (or its first `limit`)."""
+def read_questions(path: str | Path, limit: int | None = None, source: str | None = None) -> list[Question]:
+    """All questions of a file (or its first `limit`); `source` names the dataset for evidence conversion."""
     out = []
-    for question in iter_questions(path):
+    for question in iter_questions(path, source):
         if limit is not None and len(out) >= limit:
             break
         out.append(question)
@@ -134,7 +314,7 @@ def load_hub_split(dataset: str, split: str, cache_dir: Path) -> Path:
     from datasets import load_dataset
 
     out = cache_dir / dataset / f"{split}.jsonl"
-    if out.is_file():
+    if out.is_file() and _has_metadata(out):
         return out
     try:
         rows = load_dataset(FLASHRAG_HUB_DATASET, dataset, split=split)
@@ -144,13 +324,26 @@ def load_hub_split(dataset: str, split: str, cache_dir: Path) -> Path:
             "Without a network, download FlashRAG files elsewhere and pass --data-dir."
         ) from err
     out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", encoding="utf-8") as f:
-        for row in rows:
+    partial = out.with_suffix(".partial")
+    with partial.open("w", encoding="utf-8") as f:
+        for number, row in enumerate(rows, start=1):
+            raw = {k: row.get(k) for k in ("id", "question", "golden_answers", "metadata")}
+            question = parse_question(raw, f"{FLASHRAG_HUB_DATASET}/{dataset}/{split} row {number}", dataset)
             f.write(
-                json.dumps({k: row[k] for k in ("id", "question", "golden_answers")}, ensure_ascii=False)
-                + "\n"
+                json.dumps({**question.to_row(), "metadata": question.metadata}, ensure_ascii=False) + "\n"
             )
+    partial.replace(out)  # an interrupted download never leaves a file that looks complete
     return out
+
+
+def _has_metadata(path: Path) -> bool:
+    # Files cached before metadata was kept lack it on every row; they are downloaded again.
+    with path.open(encoding="utf-8") as f:
+        first = f.readline()
+    try:
+        return "metadata" in json.loads(first)
+    except json.JSONDecodeError:
+        return False
 
 
 def prepare_training_mix(
@@ -165,7 +358,7 @@ def prepare_training_mix(
     mixed: list[Question] = []
     provenance_sources = []
     for name, path in sources.items():
-        rows = read_questions(path, limit=limit_per_source)
+        rows = read_questions(path, limit=limit_per_source, source=name)
         # A dataset prefix makes ids unique across sources, so GRPO groups and logs never mix two questions.
         mixed += [
             Question(f"{name}-{q.id}", q.question, q.golden_answers, {**q.metadata, "source": name})

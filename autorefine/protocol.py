@@ -131,6 +131,19 @@ def format_documents(documents: list[Document]) -> str:
     return "\n".join(lines)
 
 
+_DOC_LINE = re.compile(r"^Doc \d+\(Title: (?P<title>.*?)\) (?P<text>.*)$")
+
+
+def parse_documents(text: str) -> list[tuple[str, str]]:
+    """(title, text) of each passage line `format_documents` wrote into `text` (wrapper tags are skipped)."""
+    found = []
+    for line in text.splitlines():
+        match = _DOC_LINE.match(line.lstrip())
+        if match:
+            found.append((match["title"], match["text"].strip()))
+    return found
+
+
 def strip_documents(text: str) -> str:
     """Remove every `<documents>` block (closed or running to the end) so nothing inside is parsed."""
     return _DOCUMENTS_SPAN.sub(" ", text)

@@ -72,23 +72,37 @@ class Person:
     hobby: str
 
 
-def _word(rng: random.Random, syllables: int) -> str:
+def made_up_word(rng: random.Random, syllables: int) -> str:
+    """A pronounceable lowercase word no model has seen as a name."""
     return "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(syllables))
+
+
+def made_up_cities(num_cities: int, rng: random.Random) -> list[str]:
+    """Distinct city names such as "Bramoor"."""
+    cities = sorted(
+        {made_up_word(rng, 1).capitalize() + rng.choice(_CITY_SUFFIXES) for _ in range(num_cities * 3)}
+    )
+    return rng.sample(cities, num_cities)
+
+
+def made_up_names(count: int, num_first_names: int, rng: random.Random) -> list[str]:
+    """Distinct "First Last" names, sorted; first names are shared, so a first name alone never identifies one."""
+    first_names = [made_up_word(rng, 2).capitalize() for _ in range(num_first_names)]
+    names: set[str] = set()
+    while len(names) < count:
+        names.add(f"{rng.choice(first_names)} {made_up_word(rng, 2).capitalize()}")
+    return sorted(names)
 
 
 def make_people(num_people: int, num_cities: int, num_first_names: int, rng: random.Random) -> list[Person]:
     """Unique people; first names and cities are shared so names alone never identify a passage."""
-    cities = sorted({_word(rng, 1).capitalize() + rng.choice(_CITY_SUFFIXES) for _ in range(num_cities * 3)})
-    cities = rng.sample(cities, num_cities)
-    first_names = [_word(rng, 2).capitalize() for _ in range(num_first_names)]
-    names: set[str] = set()
-    while len(names) < num_people:
-        names.add(f"{rng.choice(first_names)} {_word(rng, 2).capitalize()}")
+    cities = made_up_cities(num_cities, rng)
+    names = made_up_names(num_people, num_first_names, rng)
     return [
         Person(
             name, rng.choice(cities), rng.choice(_OCCUPATIONS), rng.randint(1900, 1999), rng.choice(_HOBBIES)
         )
-        for name in sorted(names)
+        for name in names
     ]
 
 
@@ -165,8 +179,10 @@ def tokenizer_training_text(task_dir: Path) -> list[str]:
     return texts
 
 
-def train_tokenizer(task_dir: Path, vocab_size: int = 1024):  # -> PreTrainedTokenizerFast
-    """A small byte-level BPE tokenizer for the task; protocol tags are single (non-special) tokens."""
+def train_tokenizer(
+    task_dir: Path, vocab_size: int = 1024, texts: list[str] | None = None
+):  # -> PreTrainedTokenizerFast
+    """A small byte-level BPE tokenizer for a task's `texts` (default: this task's); protocol tags are single tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -180,7 +196,7 @@ def train_tokenizer(task_dir: Path, vocab_size: int = 1024):  # -> PreTrainedTok
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(tokenizer_training_text(task_dir), trainer=trainer)
+    tokenizer.train_from_iterator(texts or tokenizer_training_text(task_dir), trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=eos, pad_token=eos)
     fast.add_tokens([f"<{tag}>" for tag in protocol.TAGS] + [f"</{tag}>" for tag in protocol.TAGS])
     return fast

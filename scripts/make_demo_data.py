@@ -7,6 +7,7 @@ Run once by maintainers (users get the result in the repository):
 Writes:
     data/demo/corpus.jsonl              distinct paragraphs of the 500 HotpotQA dev questions (FlashRAG format)
     data/demo/hotpotqa_train.jsonl      400 of those questions   {id, question, golden_answers, metadata}
+                                        (metadata: supporting_titles, and evidence: the supporting paragraphs)
     data/demo/hotpotqa_dev.jsonl        the other 100
     data/demo/benchmarks/<name>.jsonl   500-question samples of the seven QA benchmarks (copied as they are)
     data/demo/wiki18_sample.jsonl       1,000 wiki-18 passages (copied as they are)
@@ -45,19 +46,21 @@ def build_hotpotqa(source: Path, out: Path) -> None:
     questions = []
     for line in source.read_text(encoding="utf-8").splitlines():
         row = json.loads(line)
-        supporting = []
+        supporting, evidence = [], []
         for ctx in row["contexts"]:
             key = (ctx["title"], ctx["paragraph_text"])
             passages.setdefault(key, str(len(passages)))
             if ctx["is_supporting"]:
                 supporting.append(ctx["title"])
+                # The gold evidence of the process score: each supporting paragraph, whitespace collapsed.
+                evidence.append({"title": ctx["title"], "text": " ".join(ctx["paragraph_text"].split())})
         answers = [span for obj in row["answers_objects"] for span in obj["spans"]]
         questions.append(
             {
                 "id": f"hotpotqa-{row['question_id']}",
                 "question": row["question_text"],
                 "golden_answers": answers,
-                "metadata": {"supporting_titles": supporting},
+                "metadata": {"supporting_titles": supporting, "evidence": evidence},
             }
         )
     corpus = [{"id": pid, "contents": f'"{title}"\n{text}'} for (title, text), pid in passages.items()]

@@ -1,19 +1,28 @@
-"""Build the synthetic task's warm-start policy (data/synthetic/warmstart) with `autorefine train-sft`.
+"""Build a synthetic task's warm-start policy with `autorefine train-sft`.
 
     python scripts/make_warmstart.py [--seed 0] [--out data/synthetic/warmstart]
+    python scripts/make_warmstart.py --task multihop [--seed 0] [--out data/synthetic_multihop/warmstart]
 
-Builds a BM25 index over data/synthetic/corpus.jsonl, serves it on a free loopback port, runs the
-`configs/sft/synthetic-warmstart.yaml` preset (SFT until held-out EM reaches its target), and copies the
-final policy and tokenizer (no optimizer state, a few MB) to `--out`. CI tests and the GRPO learning
-benchmark start from it.
+Builds a BM25 index over the task's corpus, serves it on a free loopback port, runs the task's SFT preset
+(`configs/sft/synthetic-warmstart.yaml`: from scratch until held-out EM reaches its target;
+`configs/sft/multihop-warmstart.yaml`: 700 steps from the one-hop policy), and copies the final policy and
+tokenizer (no optimizer state, a few MB) to `--out`. CI tests and the learning benchmarks start from these
+policies.
+
+For `multihop`, the traces are written first (`traces.jsonl` in the work folder) from imperfect plans
+(`autorefine.synthetic_multihop.warmstart_plans`): some repeat their last search, some two-hop questions are
+answered after the first hop. The held-out report of the final policy (per hop count, greedy and sampled)
+goes to `<out>/heldout_report.json`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 from autorefine.retriever_process import ensure_bm25_index, running_retriever
@@ -26,6 +35,90 @@ KEEP = (
     "tokenizer.json",
     "tokenizer_config.json",
 )
+TASKS = {
+    "onehop": (REPO / "data/synthetic", REPO / "configs/sft/synthetic-warmstart.yaml"),
+    "multihop": (REPO / "data/synthetic_multihop", REPO / "configs/sft/multihop-warmstart.yaml"),
+}
+# The multi-hop warm start's imperfections (see warmstart_plans): clear majorities, so that greedy decoding is
+# stable (it re-checks city questions, answers the rest in the fewest searches) and sampling shows the rest.
+EARLY_FRACTION = 0.3
+REPEAT_FRACTION = {"employer": 0.15, "city": 0.7, "two_hop": 0.15}
+
+
+def write_multihop_traces(url: str, preset: Path, task_dir: Path, out: Path, seed: int) -> dict[str, int]:
+    """Imperfect traces of every training question, played through the real agent loop; counts per plan."""
+    from autorefine.config import SFTRunConfig, load_config
+    from autorefine.data import read_questions
+    from autorefine.modeling import load_tokenizer
+    from autorefine.protocol import PromptTemplate
+    from autorefine.retrieval import RetrieverClient
+    from autorefine.synthetic_multihop import load_world, warmstart_plans
+    from autorefine.training.traces import (
+        TracePlan,
+        build_gold_traces,
+        planned_turns,
+        retrieved_evidence,
+        save_trajectories,
+    )
+
+    config = load_config(SFTRunConfig, preset, [f"retriever.url={url}"])
+    questions = read_questions(REPO / config.data.train_file)
+    plans = warmstart_plans(
+        questions,
+        load_world(task_dir),
+        early_fraction=EARLY_FRACTION,
+        repeat_fraction=REPEAT_FRACTION,
+        seed=seed,
+    )
+
+    def kind(question) -> str:
+        plan, gold = plans.get(question.id), TracePlan.gold(question)
+        if plan is None:
+            return "gold"
+        return "repeat" if len(plan.searches) > len(gold.searches) else "early"
+
+    with RetrieverClient(url) as client:
+        traces = build_gold_traces(
+            questions,
+            client,
+            load_tokenizer(REPO / config.model.tokenizer),
+            config.rollout,
+            PromptTemplate.load(REPO / config.template),
+            require_evidence=False,  # an early answer never retrieves its second item: checked below instead
+            writer=planned_turns(plans),
+        )
+    kept = [(q, t) for q, t in traces if kind(q) == "early" or retrieved_evidence(t, q)]
+    save_trajectories(out, ((q.id, t, {"plan": kind(q), "hops": q.metadata["hops"]}) for q, t in kept))
+    return dict(Counter(f"{kind(q)}_{q.metadata['hops']}hop" for q, _ in kept))
+
+
+def heldout_report(url: str, model_dir: Path, preset: Path, seed: int) -> dict:
+    """EM, searches, model tokens and process score of the policy on the held-out questions, per hop count."""
+    from autorefine.config import SFTRunConfig, load_config
+    from autorefine.data import read_questions
+    from autorefine.modeling import load_policy, load_tokenizer
+    from autorefine.process_score import LexicalMatcher, score_trajectories
+    from autorefine.protocol import PromptTemplate
+    from autorefine.retrieval import RetrieverClient
+    from autorefine.rollout import AgentLoop
+    from autorefine.rollout.engine import SamplingParams
+    from autorefine.rollout.hf_engine import TransformersEngine
+    from autorefine.synthetic_multihop import hop_report
+
+    config = load_config(SFTRunConfig, preset, [f"retriever.url={url}"])
+    questions = read_questions(REPO / config.heldout.file)
+    engine = TransformersEngine(load_policy(model_dir, dtype="float32").eval(), load_tokenizer(model_dir))
+    report = {}
+    with RetrieverClient(url) as client:
+        loop = AgentLoop(engine, client, config.rollout, PromptTemplate.load(REPO / config.template))
+        for name, params in [("greedy", SamplingParams(temperature=0.0)), ("t1", SamplingParams(seed=seed))]:
+            trajectories = loop.run([q.question for q in questions], params)
+            scores = score_trajectories(trajectories, questions, LexicalMatcher())
+            report[name] = {
+                "hops": hop_report(questions, scores),
+                "kind": hop_report(questions, scores, "kind"),
+            }
+    return report
 
 
 def main() -> None:
@@ -33,15 +126,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--task", choices=sorted(TASKS), default="onehop")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=REPO / "data" / "synthetic" / "warmstart")
-    parser.add_argument("--work-dir", type=Path, default=REPO / "runs" / "warmstart")
+    parser.add_argument("--out", type=Path, default=None, help="default: <task folder>/warmstart")
+    parser.add_argument("--work-dir", type=Path, default=None, help="default: runs/warmstart[-multihop]")
     parser.add_argument("overrides", nargs="*", help="extra train-sft overrides (section.key=value)")
     args = parser.parse_args()
+    task_dir, preset = TASKS[args.task]
+    out = args.out or task_dir / "warmstart"
+    work_dir = args.work_dir or REPO / "runs" / (
+        "warmstart" if args.task == "onehop" else "warmstart-multihop"
+    )
 
-    index = ensure_bm25_index(REPO / "data/synthetic/corpus.jsonl", args.work_dir / "synthetic-bm25")
-    sft_dir = args.work_dir / "sft"
+    index = ensure_bm25_index(task_dir / "corpus.jsonl", work_dir / f"{task_dir.name}-bm25")
+    sft_dir = work_dir / "sft"
     with running_retriever(index) as url:
+        extra = []
+        if args.task == "multihop":
+            traces = work_dir / "traces.jsonl"
+            counts = write_multihop_traces(url, preset, task_dir, traces, args.seed)
+            print(f"traces: {json.dumps(counts)}")
+            extra = [f"traces_file={traces}"]
         subprocess.run(
             [
                 sys.executable,
@@ -49,20 +154,25 @@ def main() -> None:
                 "autorefine.cli",
                 "train-sft",
                 "--config",
-                str(REPO / "configs/sft/synthetic-warmstart.yaml"),
+                str(preset),
                 f"retriever.url={url}",
                 f"trainer.output_dir={sft_dir}",
                 f"trainer.seed={args.seed}",
+                *extra,
                 *args.overrides,
             ],
             check=True,
             cwd=REPO,
         )
-    args.out.mkdir(parents=True, exist_ok=True)
-    for name in KEEP:
-        shutil.copyfile(sft_dir / "final" / name, args.out / name)
-    shutil.copyfile(sft_dir / "heldout.jsonl", args.out / "heldout_history.jsonl")
-    print(f"warm-start policy written to {args.out}")
+        out.mkdir(parents=True, exist_ok=True)
+        for name in KEEP:
+            shutil.copyfile(sft_dir / "final" / name, out / name)
+        shutil.copyfile(sft_dir / "heldout.jsonl", out / "heldout_history.jsonl")
+        if args.task == "multihop":
+            report = {"traces": counts, **heldout_report(url, out, preset, args.seed)}
+            (out / "heldout_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+            print(json.dumps(report, indent=2))
+    print(f"warm-start policy written to {out}")
 
 
 if __name__ == "__main__":

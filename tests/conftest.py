@@ -20,6 +20,7 @@ Retriever fixtures (reusable by any test):
   `/health`) on a free 127.0.0.1 port, ready when entered; flags `bare_documents`, `unquoted_titles`.
 - `synthetic_searchr1_server`: URL of such a server over the synthetic corpus answering bare documents
   with unquoted titles, the shape furthest from ours (session).
+- `multihop_bm25_server`: URL of a BM25 server over the multi-hop synthetic task corpus (session).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import pytest
 
 from autorefine.retriever_process import free_port as free_port_number
 from autorefine.retriever_process import serve_command, stop
-from tests.paths import DEMO_CORPUS, REPO_ROOT, SYNTHETIC_DIR, WIKI18_SAMPLE
+from tests.paths import DEMO_CORPUS, MULTIHOP_DIR, REPO_ROOT, SYNTHETIC_DIR, WIKI18_SAMPLE
 
 # Never touch the Hugging Face hub; keep tokenizers from forking thread pools in subprocesses.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -248,4 +249,15 @@ def synthetic_searchr1_server() -> Iterator[str]:
     """A Search-R1-API-only server over the synthetic corpus: bare documents, unquoted titles."""
     corpus = SYNTHETIC_DIR / "corpus.jsonl"
     with launch_searchr1_server(corpus, bare_documents=True, unquoted_titles=True) as (url, _):
+        yield url
+
+
+@pytest.fixture(scope="session")
+def multihop_bm25_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL of a BM25 server over the multi-hop synthetic task's corpus (data/synthetic_multihop), shared by the session."""
+    from retriever_server.build import build_index
+
+    out = tmp_path_factory.mktemp("multihop-bm25")
+    build_index(MULTIHOP_DIR / "corpus.jsonl", out, index_type="bm25", progress=False)
+    with launch_retriever(out) as (url, _):
         yield url

@@ -3,6 +3,11 @@
 A `TeacherEngine` stands in for the policy and writes scripted turns; the agent loop around it searches the
 real retriever and inserts the real documents. SFT traces therefore have exactly the token layout and
 environment masks of RL rollouts: the same code builds both.
+
+A question without gold evidence gets one search for the question itself, then an answer. A question with
+evidence (`metadata.evidence`) plays its evidence chain: one search per item (the item's title), a refine of
+what that search returned about the item, and the answer after the last item. A `TracePlan` scripts other
+chains (a repeated search, an early answer) for warm starts that should leave room to improve.
 """
 
 from __future__ import annotations
@@ -10,11 +15,12 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from autorefine import protocol
-from autorefine.data import Question
+from autorefine.data import Evidence, Question, question_evidence
 from autorefine.rewards import normalize_answer
 from autorefine.rollout.agent import AgentLoop, RolloutConfig, Searcher
 from autorefine.rollout.engine import Generation, SamplingParams
@@ -25,31 +31,34 @@ if TYPE_CHECKING:
 
 TurnWriter = Callable[[Question, str], str]
 
-_DOC_LINE = re.compile(r"^Doc \d+\(Title: (?P<title>.*?)\) (?P<text>.*)$")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+THINK_TURN = "<think> I will search for the missing facts. </think>\n"
 
 
 def search_turn(question: Question) -> str:
     """First gold turn: think, then search for the question itself."""
-    return (
-        "<think> I will search for the missing facts. </think>\n"
-        f"<search> {protocol.normalize_question(question.question)} </search>"
-    )
+    return THINK_TURN + f"<search> {protocol.normalize_question(question.question)} </search>"
 
 
 def evidence_sentences(documents_text: str, golds: Sequence[str], limit: int = 2) -> list[str]:
     """Sentences of the retrieved passages that contain a gold answer, in passage order."""
     wanted = [g for g in (normalize_answer(gold) for gold in golds) if g]
     found = []
-    for line in documents_text.splitlines():
-        match = _DOC_LINE.match(line.strip())
-        if not match:
-            continue
-        for sentence in _SENTENCE_END.split(match["text"]):
-            normalized = normalize_answer(sentence)
-            if any(g in normalized for g in wanted) and sentence not in found:
-                found.append(sentence.strip())
+    for sentence in document_sentences(documents_text):
+        normalized = normalize_answer(sentence)
+        if any(g in normalized for g in wanted) and sentence not in found:
+            found.append(sentence)
     return found[:limit]
+
+
+def document_sentences(documents_text: str) -> list[str]:
+    """Sentences of the passages in a documents block, in passage order."""
+    return [
+        sentence.strip()
+        for _, text in protocol.parse_documents(documents_text)
+        for sentence in _SENTENCE_END.split(text)
+        if sentence.strip()
+    ]
 
 
 def answer_turn(question: Question, documents_text: str) -> str:
@@ -59,11 +68,86 @@ def answer_turn(question: Question, documents_text: str) -> str:
     return f"<refine> {refine} </refine>\n<answer> {question.golden_answers[0]} </answer>"
 
 
+def item_sentences(documents_text: str, item: Evidence, golds: Sequence[str], limit: int = 2) -> list[str]:
+    """Sentences of the documents that belong to an evidence item, those stating its answer first.
+
+    A sentence belongs to the item when the item's text contains it; the answer is the item's own, else `golds`.
+    Without such a sentence, sentences that state the answer anywhere in the documents are used.
+    """
+    answers = [a for a in (normalize_answer(x) for x in ([item.answer] if item.answer else golds)) if a]
+    sentences = list(dict.fromkeys(document_sentences(documents_text)))
+    belonging = _belonging(sentences, item)
+    stating = [s for s in sentences if any(a in normalize_answer(s) for a in answers)]
+    ranked = [s for s in belonging if s in stating] + [s for s in belonging if s not in stating]
+    return (ranked or stating)[:limit]
+
+
+def _belonging(sentences: Sequence[str], item: Evidence) -> list[str]:
+    item_text = normalize_answer(item.text)
+    return [s for s in sentences if (normalized := normalize_answer(s)) and normalized in item_text]
+
+
+@dataclass(frozen=True)
+class TracePlan:
+    """A scripted chain: the evidence item searched at each step (by its title), then the final answer."""
+
+    searches: tuple[Evidence, ...]
+    answer: str
+
+    def __post_init__(self) -> None:
+        if not self.searches:
+            raise ValueError("a trace plan needs at least one search")
+
+    @classmethod
+    def gold(cls, question: Question) -> TracePlan:
+        """Each evidence item once, in order, then the first gold answer."""
+        return cls(tuple(question_evidence(question)), question.golden_answers[0])
+
+
+def plan_turn(plan: TracePlan, question: Question, completion_text: str) -> str:
+    """The next turn of `plan`: refine what the last search returned, then search the next item or answer."""
+    blocks = completion_text.split("<documents>")
+    done = len(blocks) - 1  # searches run so far
+    if done == 0:
+        return THINK_TURN + f"<search> {plan.searches[0].title} </search>"
+    searched = plan.searches[done - 1]
+    found = item_sentences(blocks[-1], searched, question.golden_answers)
+    refine = f"<refine> {' '.join(found) or 'The passages do not state it.'} </refine>\n"
+    if done < len(plan.searches):
+        return refine + f"<search> {plan.searches[done].title} </search>"
+    return refine + f"<answer> {plan.answer} </answer>"
+
+
 def gold_turn(question: Question, completion_text: str) -> str:
-    """The next gold turn given what the trajectory holds so far."""
+    """The next gold turn given what the trajectory holds so far: the evidence chain when the question has one."""
+    if question.metadata.get("evidence"):
+        return plan_turn(TracePlan.gold(question), question, completion_text)
     if "<documents>" not in completion_text:
         return search_turn(question)
     return answer_turn(question, completion_text.rsplit("<documents>", 1)[1])
+
+
+def planned_turns(plans: dict[str, TracePlan]) -> TurnWriter:
+    """A writer following `plans[question.id]` (the gold turn for questions without a plan)."""
+
+    def write(question: Question, completion_text: str) -> str:
+        plan = plans.get(question.id)
+        return (
+            gold_turn(question, completion_text)
+            if plan is None
+            else plan_turn(plan, question, completion_text)
+        )
+
+    return write
+
+
+def retrieved_evidence(trajectory: Trajectory, question: Question) -> bool:
+    """Whether the documents hold a sentence of every evidence item (without evidence: one stating the answer)."""
+    items = question_evidence(question)
+    if not items:
+        return bool(evidence_sentences(trajectory.documents_text, question.golden_answers))
+    sentences = document_sentences(trajectory.documents_text)
+    return all(_belonging(sentences, item) for item in items)
 
 
 class TeacherEngine:
@@ -115,9 +199,10 @@ def build_gold_traces(
     *,
     require_evidence: bool = True,
     batch_size: int = 64,
+    writer: TurnWriter = gold_turn,
 ) -> list[tuple[Question, Trajectory]]:
-    """Gold traces for `questions`; with `require_evidence`, only those whose documents contain a gold answer."""
-    engine = TeacherEngine(tokenizer, {}, gold_turn)
+    """Traces of `writer` (gold by default) that end with an answer; `require_evidence`: `retrieved_evidence` too."""
+    engine = TeacherEngine(tokenizer, {}, writer)
     loop = AgentLoop(engine, searcher, config, template)
     out = []
     for start in range(0, len(questions), batch_size):
@@ -129,9 +214,7 @@ def build_gold_traces(
         ):
             if trajectory.finish_reason != FinishReason.ANSWER:
                 continue
-            if require_evidence and not evidence_sentences(
-                trajectory.documents_text, question.golden_answers
-            ):
+            if require_evidence and not retrieved_evidence(trajectory, question):
                 continue
             out.append((question, trajectory))
     return out
