@@ -1,0 +1,793 @@
+"""IP-DPO (TeaRAG's iterative, process-aware DPO) on TRL's DPOTrainer, round after round.
+
+A round: sample K trajectories per question with the current policy (the agent loop GRPO uses), score each
+once (format, outcome, process), build typed preference pairs, train one epoch of masked DPO + NLL with the
+round's starting policy as the frozen reference, save `round-k/` (a plain HF model folder with tokenizer and
+run config), evaluate it on held-out questions. Each stage leaves files that mark it finished, so `--resume`
+continues at the first unfinished stage of the last round:
+
+    <output_dir>/round-k/samples.parts/   per-process samples while sampling (kept when sampling stops)
+    <output_dir>/round-k/samples.jsonl    every sample with its scores        → sampling finished
+    <output_dir>/round-k/pair_stats.json  what pair building found
+    <output_dir>/round-k/pairs.jsonl      the pairs trained on                 → pairs finished
+    <output_dir>/round-k/dpo/             the DPOTrainer's checkpoints during the epoch
+    <output_dir>/round-k/training.json    DPO metrics; the model files are next to it → training finished
+    <output_dir>/round-k/summary.json     the round's numbers, held-out included → round finished
+    <output_dir>/rounds.jsonl             one summary line per round (round 0: the starting policy)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import yaml
+
+from autorefine.config import RUN_CONFIG_FILE, IPDPORunConfig, check_trainer_args, to_dict
+from autorefine.data import read_questions
+from autorefine.protocol import PromptTemplate
+from autorefine.retrieval import RetrieverUnavailableError, connect_retriever
+from autorefine.rollout.agent import AgentLoop, Searcher
+from autorefine.training.pairs import (
+    PairError,
+    PairStats,
+    build_pairs,
+    pair_text,
+    read_pairs,
+    stats_of_pairs,
+    too_few_pairs_message,
+    write_jsonl,
+)
+from autorefine.training.trainer_args import RunError, with_trainer_defaults
+
+if TYPE_CHECKING:
+    from accelerate import PartialState
+    from trl import DPOConfig, DPOTrainer
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DEFAULT_OUTPUT_DIR = "runs/ipdpo"
+
+
+def make_dpo_args(config: IPDPORunConfig, output_dir: Path) -> DPOConfig:
+    """TRL arguments of one round's DPO epoch, from the `trainer` section plus what autorefine derives."""
+    from trl import DPOConfig
+
+    derived = {
+        "loss_type": "nll_weight (sigmoid DPO, plus TRL's 'sft' NLL term when nll_weight > 0)",
+        "loss_weights": "nll_weight",
+        "remove_unused_columns": "autorefine (the collator reads the environment-mask columns)",
+    }
+    values = with_trainer_defaults(check_trainer_args(DPOConfig, config.trainer, forbidden=derived))
+    if values.get("sync_ref_model"):
+        raise RunError(
+            "trainer.sync_ref_model moves the reference during the epoch; IP-DPO keeps each round's starting "
+            "policy as its frozen reference. Turn it off."
+        )
+    values.setdefault("num_train_epochs", 1)
+    # Every process waits at the end of sampling for the slowest one; the default 30 min can be too short.
+    values.setdefault("ddp_timeout", 4 * 3600)
+    values["output_dir"] = str(output_dir)
+    loss_type, weights = ["sigmoid"], [1.0]
+    if config.nll_weight > 0:
+        loss_type, weights = ["sigmoid", "sft"], [1.0, config.nll_weight]
+    return DPOConfig(**values, loss_type=loss_type, loss_weights=weights, remove_unused_columns=False)
+
+
+# --- agreement between processes ---------------------------------------------------------------------------
+
+
+def all_succeeded(state: PartialState, error: str | None) -> None:
+    """Every process reports how its share went; if any failed, every process raises the same RunError."""
+    from accelerate.utils import gather_object
+
+    errors = gather_object([error]) if state.num_processes > 1 else [error]
+    failed = [e for e in errors if e]
+    if failed:
+        raise RunError("\n".join(failed))
+
+
+def on_main(state: PartialState, fn: Callable[[], T]) -> T:
+    """Run `fn` on the main process and hand its result (or its failure) to every process."""
+    from accelerate.utils import broadcast_object_list
+
+    payload: list[Any] = [(None, None)]
+    failure: BaseException | None = None
+    if state.is_main_process:
+        try:
+            payload = [(fn(), None)]
+        except Exception as err:  # the other processes must hear of it, or they wait forever
+            failure = err
+            payload = [(None, str(err))]
+    if state.num_processes > 1:
+        broadcast_object_list(payload, from_process=0)
+    result, error = payload[0]
+    if failure is not None:
+        raise failure
+    if error is not None:
+        raise RunError(error)
+    return result
+
+
+def free_accelerator_memory() -> None:
+    """Release what a finished stage held (its model, its engine) before the next one loads another."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# --- one round's files ----------------------------------------------------------------------------------
+
+
+class RoundFiles:
+    """Where a round keeps what each stage produced (see the module docstring)."""
+
+    def __init__(self, root: Path, index: int, samples_per_question: int) -> None:
+        from autorefine.training.sampling import SampleStore
+
+        self.index = index
+        self.dir = root / f"round-{index}"
+        self.samples = SampleStore(self.dir, samples_per_question)
+        self.pairs = self.dir / "pairs.jsonl"
+        self.pair_stats = self.dir / "pair_stats.json"
+        self.dpo = self.dir / "dpo"
+        self.trained = self.dir / "training.json"
+        self.summary = self.dir / "summary.json"
+        self.heldout_predictions = self.dir / "heldout_predictions.jsonl"
+
+    def stage(self) -> str:
+        """The last finished stage: none, sampling, pairs, training or evaluation."""
+        for name, marker in (
+            ("evaluation", self.summary),
+            ("training", self.trained),
+            ("pairs", self.pairs),
+            ("sampling", self.samples.final),
+        ):
+            if marker.is_file():
+                return name
+        return "none"
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    partial.replace(path)
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file written by `write_json`."""
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def existing_rounds(root: Path) -> list[int]:
+    """Indices of the round folders under `root`."""
+    return sorted(int(p.name.split("-")[1]) for p in root.glob("round-*") if p.name.split("-")[1].isdigit())
+
+
+# --- the run ------------------------------------------------------------------------------------------------
+
+
+class IPDPORun:
+    """One `train-ipdpo` run: its configuration, processes, retriever and questions, and its rounds."""
+
+    def __init__(
+        self,
+        config: IPDPORunConfig,
+        *,
+        resume: bool = False,
+        command: str = "autorefine train-ipdpo",
+        searcher: Searcher | None = None,
+    ) -> None:
+        from accelerate import PartialState
+
+        self.config = config
+        self.command = command
+        self.root = Path(config.trainer.get("output_dir", DEFAULT_OUTPUT_DIR))
+        self.args = make_dpo_args(config, self.root / "round-1" / "dpo")  # checks the trainer section now
+        self.args.device  # noqa: B018  # sets up the process group (backend, timeout) from the arguments
+        self.state = PartialState()
+        self._check_combination(resume)
+        self.template = PromptTemplate.load(config.template)
+        self.given_pairs = self._check_pairs_file()
+        needs_questions = config.rounds > 1 or self.given_pairs is None
+        self.questions = read_questions(config.data.train_file) if needs_questions else []
+        if needs_questions and not self.questions:
+            raise RunError(f"{config.data.train_file} holds no questions")
+        heldout = config.heldout
+        self.heldout = read_questions(heldout.file, limit=heldout.limit) if heldout.file else []
+        needs_retriever = needs_questions or bool(self.heldout)
+        self.searcher = searcher or (connect_retriever(config.retriever) if needs_retriever else None)
+        self.wandb: Any = None
+
+    # -- checks at start ---------------------------------------------------------------------------------
+
+    def _check_combination(self, resume: bool) -> None:
+        config, state = self.config, self.state
+        if config.sampling.engine == "vllm" and state.num_processes > 1:
+            raise RunError(
+                f"sampling.engine=vllm starts one vLLM engine in one process; this run has {state.num_processes} "
+                "processes. Use sampling.engine=transformers (every process samples its share) or one process."
+            )
+        if config.model.tokenizer not in (None, config.model.name_or_path):
+            raise RunError(
+                "train-ipdpo loads every policy with the tokenizer saved next to it; leave model.tokenizer unset "
+                f"and save the tokenizer into {config.model.name_or_path}"
+            )
+        max_length = self.args.max_length
+        if max_length is not None and max_length <= config.rollout.max_completion_tokens:
+            logger.warning(
+                "trainer.max_length=%d leaves no room for the prompt next to rollout.max_completion_tokens=%d: "
+                "pairs longer than max_length are dropped (counted in each round's logs), never truncated",
+                max_length,
+                config.rollout.max_completion_tokens,
+            )
+        rounds = existing_rounds(self.root)
+        if rounds and not resume:
+            raise RunError(
+                f"{self.root} already holds round-{rounds[-1]} of a run: add --resume to continue it, or choose "
+                "another trainer.output_dir"
+            )
+        if rounds and rounds[-1] > config.rounds:
+            raise RunError(f"{self.root} holds round-{rounds[-1]} but rounds={config.rounds}")
+
+    def _check_pairs_file(self) -> Path | None:
+        given = self.config.pairs.file
+        if given is None:
+            return None
+
+        def check() -> int:
+            return sum(1 for _ in read_pairs(given))
+
+        count = on_main(self.state, check)
+        logger.info("round 1 trains on %d given pairs from %s", count, given)
+        return Path(given)
+
+    # -- the rounds --------------------------------------------------------------------------------------
+
+    def run(self) -> Path:
+        """Every round (skipping finished ones); returns the folder of the last round's policy."""
+        config = self.config
+        if self.state.is_main_process:
+            self.root.mkdir(parents=True, exist_ok=True)
+            (self.root / RUN_CONFIG_FILE).write_text(
+                yaml.safe_dump(to_dict(config), sort_keys=False), "utf-8"
+            )
+            self.wandb = start_wandb(config, self.root, self.args)
+        policy = Path(config.model.name_or_path) if Path(config.model.name_or_path).exists() else None
+        current: str = str(policy or config.model.name_or_path)
+        if self.heldout and config.heldout.evaluate_start:
+            start = RoundFiles(self.root, 0, config.sampling.samples_per_question)
+            if not start.summary.is_file():
+                metrics = self.evaluate(start, current)
+                self._finish_round(start, {"round": 0, "policy": current, "heldout": metrics})
+        for index in range(1, config.rounds + 1):
+            current = str(self.round(index, current))
+        if self.wandb is not None:
+            self.wandb.finish()
+        return Path(current)
+
+    def round(self, index: int, policy: str) -> Path:
+        """One round from `policy`; returns the folder of the policy it trained."""
+        config = self.config
+        files = RoundFiles(self.root, index, config.sampling.samples_per_question)
+        stage = files.stage()
+        if stage == "evaluation":
+            logger.info("round %d: finished earlier, skipping", index)
+            return files.dir
+        if stage != "none":
+            logger.info("round %d: resuming after its %s stage", index, stage)
+        started = time.perf_counter()
+        if stage != "training":
+            if index == 1 and self.given_pairs is not None:
+                self._use_given_pairs(files)
+            else:
+                if not files.samples.complete:
+                    self.sample(files, policy)
+                self.pair(files)
+            stats = PairStats.from_dict(read_json(files.pair_stats)["stats"])
+            if stats.pairs < config.pairs.min_pairs:
+                raise RunError(too_few_pairs_message(stats, config.pairs, f"round {index}"))
+            self.train(files, policy)
+        heldout = self.evaluate(files, str(files.dir))
+        summary = {
+            "round": index,
+            "policy": str(files.dir),
+            "started_from": policy,
+            "pairs": read_json(files.pair_stats)["stats"],
+            "samples": read_json(files.pair_stats).get("samples", {}),
+            "dpo": read_json(files.trained),
+            "heldout": heldout,
+            "seconds": time.perf_counter() - started,
+        }
+        self._finish_round(files, summary)
+        return files.dir
+
+    # -- stage 1: sampling -------------------------------------------------------------------------------
+
+    def sample(self, files: RoundFiles, policy: str) -> None:
+        """Every process samples its share of the round's questions (resumable), then the parts are merged."""
+        from autorefine.evaluation.policy import build_engine
+        from autorefine.training.sampling import Progress, make_matcher, round_questions, sample_questions
+
+        config, state = self.config, self.state
+        seed = self.args.seed
+        questions = round_questions(self.questions, files.index, config.sampling.questions_per_round, seed)
+        kept = on_main(state, files.samples.compact)
+        done = files.samples.done_ids()
+        remaining = [q for q in questions if q.id not in done]
+        share = remaining[state.process_index :: state.num_processes]
+        logger.info(
+            "round %d: sampling %d questions × %d%s on %d process(es); this one: %d",
+            files.index,
+            len(remaining),
+            config.sampling.samples_per_question,
+            f" ({kept} sampled before)" if kept else "",
+            state.num_processes,
+            len(share),
+        )
+        error = None
+        try:
+            engine = build_engine(
+                policy,
+                engine=config.sampling.engine,
+                dtype=config.model.dtype,
+                device=str(state.device),
+                max_batch_size=config.sampling.engine_batch_size,
+                seed=seed,
+            )
+            loop = AgentLoop(engine, self.searcher, config.rollout, self.template)
+            sample_questions(
+                loop,
+                share,
+                config.sampling,
+                make_matcher(config.sampling.matcher),
+                config.reward,
+                files.samples.part(state.process_index),
+                round_index=files.index,
+                seed=seed * 1_000_003 + files.index * 10_007 + state.process_index * 7_919,
+                rank=state.process_index,
+                progress=Progress(f"round {files.index} sampling (process {state.process_index})"),
+            )
+        except RetrieverUnavailableError as err:
+            error = (
+                f"process {state.process_index}: {err}\nThe retriever stayed down while sampling round "
+                f"{files.index}; the samples so far are kept in {files.samples.parts}.\n"
+                f"Restart the retriever, then resume with: {self.command} --resume"
+            )
+        except Exception as err:
+            logger.exception("sampling failed on process %d", state.process_index)
+            error = f"process {state.process_index}: sampling failed: {type(err).__name__}: {err}"
+        finally:
+            engine = loop = None
+            free_accelerator_memory()
+        all_succeeded(state, error)
+        on_main(state, lambda: files.samples.finish([q.id for q in questions]))
+
+    # -- stage 2: pairs ----------------------------------------------------------------------------------
+
+    def pair(self, files: RoundFiles) -> None:
+        """Pairs from the round's samples (rebuilt when the pair settings changed since they were built)."""
+        settings = self.config.pairs
+
+        def build() -> None:
+            wanted = dataclasses.asdict(settings)
+            if files.pairs.is_file() and read_json(files.pair_stats)["settings"] == wanted:
+                return
+            pairs, stats = build_pairs(files.samples.rows(), settings)
+            samples = sample_summary(files.samples.rows())
+            write_json(files.pair_stats, {"settings": wanted, "stats": stats.to_dict(), "samples": samples})
+            files.pairs.unlink(missing_ok=True)
+            if stats.pairs >= settings.min_pairs:  # else the stage stays unfinished: resume rebuilds
+                write_jsonl(files.pairs, pairs)
+
+        on_main(self.state, build)
+
+    def _use_given_pairs(self, files: RoundFiles) -> None:
+        assert self.given_pairs is not None
+
+        def copy() -> None:
+            if files.pairs.is_file():
+                return
+            pairs = list(read_pairs(self.given_pairs))
+            stats = stats_of_pairs(pairs)
+            wanted = dataclasses.asdict(self.config.pairs)
+            write_json(
+                files.pair_stats,
+                {"settings": wanted, "stats": stats.to_dict(), "source": str(self.given_pairs)},
+            )
+            write_jsonl(files.pairs, pairs)
+
+        on_main(self.state, copy)
+
+    # -- stage 3: training -------------------------------------------------------------------------------
+
+    def train(self, files: RoundFiles, policy: str) -> None:
+        """One epoch of masked DPO from `policy` (also the frozen reference); the result saved in round-k/."""
+        from autorefine.training.grpo import latest_checkpoint
+
+        config, state = self.config, self.state
+        args = make_dpo_args(config, files.dpo)
+        trainer, data = build_dpo_trainer(
+            config, args, policy, files.pairs, config.logging.pair_accuracy_pairs
+        )
+        logger.info(
+            "round %d: DPO on %d pairs (%d dropped as longer than trainer.max_length=%s)",
+            files.index,
+            data["pairs"],
+            data["dropped_for_length"],
+            args.max_length,
+        )
+        checkpoint = latest_checkpoint(files.dpo)
+        trainer.train(resume_from_checkpoint=checkpoint)
+        metrics = dpo_metrics(trainer.state.log_history)
+        if trainer.eval_dataset is not None:
+            # TRL logs its DPO metrics of an evaluation (with the `eval_` prefix) rather than returning them.
+            trainer.evaluate()
+            after = next(h for h in reversed(trainer.state.log_history) if "eval_rewards/accuracies" in h)
+            metrics["pairs_reward_accuracy"] = after["eval_rewards/accuracies"]
+            metrics["pairs_reward_margin"] = after["eval_rewards/margins"]
+            metrics["pairs_evaluated"] = len(trainer.eval_dataset)
+        metrics.update(data)
+        if config.lora.enabled:
+            trainer.save_model(str(files.dir / "adapter"))
+        else:
+            trainer.save_model(str(files.dir))
+        tokenizer = trainer.processing_class
+        del trainer
+        free_accelerator_memory()
+
+        def finish() -> None:
+            if config.lora.enabled:
+                merge_adapter(config, policy, files.dir / "adapter", files.dir)
+                tokenizer.save_pretrained(str(files.dir))
+            (files.dir / RUN_CONFIG_FILE).write_text(
+                yaml.safe_dump(to_dict(config), sort_keys=False), "utf-8"
+            )
+            write_json(files.trained, metrics)
+
+        on_main(state, finish)
+
+    # -- stage 4: held-out evaluation --------------------------------------------------------------------
+
+    def evaluate(self, files: RoundFiles, policy: str) -> dict[str, float]:
+        """Greedy held-out metrics of `policy`, questions split across processes; predictions saved."""
+        from accelerate.utils import gather_object
+
+        from autorefine.evaluation.policy import build_engine
+        from autorefine.evaluation.runner import GREEDY, predict
+        from autorefine.evaluation.scoring import Prediction, aggregate
+
+        if not self.heldout:
+            return {}
+        config, state = self.config, self.state
+        share = self.heldout[state.process_index :: state.num_processes]
+        local: list[Prediction] = []
+        error = None
+        started = time.perf_counter()
+        try:
+            engine = build_engine(policy, dtype=config.model.dtype, device=str(state.device))
+            loop = AgentLoop(engine, self.searcher, config.rollout, self.template)
+            local = predict(
+                loop, share, GREEDY, batch_size=config.heldout.batch_size, reward_config=config.reward
+            )
+        except RetrieverUnavailableError as err:
+            error = (
+                f"process {state.process_index}: {err}\nThe retriever stayed down during the held-out evaluation "
+                f"of round {files.index}. Restart it, then resume with: {self.command} --resume"
+            )
+        except Exception as err:
+            logger.exception("held-out evaluation failed on process %d", state.process_index)
+            error = f"process {state.process_index}: held-out evaluation failed: {type(err).__name__}: {err}"
+        finally:
+            engine = loop = None
+            free_accelerator_memory()
+        all_succeeded(state, error)
+        predictions = gather_object(local) if state.num_processes > 1 else local
+        metrics = aggregate(predictions)
+        metrics["seconds"] = time.perf_counter() - started
+
+        def save() -> None:
+            write_jsonl(files.heldout_predictions, (p.to_row() for p in predictions))
+
+        on_main(state, save)
+        return metrics
+
+    # -- logging -----------------------------------------------------------------------------------------
+
+    def _finish_round(self, files: RoundFiles, summary: dict[str, Any]) -> None:
+        def write() -> None:
+            write_json(files.summary, summary)
+            with (self.root / "rounds.jsonl").open("a", encoding="utf-8") as f:
+                f.write(json.dumps(summary, ensure_ascii=False) + "\n")
+            examples = (
+                example_pairs(files.pairs, self.config.logging.pair_table_rows)
+                if files.pairs.is_file()
+                else []
+            )
+            if examples:
+                (files.dir / "pair_examples.md").write_text(
+                    pair_examples_markdown(examples), encoding="utf-8"
+                )
+            print_round(summary, self._baseline())
+            if self.wandb is not None:
+                log_round_to_wandb(self.wandb, summary, examples)
+
+        on_main(self.state, write)
+
+    def _baseline(self) -> dict[str, float] | None:
+        start = self.root / "round-0" / "summary.json"
+        return read_json(start).get("heldout") if start.is_file() else None
+
+
+def train_ipdpo(
+    config: IPDPORunConfig,
+    resume: bool = False,
+    command: str = "autorefine train-ipdpo",
+    searcher: Searcher | None = None,
+) -> Path:
+    """Run (or resume) every round; returns the folder of the final policy."""
+    return IPDPORun(config, resume=resume, command=command, searcher=searcher).run()
+
+
+def build_pairs_file(
+    config: IPDPORunConfig, samples: Path, out: Path, *, rescore: bool = False, questions: str | None = None
+) -> PairStats:
+    """Pairs from a saved samples file with the config's pair settings (re-scored first with `rescore`)."""
+    from autorefine.training.sampling import make_matcher, read_sample_rows, rescore_rows
+
+    if not samples.is_file():
+        raise PairError(f"samples file not found: {samples}")
+    rows = read_sample_rows(samples)
+    if rescore:
+        by_id = {q.id: q for q in read_questions(questions or config.data.train_file)}
+        rows = rescore_rows(rows, by_id, make_matcher(config.sampling.matcher), config.reward)
+    pairs, stats = build_pairs(rows, config.pairs)
+    write_jsonl(out, pairs)
+    stats_file = out.with_name(out.stem + ".stats.json")
+    write_json(
+        stats_file,
+        {"settings": dataclasses.asdict(config.pairs), "stats": stats.to_dict(), "source": str(samples)},
+    )
+    return stats
+
+
+# --- the DPO trainer ----------------------------------------------------------------------------------------
+
+
+def build_dpo_trainer(
+    config: IPDPORunConfig, args: DPOConfig, policy: str, pairs_file: Path, accuracy_pairs: int = 0
+) -> tuple[DPOTrainer, dict[str, int]]:
+    """A DPOTrainer on the pairs of `pairs_file`, starting from `policy`, which is also the frozen reference."""
+    from autorefine.modeling import load_policy, load_tokenizer_and_policy, lora_config
+    from autorefine.training.dpo_data import MaskedPreferenceCollator, pairs_dataset
+    from autorefine.training.trl_private import pretokenized_dpo_trainer
+
+    dataset, dropped = pairs_dataset(read_pairs(pairs_file), args.max_length)
+    if dataset is None:
+        raise RunError(
+            f"{pairs_file}: every pair is longer than trainer.max_length={args.max_length}; raise it (pairs are "
+            "never truncated)"
+        )
+    tokenizer, model = load_tokenizer_and_policy(dataclasses.replace(config.model, name_or_path=policy))
+    # With LoRA the reference is the adapter-free model; with precomputed reference log-probs TRL scores the
+    # policy once before its first update. Otherwise a frozen copy of the round's starting policy.
+    needs_copy = not config.lora.enabled and not args.precompute_ref_log_probs
+    reference = load_policy(policy, dtype=config.model.dtype) if needs_copy else None
+    evaluated = dataset.select(range(min(accuracy_pairs, len(dataset)))) if accuracy_pairs > 0 else None
+    trainer = pretokenized_dpo_trainer()(
+        model=model,
+        ref_model=reference,
+        args=args,
+        data_collator=MaskedPreferenceCollator(pad_token_id=tokenizer.pad_token_id),
+        train_dataset=dataset,
+        eval_dataset=evaluated,
+        processing_class=tokenizer,
+        peft_config=lora_config(config.lora),
+    )
+    return trainer, {"pairs": len(dataset), "dropped_for_length": dropped}
+
+
+def merge_adapter(config: IPDPORunConfig, base: str, adapter: Path, out: Path) -> None:
+    """Fold a round's LoRA adapter into its starting policy and save a plain HF model folder."""
+    from peft import PeftModel
+
+    from autorefine.modeling import load_policy
+
+    model = PeftModel.from_pretrained(load_policy(base, dtype=config.model.dtype), str(adapter))
+    model.merge_and_unload().save_pretrained(str(out))
+    shutil.rmtree(adapter)
+
+
+def dpo_metrics(log_history: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Means of TRL's logged DPO metrics over the epoch, and their first and last logged values."""
+    out: dict[str, Any] = {}
+    keys = (
+        "loss",
+        "rewards/accuracies",
+        "rewards/margins",
+        "rewards/chosen",
+        "rewards/rejected",
+        "logps/chosen",
+    )
+    for key in keys:
+        values = [h[key] for h in log_history if key in h]
+        if values:
+            name = key.replace("/", "_")
+            out[f"{name}_mean"] = sum(values) / len(values)
+            out[f"{name}_first"] = values[0]
+            out[f"{name}_last"] = values[-1]
+    steps = [h.get("step", 0) for h in log_history]
+    out["steps"] = max(steps) if steps else 0
+    return out
+
+
+# --- per-round summaries ------------------------------------------------------------------------------------
+
+
+def sample_summary(rows: Any) -> dict[str, float]:
+    """Mean scores, searches and model tokens of every sample of a round."""
+    totals: dict[str, float] = {}
+    count = 0
+    for row in rows:
+        count += 1
+        for key, value in row["scores"].items():
+            totals[key] = totals.get(key, 0.0) + float(value)
+        totals["searches"] = totals.get("searches", 0.0) + len(row.get("queries", []))
+    return {"count": count, **{k: v / count for k, v in totals.items()}} if count else {"count": 0}
+
+
+def example_pairs(pairs_file: Path, rows: int) -> list[dict[str, Any]]:
+    """The first pairs of each negative type, round-robin, up to `rows`."""
+    by_type: dict[str, list[dict[str, Any]]] = {}
+    for pair in read_pairs(pairs_file):
+        bucket = by_type.setdefault(pair.get("type", "?"), [])
+        if len(bucket) < rows:
+            bucket.append(pair)
+    out = []
+    while len(out) < rows and any(by_type.values()):
+        for bucket in by_type.values():
+            if bucket and len(out) < rows:
+                out.append(bucket.pop(0))
+    return out
+
+
+def pair_examples_markdown(pairs: list[dict[str, Any]]) -> str:
+    """Example pairs for reading: question, negative type, both trajectories and their scores."""
+    parts = ["# Example pairs\n"]
+    for pair in pairs:
+        parts.append(f"## {pair.get('question') or pair['id']} — {pair.get('type', '?')}\n")
+        parts.append(f"gold: {' | '.join(pair.get('golden_answers', []))}\n")
+        for side in ("chosen", "rejected"):
+            scores = pair[side].get("scores", {})
+            shown = ", ".join(f"{k} {v:.2f}" for k, v in scores.items())
+            parts.append(f"**{side}** ({shown})\n\n```\n{pair_text(pair[side])}\n```\n")
+    return "\n".join(parts)
+
+
+def print_round(summary: dict[str, Any], baseline: dict[str, float] | None) -> None:
+    """A round's numbers on the console."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    index = summary["round"]
+    heldout = summary.get("heldout") or {}
+    if index == 0:
+        if heldout:
+            console.print(
+                f"[bold]start policy[/] held-out EM {heldout['em']:.3f}  F1 {heldout['f1']:.3f}  "
+                f"searches {heldout['searches']:.2f}  model tokens {heldout['model_tokens']:.1f}"
+            )
+        return
+    pairs, dpo, samples = summary["pairs"], summary["dpo"], summary.get("samples", {})
+    table = Table(title=f"IP-DPO round {index} ({summary['seconds'] / 60:.1f} min)", show_header=True)
+    table.add_column("")
+    table.add_column("chosen", justify="right")
+    table.add_column("rejected", justify="right")
+    for key in ("outcome", "process", "format", "steps", "model_tokens"):
+        if key in pairs["chosen"]:
+            table.add_row(key, f"{pairs['chosen'][key]:.2f}", f"{pairs['rejected'][key]:.2f}")
+    console.print(table)
+    by_type = ", ".join(f"{t} {n}" for t, n in pairs["by_type"].items())
+    console.print(
+        f"samples {samples.get('count', 0):.0f} (outcome {samples.get('outcome', 0):.2f}, searches "
+        f"{samples.get('searches', 0):.2f}) · pairs {pairs['pairs']} ({by_type}) · skipped "
+        f"{100 * pairs['skip_rate']:.0f}% {dict(pairs['skipped'])}"
+    )
+    if dpo.get("pairs_reward_accuracy") is not None:
+        console.print(
+            f"DPO: reward accuracy {dpo['pairs_reward_accuracy']:.2f}, margin {dpo['pairs_reward_margin']:.3f} "
+            f"on {dpo['pairs_evaluated']} training pairs after the epoch; loss {dpo.get('loss_mean', float('nan')):.3f}"
+        )
+    if heldout:
+        delta = f" ({heldout['em'] - baseline['em']:+.3f} vs start)" if baseline else ""
+        console.print(
+            f"held-out EM {heldout['em']:.3f}{delta}  F1 {heldout['f1']:.3f}  searches {heldout['searches']:.2f}  "
+            f"model tokens {heldout['model_tokens']:.1f}"
+        )
+
+
+def start_wandb(config: IPDPORunConfig, root: Path, args: DPOConfig) -> Any:
+    """One W&B run for every round (resumed with the run), or None when W&B is not in `report_to`."""
+    if "wandb" not in (args.report_to or []):
+        return None
+    import wandb
+
+    id_file = root / "wandb_run_id"
+    run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+    id_file.write_text(run_id)
+    run = wandb.init(
+        project=os.environ.get("WANDB_PROJECT", "autorefine"),
+        name=args.run_name or root.name,
+        id=run_id,
+        resume="allow",
+        dir=str(root),
+        config=to_dict(config),
+    )
+    run.define_metric("round")
+    for prefix in ("round/*", "pairs/*", "dpo/*", "heldout/*", "samples/*"):
+        run.define_metric(prefix, step_metric="round")
+    return run
+
+
+def round_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """A round's summary flattened into W&B metric names."""
+    out: dict[str, float] = {"round": summary["round"]}
+    for key, value in (summary.get("heldout") or {}).items():
+        out[f"heldout/{key}"] = value
+    if summary["round"] == 0:
+        return out
+    pairs = summary["pairs"]
+    out["pairs/count"] = pairs["pairs"]
+    out["pairs/skip_rate"] = pairs["skip_rate"]
+    for kind, count in pairs["by_type"].items():
+        out[f"pairs/{kind}"] = count
+    for reason, count in pairs["skipped"].items():
+        out[f"pairs/skipped_{reason}"] = count
+    for side in ("chosen", "rejected"):
+        for key, value in pairs[side].items():
+            out[f"pairs/{side}_{key}"] = value
+    for key, value in summary.get("samples", {}).items():
+        out[f"samples/{key}"] = value
+    for key, value in summary["dpo"].items():
+        if isinstance(value, int | float):
+            out[f"dpo/{key}"] = value
+    out["round/seconds"] = summary["seconds"]
+    return out
+
+
+def log_round_to_wandb(run: Any, summary: dict[str, Any], examples: list[dict[str, Any]]) -> None:
+    """Per-round metrics and a table of example pairs."""
+    import wandb
+
+    data = round_metrics(summary)
+    if examples:
+        columns = ["question", "gold", "type", "chosen", "chosen scores", "rejected", "rejected scores"]
+        rows = [
+            [
+                p.get("question", p["id"]),
+                " | ".join(p.get("golden_answers", [])),
+                p.get("type", "?"),
+                pair_text(p["chosen"]),
+                json.dumps(p["chosen"].get("scores", {})),
+                pair_text(p["rejected"]),
+                json.dumps(p["rejected"].get("scores", {})),
+            ]
+            for p in examples
+        ]
+        data[f"pairs/examples_round_{summary['round']}"] = wandb.Table(columns=columns, data=rows)
+    run.log(data)
