@@ -144,9 +144,6 @@ class SFTRunConfig(RunConfig):
     tiny_model: dict[str, int] | None = None  # build a fresh tiny Qwen2 of this shape instead of loading one
 
 
-MatcherName = Literal["lexical", "embedding"]
-
-
 @dataclass(frozen=True)
 class SamplingSettings:
     """How each IP-DPO round samples: K trajectories per question with the current policy."""
@@ -159,7 +156,7 @@ class SamplingSettings:
     batch_questions: int = 32  # questions per agent-loop batch (× samples_per_question trajectories)
     engine: Literal["transformers", "vllm"] = "transformers"
     engine_batch_size: int | None = None  # most sequences per generate call (None: the whole batch)
-    matcher: MatcherName = "lexical"  # how the process score matches evidence (autorefine.process_score)
+    matcher: str = "lexical"  # process-score evidence matcher: lexical | embedding | embedding:<model>
 
     def __post_init__(self) -> None:
         if self.samples_per_question < 2:
@@ -168,6 +165,11 @@ class SamplingSettings:
             raise ValueError("sampling.questions_per_round must be positive (or null for all)")
         if self.batch_questions < 1:
             raise ValueError("sampling.batch_questions must be positive")
+        kind, _, model = self.matcher.partition(":")
+        if not (kind == "embedding" or (kind == "lexical" and not model)):
+            raise ValueError(
+                f"sampling.matcher must be lexical, embedding or embedding:<model>, got {self.matcher!r}"
+            )
         self.params  # noqa: B018  # the same checks as at sampling time
 
     @property

@@ -47,6 +47,15 @@ class EmbeddingMatcher(LexicalMatcher):
     name = "embedding"
 
 
+def build_matcher(spec: str) -> Matcher:
+    kind, _, model = spec.partition(":")
+    if kind == "lexical" and not model:
+        return LexicalMatcher()
+    if kind == "embedding":
+        return EmbeddingMatcher()
+    raise ValueError(f"unknown matcher {spec!r}: use 'lexical', 'embedding' or 'embedding:<model>'")
+
+
 @dataclass(frozen=True)
 class TrajectoryScores:
     format: float
@@ -63,15 +72,15 @@ class TrajectoryScores:
 
 def score_trajectory(trajectory, question, matcher, reward_config=RewardConfig()) -> TrajectoryScores:
     breakdown = trajectory_reward(trajectory, question.golden_answers, reward_config)
-    steps = max(1, trajectory.num_searches)
+    steps = trajectory.num_searches
     evidence = question_evidence(question)
     if evidence:
         texts = [text for step in trajectory.steps for text in (step.query, step.documents, *step.refines)]
         sims = matcher.similarity(evidence, texts) if texts else [[0.0] for _ in evidence]
         coverage = sum(max(row, default=0.0) for row in sims)
-        process = coverage / steps
+        process = coverage / max(1, steps)
     else:
-        coverage, process = 0.0, breakdown.outcome / steps
+        coverage, process = 0.0, breakdown.outcome / max(1, steps)
     return TrajectoryScores(
         format=breakdown.format,
         outcome=breakdown.outcome,

@@ -321,7 +321,8 @@ class IPDPORun:
     def sample(self, files: RoundFiles, policy: str) -> None:
         """Every process samples its share of the round's questions (resumable), then the parts are merged."""
         from autorefine.evaluation.policy import build_engine
-        from autorefine.training.sampling import Progress, make_matcher, round_questions, sample_questions
+        from autorefine.process_score import build_matcher
+        from autorefine.training.sampling import Progress, round_questions, sample_questions
 
         config, state = self.config, self.state
         seed = self.args.seed
@@ -354,7 +355,7 @@ class IPDPORun:
                 loop,
                 share,
                 config.sampling,
-                make_matcher(config.sampling.matcher),
+                build_matcher(config.sampling.matcher),
                 config.reward,
                 files.samples.part(state.process_index),
                 round_index=files.index,
@@ -547,14 +548,15 @@ def build_pairs_file(
     config: IPDPORunConfig, samples: Path, out: Path, *, rescore: bool = False, questions: str | None = None
 ) -> PairStats:
     """Pairs from a saved samples file with the config's pair settings (re-scored first with `rescore`)."""
-    from autorefine.training.sampling import make_matcher, read_sample_rows, rescore_rows
+    from autorefine.process_score import build_matcher
+    from autorefine.training.sampling import read_sample_rows, rescore_rows
 
     if not samples.is_file():
         raise PairError(f"samples file not found: {samples}")
     rows = read_sample_rows(samples)
     if rescore:
         by_id = {q.id: q for q in read_questions(questions or config.data.train_file)}
-        rows = rescore_rows(rows, by_id, make_matcher(config.sampling.matcher), config.reward)
+        rows = rescore_rows(rows, by_id, build_matcher(config.sampling.matcher), config.reward)
     pairs, stats = build_pairs(rows, config.pairs)
     write_jsonl(out, pairs)
     stats_file = out.with_name(out.stem + ".stats.json")

@@ -17,20 +17,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from autorefine.config import MatcherName, SamplingSettings
+from autorefine.config import SamplingSettings
 from autorefine.data import Question
-from autorefine.process_score import EmbeddingMatcher, LexicalMatcher, Matcher, score_trajectories
+from autorefine.process_score import Matcher, score_trajectories
 from autorefine.rewards import RewardConfig
 from autorefine.rollout.agent import AgentLoop
 from autorefine.rollout.trajectory import FinishReason, Segment, Trajectory
 from autorefine.training.pairs import PairError, question_groups, write_jsonl
 
 logger = logging.getLogger(__name__)
-
-
-def make_matcher(name: MatcherName) -> Matcher:
-    """The process score's evidence matcher."""
-    return EmbeddingMatcher() if name == "embedding" else LexicalMatcher()
 
 
 def round_questions(
