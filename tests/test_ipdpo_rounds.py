@@ -79,8 +79,15 @@ def mtimes(folder: Path, *names: str) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def finished_round(synthetic_bm25_server, tmp_path_factory) -> Path:
+    """One round from the warm start, logged to W&B in offline mode."""
     out = tmp_path_factory.mktemp("ipdpo") / "run"
-    train_ipdpo(tiny(synthetic_bm25_server, out))
+    saved = {k: os.environ.get(k) for k in ("WANDB_MODE", "WANDB_SILENT")}
+    os.environ.update(WANDB_MODE="offline", WANDB_SILENT="true")
+    try:
+        train_ipdpo(tiny(synthetic_bm25_server, out, "trainer.report_to=[wandb]"))
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key) if value is None else os.environ.update({key: value})
     return out
 
 
@@ -122,6 +129,19 @@ def test_a_round_writes_every_stage_and_a_loadable_policy(finished_round):
     assert summaries[1]["started_from"] == str(SYNTHETIC_DIR.relative_to(REPO_ROOT) / "warmstart")
     assert len(rows(round_dir / "heldout_predictions.jsonl")) == 16
     assert "## " in (round_dir / "pair_examples.md").read_text()
+
+
+def test_rounds_log_to_wandb_offline(finished_round):
+    [offline] = (finished_round / "wandb").glob("offline-run-*")
+    [records] = offline.glob("run-*.wandb")
+    logged = records.read_bytes()
+    # per-round metrics (round 0 and 1), the pair counts by type, and TRL's own DPO metrics in the same run
+    for key in (b"heldout/em", b"heldout/searches", b"pairs/skip_rate", b"pairs/wrong", b"dpo/pairs_reward_accuracy",
+                b"pairs/chosen_model_tokens", b"train/rewards/accuracies"):  # fmt: skip
+        assert key in logged, key
+    assert list(offline.glob("files/media/table/pairs/examples_round_1_*.table.json")), (
+        "the example-pairs table"
+    )
 
 
 def test_resume_picks_up_at_the_last_finished_stage(finished_round, synthetic_bm25_server, tmp_path):

@@ -25,6 +25,7 @@ import logging
 import os
 import shutil
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -730,7 +731,7 @@ def start_wandb(config: IPDPORunConfig, root: Path, args: DPOConfig) -> Any:
     import wandb
 
     id_file = root / "wandb_run_id"
-    run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
     id_file.write_text(run_id)
     run = wandb.init(
         project=os.environ.get("WANDB_PROJECT", "autorefine"),
