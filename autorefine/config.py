@@ -351,6 +351,8 @@ def _fits(value: Any, hint: Any) -> tuple[bool, Any]:
 def _describe(hint: Any) -> str:
     if typing.get_origin(hint) is Literal:
         return "choice among " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if typing.get_origin(hint) in (list, tuple) and typing.get_args(hint):
+        return f"list, each a {_describe(typing.get_args(hint)[0])}"
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 

@@ -217,7 +217,16 @@ class IPDPORun:
     # -- checks at start ---------------------------------------------------------------------------------
 
     def _check_combination(self, resume: bool) -> None:
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
         config, state = self.config, self.state
+        if is_deepspeed_zero3_enabled():
+            # Under ZeRO-3, every from_pretrained builds a sharded model: the sampling and evaluation engines,
+            # which load whole policies outside the trainer, could not generate.
+            raise RunError(
+                "train-ipdpo does not run under DeepSpeed ZeRO-3 (sampling loads whole policies); use "
+                "configs/accelerate/multi_gpu_ddp.yaml, deepspeed_zero2.yaml or fsdp2.yaml"
+            )
         if config.sampling.engine == "vllm" and state.num_processes > 1:
             raise RunError(
                 f"sampling.engine=vllm starts one vLLM engine in one process; this run has {state.num_processes} "
