@@ -194,6 +194,7 @@ def test_resume_picks_up_at_the_last_finished_stage(finished_round, synthetic_bm
     summary = json.loads((run / "round-2" / "summary.json").read_text())
     assert summary["started_from"] == str(round_dir)
     assert summary["samples"]["count"] == 32
+    assert [r["round"] for r in rows(run / "rounds.jsonl")] == [0, 1, 2], "each finished round once"
 
 
 def test_a_lost_retriever_keeps_the_samples_and_resume_samples_only_the_rest(tmp_path, start_retriever):

@@ -277,8 +277,7 @@ class IPDPORun:
                 yaml.safe_dump(to_dict(config), sort_keys=False), "utf-8"
             )
             self.wandb = start_wandb(config, self.root, self.args)
-        policy = Path(config.model.name_or_path) if Path(config.model.name_or_path).exists() else None
-        current: str = str(policy or config.model.name_or_path)
+        current = config.model.name_or_path
         if self.heldout and config.heldout.evaluate_start:
             start = RoundFiles(self.root, 0, config.sampling.samples_per_question)
             if not start.summary.is_file():
@@ -522,8 +521,11 @@ class IPDPORun:
     def _finish_round(self, files: RoundFiles, summary: dict[str, Any]) -> None:
         def write() -> None:
             write_json(files.summary, summary)
-            with (self.root / "rounds.jsonl").open("a", encoding="utf-8") as f:
-                f.write(json.dumps(summary, ensure_ascii=False) + "\n")
+            # Rebuilt from every finished round, so a resumed run never holds a round twice or misses one.
+            finished = sorted(
+                self.root.glob("round-*/summary.json"), key=lambda p: int(p.parent.name.split("-")[1])
+            )
+            write_jsonl(self.root / "rounds.jsonl", (read_json(path) for path in finished))
             examples = (
                 example_pairs(files.pairs, self.config.logging.pair_table_rows)
                 if files.pairs.is_file()
@@ -744,7 +746,7 @@ def start_wandb(config: IPDPORunConfig, root: Path, args: DPOConfig) -> Any:
     id_file.write_text(run_id)
     run = wandb.init(
         project=os.environ.get("WANDB_PROJECT", "autorefine"),
-        name=args.run_name or root.name,
+        name=config.trainer.get("run_name") or root.name,
         id=run_id,
         resume="allow",
         dir=str(root),
