@@ -1,6 +1,7 @@
 """IP-DPO on the multi-hop synthetic task: does it raise held-out EM while cutting searches and tokens?
 
     nice -n 10 python benchmarks/ipdpo.py [--seeds 0 1] [--grpo-steps 30] [--out runs/bench/ipdpo]
+    python benchmarks/ipdpo.py --parallel 6 --gpu          # every run at once, each on the GPU
 
 For each seed, from the shipped SFT warm start (data/synthetic_multihop/warmstart):
 - IP-DPO: `autorefine train-ipdpo --config configs/ipdpo/tiny-cpu-multihop.yaml` (3 rounds, format + outcome +
@@ -22,6 +23,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,6 +35,7 @@ TASK = REPO / "data" / "synthetic_multihop"
 IPDPO_PRESET = REPO / "configs" / "ipdpo" / "tiny-cpu-multihop.yaml"
 GRPO_PRESET = REPO / "configs" / "grpo" / "tiny-cpu.yaml"
 CLI = [sys.executable, "-m", "autorefine.cli"]
+DEVICE_OVERRIDES: list[str] = []  # --gpu: every run trains and samples on the GPU (float32, as on the CPU)
 
 
 def run(command: list[str], log: Path) -> float:
@@ -76,17 +79,23 @@ def summarize(predictions: list[dict], hops: dict[str, int]) -> dict[str, float]
     return out
 
 
-def ipdpo(seed: int, url: str, out: Path, name: str, extra: list[str]) -> dict:
-    """One IP-DPO run (resumed if its folder exists): per-round held-out summaries and the wall time."""
+def train_ipdpo(seed: int, url: str, out: Path, name: str, extra: list[str]) -> None:
+    """One IP-DPO run (resumed if its folder exists); its wall time is kept next to it."""
     folder = out / f"seed{seed}" / name
     command = [*CLI, "train-ipdpo", "--config", str(IPDPO_PRESET), f"retriever.url={url}",
-               f"trainer.output_dir={folder}", f"trainer.seed={seed}", *extra]  # fmt: skip
-    if folder.exists():
+               f"trainer.output_dir={folder}", f"trainer.seed={seed}", *extra, *DEVICE_OVERRIDES]  # fmt: skip
+    if (folder / "round-0").exists():
         command.append("--resume")
     seconds = run(command, folder.parent / f"{name}.log")
     timing = folder / "benchmark_seconds.json"
     if not timing.exists():  # the first (uninterrupted) run's wall time is the one reported
         timing.write_text(json.dumps({"seconds": seconds}))
+
+
+def ipdpo_results(seed: int, out: Path, name: str) -> dict:
+    """Per-round held-out summaries of one IP-DPO run, and its wall time."""
+    folder = out / f"seed{seed}" / name
+    timing = folder / "benchmark_seconds.json"
     hops = hops_of_heldout()
     rounds = []
     for summary in read_jsonl(folder / "rounds.jsonl"):
@@ -97,7 +106,7 @@ def ipdpo(seed: int, url: str, out: Path, name: str, extra: list[str]) -> dict:
     return {"seconds": json.loads(timing.read_text())["seconds"], "rounds": rounds}
 
 
-def grpo(seed: int, url: str, out: Path, steps: int) -> dict:
+def train_grpo(seed: int, url: str, out: Path, steps: int) -> None:
     """GRPO from the same warm start for `steps` steps, then a held-out evaluation of its final policy."""
     folder = out / f"seed{seed}" / "grpo"
     timing = folder / "benchmark_seconds.json"
@@ -116,15 +125,23 @@ def grpo(seed: int, url: str, out: Path, steps: int) -> dict:
                 f"trainer.max_steps={steps}",
                 "trainer.save_strategy=no",
                 "trainer.report_to=[]",
+                *DEVICE_OVERRIDES,
             ],
             folder.parent / "grpo.log",
         )  # fmt: skip
         evaluation = run(
             [*CLI, "evaluate", "--model", str(folder / "final"), "--datasets", f"multihop={TASK / 'heldout.jsonl'}",
-             "--retriever-url", url, "--out", str(folder / "eval"), "--batch-size", "92", "--no-progress"],
+             "--retriever-url", url, "--out", str(folder / "eval"), "--batch-size", "92", "--no-progress",
+             *(["--device", "cuda"] if DEVICE_OVERRIDES else [])],
             folder.parent / "grpo.log",
         )  # fmt: skip
         timing.write_text(json.dumps({"seconds": train + evaluation, "train_seconds": train}))
+
+
+def grpo_results(seed: int, out: Path, steps: int) -> dict:
+    """Held-out summary of one GRPO run, and its wall time."""
+    folder = out / f"seed{seed}" / "grpo"
+    timing = folder / "benchmark_seconds.json"
     predictions = read_jsonl(folder / "eval" / "predictions.jsonl")
     return {**json.loads(timing.read_text()), "steps": steps, **summarize(predictions, hops_of_heldout())}
 
@@ -215,23 +232,36 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--grpo-steps", type=int, default=30)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench" / "ipdpo")
+    parser.add_argument("--parallel", type=int, default=1, help="runs at once (default 1: one after another)")
+    parser.add_argument("--gpu", action="store_true", help="train, sample and evaluate on the GPU")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     load = os.getloadavg()
 
+    if args.gpu:
+        DEVICE_OVERRIDES.extend(["trainer.use_cpu=false", "trainer.bf16=false"])
     index = ensure_bm25_index(TASK / "corpus.jsonl", args.out / "multihop-bm25")
-    results = []
-    with running_retriever(index) as url:
-        for seed in args.seeds:
-            results.append(
-                {
-                    "seed": seed,
-                    "ipdpo": ipdpo(seed, url, args.out, "ipdpo", []),
-                    "outcome_only": ipdpo(seed, url, args.out, "outcome-only", ["pairs.ranking=[outcome]"]),
-                    "grpo": grpo(seed, url, args.out, args.grpo_steps),
-                }
-            )
+    jobs = []
+    for seed in args.seeds:
+        jobs += [
+            (train_ipdpo, (seed, "ipdpo", [])),
+            (train_ipdpo, (seed, "outcome-only", ["pairs.ranking=[outcome]"])),
+            (train_grpo, (seed, args.grpo_steps)),
+        ]
+    with running_retriever(index) as url, ThreadPoolExecutor(max_workers=args.parallel) as pool:
+        futures = [pool.submit(job, seed, url, args.out, *rest) for job, (seed, *rest) in jobs]
+        for future in futures:
+            future.result()
+    results = [
+        {
+            "seed": seed,
+            "ipdpo": ipdpo_results(seed, args.out, "ipdpo"),
+            "outcome_only": ipdpo_results(seed, args.out, "outcome-only"),
+            "grpo": grpo_results(seed, args.out, args.grpo_steps),
+        }
+        for seed in args.seeds
+    ]
 
     print(table(results))
     print("\n".join(verdict(results)))
