@@ -47,7 +47,10 @@ def test_3b_presets_fit_one_8_gpu_node(name):
         ("sampling.samples_per_question=1", "a pair needs two samples"),
         ("sampling.matcher=bm25", "sampling.matcher must be lexical, embedding or embedding:<model>"),
         ("pairs.ranking=[format, process]", "must include 'outcome'"),
-        ("pairs.negative_types=[bad]", "not a valid list, each a choice among 'weaker', 'wrong', 'malformed'"),
+        (
+            "pairs.negative_types=[bad]",
+            "not a valid list, each a choice among 'weaker', 'wrong', 'malformed'",
+        ),
         ("heldout.every=5", "unknown key(s) heldout.every"),
     ],
 )

@@ -197,6 +197,41 @@ def test_resume_picks_up_at_the_last_finished_stage(finished_round, synthetic_bm
     assert [r["round"] for r in rows(run / "rounds.jsonl")] == [0, 1, 2], "each finished round once"
 
 
+def test_resume_inside_the_dpo_epoch_matches_an_uninterrupted_round(synthetic_bm25_server, tmp_path):
+    from safetensors.torch import load_file
+
+    checkpoints = (
+        "heldout.file=null",
+        "trainer.save_strategy=steps",
+        "trainer.save_steps=1",
+        "trainer.seed=3",
+    )
+    full = tmp_path / "full"
+    train_ipdpo(tiny(synthetic_bm25_server, full, *checkpoints))
+    steps = sorted(int(p.name.split("-")[1]) for p in (full / "round-1" / "dpo").glob("checkpoint-*"))
+    assert len(steps) >= 2, "the round must take several optimizer steps"
+
+    # the same run, stopped after its first optimizer step
+    part = tmp_path / "part"
+    shutil.copytree(full, part)
+    round_dir = part / "round-1"
+    for name in ("summary.json", "training.json", "model.safetensors"):
+        (round_dir / name).unlink()
+    for step in steps[1:]:
+        shutil.rmtree(round_dir / "dpo" / f"checkpoint-{step}")
+    first = mtimes(round_dir / "dpo" / f"checkpoint-{steps[0]}", "model.safetensors")
+    train_ipdpo(tiny(synthetic_bm25_server, part, *checkpoints), resume=True)
+    assert mtimes(round_dir / "dpo" / f"checkpoint-{steps[0]}", *first) == first, "continued, not redone"
+
+    resumed, uninterrupted = (
+        load_file(round_dir / "model.safetensors"),
+        load_file(full / "round-1" / "model.safetensors"),
+    )
+    for name, tensor in uninterrupted.items():
+        assert resumed[name].allclose(tensor, atol=1e-6), name
+    assert json.loads((round_dir / "training.json").read_text())["steps"] == steps[-1]
+
+
 def test_a_lost_retriever_keeps_the_samples_and_resume_samples_only_the_rest(tmp_path, start_retriever):
     out = tmp_path / "run"
     parts = out / "round-1" / "samples.parts"
