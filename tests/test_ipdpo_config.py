@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from autorefine.config import ConfigError, IPDPORunConfig, load_config
-from autorefine.training.ipdpo import IPDPORun, make_dpo_args
+from autorefine.training.dpo import make_dpo_args
+from autorefine.training.ipdpo import IPDPORun
 from autorefine.training.trainer_args import RunError
 from tests.paths import REPO_ROOT
 

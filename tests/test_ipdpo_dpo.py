@@ -12,8 +12,8 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from autorefine.config import IPDPORunConfig, load_config
 from autorefine.modeling import load_policy, load_tokenizer, tiny_qwen2
+from autorefine.training.dpo import build_dpo_trainer, make_dpo_args, merge_adapter
 from autorefine.training.dpo_data import MaskedPreferenceCollator, dpo_example, pairs_dataset
-from autorefine.training.ipdpo import build_dpo_trainer, make_dpo_args, merge_adapter
 from autorefine.training.trainer_args import RunError
 from tests.paths import SYNTHETIC_DIR
 

@@ -22,67 +22,46 @@ import dataclasses
 import gc
 import json
 import logging
-import os
-import shutil
 import time
-import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 
-from autorefine.config import RUN_CONFIG_FILE, IPDPORunConfig, check_trainer_args, to_dict
+from autorefine.config import RUN_CONFIG_FILE, IPDPORunConfig, to_dict
 from autorefine.data import read_questions
 from autorefine.protocol import PromptTemplate
 from autorefine.retrieval import RetrieverUnavailableError, connect_retriever
 from autorefine.rollout.agent import AgentLoop, Searcher
+from autorefine.training.dpo import build_dpo_trainer, dpo_metrics, make_dpo_args, merge_adapter
+from autorefine.training.ipdpo_report import (
+    example_pairs,
+    log_round_to_wandb,
+    pair_examples_markdown,
+    print_round,
+    sample_summary,
+    start_wandb,
+)
 from autorefine.training.pairs import (
     PairError,
     PairStats,
     build_pairs,
-    pair_text,
     read_pairs,
     stats_of_pairs,
     too_few_pairs_message,
     write_jsonl,
 )
-from autorefine.training.trainer_args import RunError, with_trainer_defaults
+from autorefine.training.trainer_args import RunError
 
 if TYPE_CHECKING:
     from accelerate import PartialState
-    from trl import DPOConfig, DPOTrainer
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 DEFAULT_OUTPUT_DIR = "runs/ipdpo"
-
-
-def make_dpo_args(config: IPDPORunConfig, output_dir: Path) -> DPOConfig:
-    """TRL arguments of one round's DPO epoch, from the `trainer` section plus what autorefine derives."""
-    from trl import DPOConfig
-
-    derived = {
-        "loss_type": "nll_weight (sigmoid DPO, plus TRL's 'sft' NLL term when nll_weight > 0)",
-        "loss_weights": "nll_weight",
-        "remove_unused_columns": "autorefine (the collator reads the environment-mask columns)",
-    }
-    values = with_trainer_defaults(check_trainer_args(DPOConfig, config.trainer, forbidden=derived))
-    if values.get("sync_ref_model"):
-        raise RunError(
-            "trainer.sync_ref_model moves the reference during the epoch; IP-DPO keeps each round's starting "
-            "policy as its frozen reference. Turn it off."
-        )
-    values.setdefault("num_train_epochs", 1)
-    # Every process waits at the end of sampling for the slowest one; the default 30 min can be too short.
-    values.setdefault("ddp_timeout", 4 * 3600)
-    values["output_dir"] = str(output_dir)
-    loss_type, weights = ["sigmoid"], [1.0]
-    if config.nll_weight > 0:
-        loss_type, weights = ["sigmoid", "sft"], [1.0, config.nll_weight]
-    return DPOConfig(**values, loss_type=loss_type, loss_weights=weights, remove_unused_columns=False)
 
 
 # --- agreement between processes ---------------------------------------------------------------------------
@@ -577,231 +556,3 @@ def build_pairs_file(
         {"settings": dataclasses.asdict(config.pairs), "stats": stats.to_dict(), "source": str(samples)},
     )
     return stats
-
-
-# --- the DPO trainer ----------------------------------------------------------------------------------------
-
-
-def build_dpo_trainer(
-    config: IPDPORunConfig, args: DPOConfig, policy: str, pairs_file: Path, accuracy_pairs: int = 0
-) -> tuple[DPOTrainer, dict[str, int]]:
-    """A DPOTrainer on the pairs of `pairs_file`, starting from `policy`, which is also the frozen reference."""
-    from autorefine.modeling import load_policy, load_tokenizer_and_policy, lora_config
-    from autorefine.training.dpo_data import MaskedPreferenceCollator, pairs_dataset
-    from autorefine.training.trl_private import pretokenized_dpo_trainer
-
-    dataset, dropped = pairs_dataset(read_pairs(pairs_file), args.max_length)
-    if dataset is None:
-        raise RunError(
-            f"{pairs_file}: every pair is longer than trainer.max_length={args.max_length}; raise it (pairs are "
-            "never truncated)"
-        )
-    tokenizer, model = load_tokenizer_and_policy(dataclasses.replace(config.model, name_or_path=policy))
-    # With LoRA the reference is the adapter-free model; with precomputed reference log-probs TRL scores the
-    # policy once before its first update. Otherwise a frozen copy of the round's starting policy.
-    needs_copy = not config.lora.enabled and not args.precompute_ref_log_probs
-    reference = load_policy(policy, dtype=config.model.dtype) if needs_copy else None
-    evaluated = dataset.select(range(min(accuracy_pairs, len(dataset)))) if accuracy_pairs > 0 else None
-    trainer = pretokenized_dpo_trainer()(
-        model=model,
-        ref_model=reference,
-        args=args,
-        data_collator=MaskedPreferenceCollator(pad_token_id=tokenizer.pad_token_id),
-        train_dataset=dataset,
-        eval_dataset=evaluated,
-        processing_class=tokenizer,
-        peft_config=lora_config(config.lora),
-    )
-    return trainer, {"pairs": len(dataset), "dropped_for_length": dropped}
-
-
-def merge_adapter(config: IPDPORunConfig, base: str, adapter: Path, out: Path) -> None:
-    """Fold a round's LoRA adapter into its starting policy and save a plain HF model folder."""
-    from peft import PeftModel
-
-    from autorefine.modeling import load_policy
-
-    model = PeftModel.from_pretrained(load_policy(base, dtype=config.model.dtype), str(adapter))
-    model.merge_and_unload().save_pretrained(str(out))
-    shutil.rmtree(adapter)
-
-
-def dpo_metrics(log_history: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Means of TRL's logged DPO metrics over the epoch, and their first and last logged values."""
-    out: dict[str, Any] = {}
-    keys = (
-        "loss",
-        "rewards/accuracies",
-        "rewards/margins",
-        "rewards/chosen",
-        "rewards/rejected",
-        "logps/chosen",
-    )
-    for key in keys:
-        values = [h[key] for h in log_history if key in h]
-        if values:
-            name = key.replace("/", "_")
-            out[f"{name}_mean"] = sum(values) / len(values)
-            out[f"{name}_first"] = values[0]
-            out[f"{name}_last"] = values[-1]
-    steps = [h.get("step", 0) for h in log_history]
-    out["steps"] = max(steps) if steps else 0
-    return out
-
-
-# --- per-round summaries ------------------------------------------------------------------------------------
-
-
-def sample_summary(rows: Any) -> dict[str, float]:
-    """Mean scores, searches and model tokens of every sample of a round."""
-    totals: dict[str, float] = {}
-    count = 0
-    for row in rows:
-        count += 1
-        for key, value in row["scores"].items():
-            totals[key] = totals.get(key, 0.0) + float(value)
-        totals["searches"] = totals.get("searches", 0.0) + len(row.get("queries", []))
-    return {"count": count, **{k: v / count for k, v in totals.items()}} if count else {"count": 0}
-
-
-def example_pairs(pairs_file: Path, rows: int) -> list[dict[str, Any]]:
-    """The first pairs of each negative type, round-robin, up to `rows`."""
-    by_type: dict[str, list[dict[str, Any]]] = {}
-    for pair in read_pairs(pairs_file):
-        bucket = by_type.setdefault(pair.get("type", "?"), [])
-        if len(bucket) < rows:
-            bucket.append(pair)
-    out = []
-    while len(out) < rows and any(by_type.values()):
-        for bucket in by_type.values():
-            if bucket and len(out) < rows:
-                out.append(bucket.pop(0))
-    return out
-
-
-def pair_examples_markdown(pairs: list[dict[str, Any]]) -> str:
-    """Example pairs for reading: question, negative type, both trajectories and their scores."""
-    parts = ["# Example pairs\n"]
-    for pair in pairs:
-        parts.append(f"## {pair.get('question') or pair['id']} — {pair.get('type', '?')}\n")
-        parts.append(f"gold: {' | '.join(pair.get('golden_answers', []))}\n")
-        for side in ("chosen", "rejected"):
-            scores = pair[side].get("scores", {})
-            shown = ", ".join(f"{k} {v:.2f}" for k, v in scores.items())
-            parts.append(f"**{side}** ({shown})\n\n```\n{pair_text(pair[side])}\n```\n")
-    return "\n".join(parts)
-
-
-def print_round(summary: dict[str, Any], baseline: dict[str, float] | None) -> None:
-    """A round's numbers on the console."""
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    index = summary["round"]
-    heldout = summary.get("heldout") or {}
-    if index == 0:
-        if heldout:
-            console.print(
-                f"[bold]start policy[/] held-out EM {heldout['em']:.3f}  F1 {heldout['f1']:.3f}  "
-                f"searches {heldout['searches']:.2f}  model tokens {heldout['model_tokens']:.1f}"
-            )
-        return
-    pairs, dpo, samples = summary["pairs"], summary["dpo"], summary.get("samples", {})
-    table = Table(title=f"IP-DPO round {index} ({summary['seconds'] / 60:.1f} min)", show_header=True)
-    table.add_column("")
-    table.add_column("chosen", justify="right")
-    table.add_column("rejected", justify="right")
-    for key in ("outcome", "process", "format", "steps", "model_tokens"):
-        if key in pairs["chosen"]:
-            table.add_row(key, f"{pairs['chosen'][key]:.2f}", f"{pairs['rejected'][key]:.2f}")
-    console.print(table)
-    by_type = ", ".join(f"{t} {n}" for t, n in pairs["by_type"].items())
-    console.print(
-        f"samples {samples.get('count', 0):.0f} (outcome {samples.get('outcome', 0):.2f}, searches "
-        f"{samples.get('searches', 0):.2f}) · pairs {pairs['pairs']} ({by_type}) · skipped "
-        f"{100 * pairs['skip_rate']:.0f}% {dict(pairs['skipped'])}"
-    )
-    if dpo.get("pairs_reward_accuracy") is not None:
-        console.print(
-            f"DPO: reward accuracy {dpo['pairs_reward_accuracy']:.2f}, margin {dpo['pairs_reward_margin']:.3f} "
-            f"on {dpo['pairs_evaluated']} training pairs after the epoch; loss {dpo.get('loss_mean', float('nan')):.3f}"
-        )
-    if heldout:
-        delta = f" ({heldout['em'] - baseline['em']:+.3f} vs start)" if baseline else ""
-        console.print(
-            f"held-out EM {heldout['em']:.3f}{delta}  F1 {heldout['f1']:.3f}  searches {heldout['searches']:.2f}  "
-            f"model tokens {heldout['model_tokens']:.1f}"
-        )
-
-
-def start_wandb(config: IPDPORunConfig, root: Path, args: DPOConfig) -> Any:
-    """One W&B run for every round (resumed with the run), or None when W&B is not in `report_to`."""
-    if "wandb" not in (args.report_to or []):
-        return None
-    import wandb
-
-    id_file = root / "wandb_run_id"
-    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
-    id_file.write_text(run_id)
-    run = wandb.init(
-        project=os.environ.get("WANDB_PROJECT", "autorefine"),
-        name=config.trainer.get("run_name") or root.name,
-        id=run_id,
-        resume="allow",
-        dir=str(root),
-        config=to_dict(config),
-    )
-    run.define_metric("round")
-    for prefix in ("round/*", "pairs/*", "dpo/*", "heldout/*", "samples/*"):
-        run.define_metric(prefix, step_metric="round")
-    return run
-
-
-def round_metrics(summary: dict[str, Any]) -> dict[str, float]:
-    """A round's summary flattened into W&B metric names."""
-    out: dict[str, float] = {"round": summary["round"]}
-    for key, value in (summary.get("heldout") or {}).items():
-        out[f"heldout/{key}"] = value
-    if summary["round"] == 0:
-        return out
-    pairs = summary["pairs"]
-    out["pairs/count"] = pairs["pairs"]
-    out["pairs/skip_rate"] = pairs["skip_rate"]
-    for kind, count in pairs["by_type"].items():
-        out[f"pairs/{kind}"] = count
-    for reason, count in pairs["skipped"].items():
-        out[f"pairs/skipped_{reason}"] = count
-    for side in ("chosen", "rejected"):
-        for key, value in pairs[side].items():
-            out[f"pairs/{side}_{key}"] = value
-    for key, value in summary.get("samples", {}).items():
-        out[f"samples/{key}"] = value
-    for key, value in summary["dpo"].items():
-        if isinstance(value, int | float):
-            out[f"dpo/{key}"] = value
-    out["round/seconds"] = summary["seconds"]
-    return out
-
-
-def log_round_to_wandb(run: Any, summary: dict[str, Any], examples: list[dict[str, Any]]) -> None:
-    """Per-round metrics and a table of example pairs."""
-    import wandb
-
-    data = round_metrics(summary)
-    if examples:
-        columns = ["question", "gold", "type", "chosen", "chosen scores", "rejected", "rejected scores"]
-        rows = [
-            [
-                p.get("question", p["id"]),
-                " | ".join(p.get("golden_answers", [])),
-                p.get("type", "?"),
-                pair_text(p["chosen"]),
-                json.dumps(p["chosen"].get("scores", {})),
-                pair_text(p["rejected"]),
-                json.dumps(p["rejected"].get("scores", {})),
-            ]
-            for p in examples
-        ]
-        data[f"pairs/examples_round_{summary['round']}"] = wandb.Table(columns=columns, data=rows)
-    run.log(data)
