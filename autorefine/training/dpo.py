@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from autorefine.config import IPDPORunConfig, check_trainer_args
 from autorefine.training.pairs import read_pairs
-from autorefine.training.trainer_args import RunError, with_trainer_defaults
+from autorefine.training.trainer_args import RunError, require_devices, with_trainer_defaults
 
 if TYPE_CHECKING:
     from trl import DPOConfig, DPOTrainer
@@ -30,7 +30,10 @@ def make_dpo_args(config: IPDPORunConfig, output_dir: Path) -> DPOConfig:
         "loss_weights": "nll_weight",
         "remove_unused_columns": "autorefine (the collator reads the environment-mask columns)",
     }
-    values = with_trainer_defaults(check_trainer_args(DPOConfig, config.trainer, forbidden=derived))
+    values = with_trainer_defaults(
+        check_trainer_args(DPOConfig, config.trainer, forbidden=derived), DPOConfig
+    )
+    require_devices(values)
     if values.get("sync_ref_model"):
         raise RunError(
             "trainer.sync_ref_model moves the reference during the epoch; IP-DPO keeps each round's starting "

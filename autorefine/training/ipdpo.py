@@ -308,8 +308,8 @@ class IPDPORun:
 
     def sample(self, files: RoundFiles, policy: str) -> None:
         """Every process samples its share of the round's questions (resumable), then the parts are merged."""
-        from autorefine.evaluation.policy import build_engine
         from autorefine.process_score import build_matcher
+        from autorefine.rollout.engines import engine_from_checkpoint
         from autorefine.training.sampling import Progress, round_questions, sample_questions
 
         config, state = self.config, self.state
@@ -330,7 +330,7 @@ class IPDPORun:
         )
         error = None
         try:
-            engine = build_engine(
+            engine = engine_from_checkpoint(
                 policy,
                 engine=config.sampling.engine,
                 dtype=config.model.dtype,
@@ -456,9 +456,9 @@ class IPDPORun:
         """Greedy held-out metrics of `policy`, questions split across processes; predictions saved."""
         from accelerate.utils import gather_object
 
-        from autorefine.evaluation.policy import build_engine
         from autorefine.evaluation.runner import GREEDY, predict
         from autorefine.evaluation.scoring import Prediction, aggregate
+        from autorefine.rollout.engines import engine_from_checkpoint
 
         if not self.heldout:
             return {}
@@ -468,7 +468,7 @@ class IPDPORun:
         error = None
         started = time.perf_counter()
         try:
-            engine = build_engine(policy, dtype=config.model.dtype, device=str(state.device))
+            engine = engine_from_checkpoint(policy, dtype=config.model.dtype, device=str(state.device))
             loop = AgentLoop(engine, self.searcher, config.rollout, self.template)
             local = predict(
                 loop, share, GREEDY, batch_size=config.heldout.batch_size, reward_config=config.reward
