@@ -81,10 +81,16 @@ def mtimes(folder: Path, *names: str) -> dict[str, int]:
 def finished_round(synthetic_bm25_server, tmp_path_factory) -> Path:
     """One round from the warm start, logged to W&B in offline mode."""
     out = tmp_path_factory.mktemp("ipdpo") / "run"
+    # held-out questions labelled with a hop count, as multi-hop data is: metrics are also reported per count
+    heldout = out.parent / "heldout.jsonl"
+    rows_ = [json.loads(line) for line in (SYNTHETIC_DIR / "heldout.jsonl").read_text().splitlines()[:16]]
+    heldout.write_text(
+        "".join(json.dumps({**r, "metadata": {"hops": 1 + i % 2}}) + "\n" for i, r in enumerate(rows_))
+    )
     saved = {k: os.environ.get(k) for k in ("WANDB_MODE", "WANDB_SILENT")}
     os.environ.update(WANDB_MODE="offline", WANDB_SILENT="true")
     try:
-        train_ipdpo(tiny(synthetic_bm25_server, out, "trainer.report_to=[wandb]"))
+        train_ipdpo(tiny(synthetic_bm25_server, out, "trainer.report_to=[wandb]", f"heldout.file={heldout}"))
     finally:
         for key, value in saved.items():
             os.environ.pop(key) if value is None else os.environ.update({key: value})
@@ -128,6 +134,9 @@ def test_a_round_writes_every_stage_and_a_loadable_policy(finished_round):
     assert summaries[0]["heldout"]["count"] == 16 and summaries[1]["heldout"]["count"] == 16
     assert summaries[1]["started_from"] == str(SYNTHETIC_DIR.relative_to(REPO_ROOT) / "warmstart")
     assert len(rows(round_dir / "heldout_predictions.jsonl")) == 16
+    heldout = summaries[1]["heldout"]
+    assert heldout["searches"] == pytest.approx((heldout["searches_1hop"] + heldout["searches_2hop"]) / 2)
+    assert heldout["em"] == pytest.approx((heldout["em_1hop"] + heldout["em_2hop"]) / 2)
     assert "## " in (round_dir / "pair_examples.md").read_text()
 
 

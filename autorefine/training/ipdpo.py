@@ -487,6 +487,12 @@ class IPDPORun:
         all_succeeded(state, error)
         predictions = gather_object(local) if state.num_processes > 1 else local
         metrics = aggregate(predictions)
+        # Multi-hop data says how many hops each question needs: searches per hop count show wasted steps.
+        hops = {q.id: q.metadata.get("hops") for q in self.heldout}
+        for count in sorted({h for h in hops.values() if isinstance(h, int)}):
+            group = [p for p in predictions if hops.get(p.id) == count]
+            metrics[f"em_{count}hop"] = sum(p.scores["em"] for p in group) / len(group)
+            metrics[f"searches_{count}hop"] = sum(p.searches for p in group) / len(group)
         metrics["seconds"] = time.perf_counter() - started
 
         def save() -> None:

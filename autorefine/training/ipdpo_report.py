@@ -65,10 +65,7 @@ def print_round(summary: dict[str, Any], baseline: dict[str, float] | None) -> N
     heldout = summary.get("heldout") or {}
     if index == 0:
         if heldout:
-            console.print(
-                f"[bold]start policy[/] held-out EM {heldout['em']:.3f}  F1 {heldout['f1']:.3f}  "
-                f"searches {heldout['searches']:.2f}  model tokens {heldout['model_tokens']:.1f}"
-            )
+            console.print(f"[bold]start policy[/] {heldout_line(heldout)}")
         return
     pairs, dpo, samples = summary["pairs"], summary["dpo"], summary.get("samples", {})
     table = Table(title=f"IP-DPO round {index} ({summary['seconds'] / 60:.1f} min)", show_header=True)
@@ -91,11 +88,17 @@ def print_round(summary: dict[str, Any], baseline: dict[str, float] | None) -> N
             f"on {dpo['pairs_evaluated']} training pairs after the epoch; loss {dpo.get('loss_mean', float('nan')):.3f}"
         )
     if heldout:
-        delta = f" ({heldout['em'] - baseline['em']:+.3f} vs start)" if baseline else ""
-        console.print(
-            f"held-out EM {heldout['em']:.3f}{delta}  F1 {heldout['f1']:.3f}  searches {heldout['searches']:.2f}  "
-            f"model tokens {heldout['model_tokens']:.1f}"
-        )
+        console.print(heldout_line(heldout, baseline))
+
+
+def heldout_line(heldout: dict[str, float], baseline: dict[str, float] | None = None) -> str:
+    """Held-out EM (and its change since the start policy), F1, searches (per hop count) and model tokens."""
+    delta = f" ({heldout['em'] - baseline['em']:+.3f} vs start)" if baseline else ""
+    hops = ", ".join(f"{k.split('_')[1]} {v:.2f}" for k, v in heldout.items() if k.startswith("searches_"))
+    return (
+        f"held-out EM {heldout['em']:.3f}{delta}  F1 {heldout['f1']:.3f}  searches {heldout['searches']:.2f}"
+        f"{f' ({hops})' if hops else ''}  model tokens {heldout['model_tokens']:.1f}"
+    )
 
 
 def start_wandb(config: IPDPORunConfig, root: Path, args: DPOConfig) -> Any:
