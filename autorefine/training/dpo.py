@@ -111,6 +111,9 @@ def dpo_metrics(log_history: Sequence[dict[str, Any]]) -> dict[str, Any]:
             out[f"{name}_mean"] = sum(values) / len(values)
             out[f"{name}_first"] = values[0]
             out[f"{name}_last"] = values[-1]
+    final = [h["train_loss"] for h in log_history if "train_loss" in h]
+    if final:
+        out["train_loss"] = final[-1]  # the epoch's mean loss, logged even when no step reached logging_steps
     steps = [h.get("step", 0) for h in log_history]
     out["steps"] = max(steps) if steps else 0
     return out

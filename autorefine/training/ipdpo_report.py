@@ -85,7 +85,7 @@ def print_round(summary: dict[str, Any], baseline: dict[str, float] | None) -> N
     if dpo.get("pairs_reward_accuracy") is not None:
         console.print(
             f"DPO: reward accuracy {dpo['pairs_reward_accuracy']:.2f}, margin {dpo['pairs_reward_margin']:.3f} "
-            f"on {dpo['pairs_evaluated']} training pairs after the epoch; loss {dpo.get('loss_mean', float('nan')):.3f}"
+            f"on {dpo['pairs_evaluated']} training pairs after the epoch; loss {dpo.get('train_loss', float('nan')):.3f}"
         )
     if heldout:
         console.print(heldout_line(heldout, baseline))
