@@ -1,15 +1,15 @@
 """IP-DPO on the multi-hop synthetic task: does it raise held-out EM while cutting searches and tokens?
 
-    nice -n 10 python benchmarks/ipdpo.py [--seeds 0 1] [--grpo-steps 30] [--out runs/bench/ipdpo]
+    nice -n 10 python benchmarks/ipdpo.py [--seeds 0 1] [--out runs/bench/ipdpo]
     python benchmarks/ipdpo.py --parallel 6 --gpu          # every run at once, each on the GPU
 
 For each seed, from the shipped SFT warm start (data/synthetic_multihop/warmstart):
 - IP-DPO: `autorefine train-ipdpo --config configs/ipdpo/tiny-cpu-multihop.yaml` (3 rounds, format + outcome +
   process ranking);
 - the ablation: the same run with `pairs.ranking=[outcome]` (outcome-only DPO, no process score);
-- GRPO from the same warm start (configs/grpo/tiny-cpu.yaml pointed at the multi-hop task) for
-  `--grpo-steps` steps, chosen so that its wall clock is close to one IP-DPO run's (both are printed), then
-  `autorefine evaluate` on the same held-out questions.
+- GRPO from the same warm start (configs/grpo/tiny-cpu.yaml pointed at the multi-hop task, same rollout
+  limits) for the wall clock of that seed's IP-DPO run (stopped when it is done, or after as long as it took),
+  then `autorefine evaluate` of its last checkpoint on the same held-out questions.
 Every policy is evaluated greedily on the held-out questions (people and companies never seen in training).
 Reports EM, F1, searches per question (one-hop and two-hop questions apart), model tokens per question and
 wall time, per seed; writes a PNG and the numbers as JSON. Runs are resumed when their folder exists.
@@ -22,7 +22,9 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -106,44 +108,63 @@ def ipdpo_results(seed: int, out: Path, name: str) -> dict:
     return {"seconds": json.loads(timing.read_text())["seconds"], "rounds": rounds}
 
 
-def train_grpo(seed: int, url: str, out: Path, steps: int) -> None:
-    """GRPO from the same warm start for `steps` steps, then a held-out evaluation of its final policy."""
+def train_grpo(seed: int, url: str, out: Path, budget: Callable[[float], bool]) -> None:
+    """GRPO from the same warm start until `budget(elapsed seconds)` says stop; its last checkpoint held out.
+
+    A checkpoint every 5th step; the run stops when the same seed's IP-DPO run is done (or after its wall
+    time), so both get a similar wall clock.
+    """
     folder = out / f"seed{seed}" / "grpo"
     timing = folder / "benchmark_seconds.json"
-    if not timing.exists():
-        train = run(
-            [
-                *CLI, "train-grpo", "--config", str(GRPO_PRESET),
-                f"retriever.url={url}",
-                f"model.name_or_path={TASK / 'warmstart'}",
-                f"template={TASK / 'template.txt'}",
-                f"data.train_file={TASK / 'train.jsonl'}",
-                "heldout.file=null",
-                *multihop_rollout(),
-                f"trainer.output_dir={folder}",
-                f"trainer.seed={seed}",
-                f"trainer.max_steps={steps}",
-                "trainer.save_strategy=no",
-                "trainer.report_to=[]",
-                *DEVICE_OVERRIDES,
-            ],
-            folder.parent / "grpo.log",
-        )  # fmt: skip
-        evaluation = run(
-            [*CLI, "evaluate", "--model", str(folder / "final"), "--datasets", f"multihop={TASK / 'heldout.jsonl'}",
-             "--retriever-url", url, "--out", str(folder / "eval"), "--batch-size", "92", "--no-progress",
-             *(["--device", "cuda"] if DEVICE_OVERRIDES else [])],
-            folder.parent / "grpo.log",
-        )  # fmt: skip
-        timing.write_text(json.dumps({"seconds": train + evaluation, "train_seconds": train}))
+    if timing.exists():
+        return
+    command = [
+        *CLI, "train-grpo", "--config", str(GRPO_PRESET),
+        f"retriever.url={url}",
+        f"model.name_or_path={TASK / 'warmstart'}",
+        f"template={TASK / 'template.txt'}",
+        f"data.train_file={TASK / 'train.jsonl'}",
+        "heldout.file=null",
+        *multihop_rollout(),
+        f"trainer.output_dir={folder}",
+        f"trainer.seed={seed}",
+        "trainer.max_steps=100000",
+        "trainer.save_strategy=steps",
+        "trainer.save_steps=5",
+        "trainer.save_total_limit=2",
+        "trainer.report_to=[]",
+        *DEVICE_OVERRIDES,
+    ]  # fmt: skip
+    log = folder.parent / "grpo.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with log.open("a", encoding="utf-8") as sink:
+        process = subprocess.Popen(command, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT)
+        while process.poll() is None and not budget(time.perf_counter() - started):
+            time.sleep(2)
+        process.terminate()
+        process.wait()
+    train = time.perf_counter() - started
+    complete = [c for c in folder.glob("checkpoint-*") if (c / "trainer_state.json").is_file()]
+    if not complete:
+        raise RuntimeError(f"GRPO saved no checkpoint within its budget: see {log}")
+    last = max(complete, key=lambda c: int(c.name.split("-")[1]))
+    evaluation = run(
+        [*CLI, "evaluate", "--model", str(last), "--datasets", f"multihop={TASK / 'heldout.jsonl'}",
+         "--retriever-url", url, "--out", str(folder / "eval"), "--batch-size", "86", "--no-progress",
+         *(["--device", "cuda"] if DEVICE_OVERRIDES else [])],
+        log,
+    )  # fmt: skip
+    steps = int(last.name.split("-")[1])
+    timing.write_text(json.dumps({"seconds": train + evaluation, "train_seconds": train, "steps": steps}))
 
 
-def grpo_results(seed: int, out: Path, steps: int) -> dict:
-    """Held-out summary of one GRPO run, and its wall time."""
+def grpo_results(seed: int, out: Path) -> dict:
+    """Held-out summary of one GRPO run, its steps and wall time."""
     folder = out / f"seed{seed}" / "grpo"
-    timing = folder / "benchmark_seconds.json"
     predictions = read_jsonl(folder / "eval" / "predictions.jsonl")
-    return {**json.loads(timing.read_text()), "steps": steps, **summarize(predictions, hops_of_heldout())}
+    timing = json.loads((folder / "benchmark_seconds.json").read_text())
+    return {**timing, **summarize(predictions, hops_of_heldout())}
 
 
 def multihop_rollout() -> list[str]:
@@ -230,7 +251,6 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--grpo-steps", type=int, default=30)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench" / "ipdpo")
     parser.add_argument("--parallel", type=int, default=1, help="runs at once (default 1: one after another)")
     parser.add_argument("--gpu", action="store_true", help="train, sample and evaluate on the GPU")
@@ -242,15 +262,35 @@ def main() -> None:
     if args.gpu:
         DEVICE_OVERRIDES.extend(["trainer.use_cpu=false", "trainer.bf16=false"])
     index = ensure_bm25_index(TASK / "corpus.jsonl", args.out / "multihop-bm25")
-    jobs = []
-    for seed in args.seeds:
-        jobs += [
-            (train_ipdpo, (seed, "ipdpo", [])),
-            (train_ipdpo, (seed, "outcome-only", ["pairs.ranking=[outcome]"])),
-            (train_grpo, (seed, args.grpo_steps)),
+    finished = {seed: threading.Event() for seed in args.seeds}
+    fresh: dict[int, bool] = {}
+
+    def ipdpo_seconds(seed: int) -> float:
+        return json.loads((args.out / f"seed{seed}" / "ipdpo" / "benchmark_seconds.json").read_text())[
+            "seconds"
         ]
+
+    def full(seed: int, url: str) -> None:
+        fresh[seed] = not (args.out / f"seed{seed}" / "ipdpo" / "benchmark_seconds.json").exists()
+        try:
+            train_ipdpo(seed, url, args.out, "ipdpo", [])
+        finally:
+            finished[seed].set()
+
+    def outcome_only(seed: int, url: str) -> None:
+        train_ipdpo(seed, url, args.out, "outcome-only", ["pairs.ranking=[outcome]"])
+
+    def grpo(seed: int, url: str) -> None:
+        # Alongside a fresh IP-DPO run (--parallel): stop when it is done. Otherwise: as long as it took.
+        def budget(elapsed: float) -> bool:
+            if not finished[seed].is_set():
+                return False
+            return (args.parallel > 1 and fresh[seed]) or elapsed >= ipdpo_seconds(seed)
+
+        train_grpo(seed, url, args.out, budget)
+
     with running_retriever(index) as url, ThreadPoolExecutor(max_workers=args.parallel) as pool:
-        futures = [pool.submit(job, seed, url, args.out, *rest) for job, (seed, *rest) in jobs]
+        futures = [pool.submit(job, seed, url) for seed in args.seeds for job in (full, outcome_only, grpo)]
         for future in futures:
             future.result()
     results = [
@@ -258,7 +298,7 @@ def main() -> None:
             "seed": seed,
             "ipdpo": ipdpo_results(seed, args.out, "ipdpo"),
             "outcome_only": ipdpo_results(seed, args.out, "outcome-only"),
-            "grpo": grpo_results(seed, args.out, args.grpo_steps),
+            "grpo": grpo_results(seed, args.out),
         }
         for seed in args.seeds
     ]
