@@ -37,6 +37,7 @@ TASK = REPO / "data" / "synthetic_multihop"
 IPDPO_PRESET = REPO / "configs" / "ipdpo" / "tiny-cpu-multihop.yaml"
 GRPO_PRESET = REPO / "configs" / "grpo" / "tiny-cpu.yaml"
 CLI = [sys.executable, "-m", "autorefine.cli"]
+IPDPO_OVERRIDES: list[str] = []  # --set: applied to every IP-DPO run (e.g. a smaller smoke run)
 DEVICE_OVERRIDES: list[str] = []  # --gpu: every run trains and samples on the GPU (float32, as on the CPU)
 
 
@@ -85,7 +86,7 @@ def train_ipdpo(seed: int, url: str, out: Path, name: str, extra: list[str]) -> 
     """One IP-DPO run (resumed if its folder exists); its wall time is kept next to it."""
     folder = out / f"seed{seed}" / name
     command = [*CLI, "train-ipdpo", "--config", str(IPDPO_PRESET), f"retriever.url={url}",
-               f"trainer.output_dir={folder}", f"trainer.seed={seed}", *extra, *DEVICE_OVERRIDES]  # fmt: skip
+               f"trainer.output_dir={folder}", f"trainer.seed={seed}", *IPDPO_OVERRIDES, *extra, *DEVICE_OVERRIDES]  # fmt: skip
     if (folder / "round-0").exists():
         command.append("--resume")
     seconds = run(command, folder.parent / f"{name}.log")
@@ -254,7 +255,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench" / "ipdpo")
     parser.add_argument("--parallel", type=int, default=1, help="runs at once (default 1: one after another)")
     parser.add_argument("--gpu", action="store_true", help="train, sample and evaluate on the GPU")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="IP-DPO override")
     args = parser.parse_args()
+    IPDPO_OVERRIDES.extend(args.set)
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     load = os.getloadavg()
