@@ -256,6 +256,9 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=1, help="runs at once (default 1: one after another)")
     parser.add_argument("--gpu", action="store_true", help="train, sample and evaluate on the GPU")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="IP-DPO override")
+    parser.add_argument(
+        "--report-only", action="store_true", help="table and plot of the runs already in --out"
+    )
     args = parser.parse_args()
     IPDPO_OVERRIDES.extend(args.set)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -264,7 +267,7 @@ def main() -> None:
 
     if args.gpu:
         DEVICE_OVERRIDES.extend(["trainer.use_cpu=false", "trainer.bf16=false"])
-    index = ensure_bm25_index(TASK / "corpus.jsonl", args.out / "multihop-bm25")
+    index = None if args.report_only else ensure_bm25_index(TASK / "corpus.jsonl", args.out / "multihop-bm25")
     finished = {seed: threading.Event() for seed in args.seeds}
     fresh: dict[int, bool] = {}
 
@@ -292,10 +295,13 @@ def main() -> None:
 
         train_grpo(seed, url, args.out, budget)
 
-    with running_retriever(index) as url, ThreadPoolExecutor(max_workers=args.parallel) as pool:
-        futures = [pool.submit(job, seed, url) for seed in args.seeds for job in (full, outcome_only, grpo)]
-        for future in futures:
-            future.result()
+    if not args.report_only:
+        with running_retriever(index) as url, ThreadPoolExecutor(max_workers=args.parallel) as pool:
+            futures = [
+                pool.submit(job, seed, url) for seed in args.seeds for job in (full, outcome_only, grpo)
+            ]
+            for future in futures:
+                future.result()
     results = [
         {
             "seed": seed,
