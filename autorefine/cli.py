@@ -1,4 +1,4 @@
-"""`autorefine` command line: prepare-data, train-sft, train-grpo, evaluate, infer.
+"""`autorefine` command line: prepare-data, train-sft, train-grpo, train-ipdpo, build-pairs, evaluate, infer.
 
 Heavy libraries (torch, transformers, TRL) are imported inside each command, so `--help` is instant.
 """
@@ -17,6 +17,9 @@ EPILOG = """examples:
   autorefine prepare-data --data-dir /data/flashrag --out data/prepared
   autorefine train-sft  --config configs/sft/synthetic-warmstart.yaml
   autorefine train-grpo --config configs/grpo/tiny-cpu.yaml trainer.max_steps=5
+  autorefine train-ipdpo --config configs/ipdpo/tiny-cpu.yaml rounds=2
+  autorefine build-pairs --config configs/ipdpo/tiny-cpu.yaml --samples runs/ipdpo-tiny/round-1/samples.jsonl \\
+      --out pairs.jsonl pairs.min_outcome=0.8
   accelerate launch --config_file configs/accelerate/multi_gpu_ddp.yaml -m autorefine.cli \\
       train-grpo --config configs/grpo/autorefine-qwen2.5-3b-base.yaml
   autorefine evaluate --model runs/grpo/final --datasets nq,hotpotqa --data-dir data/demo/benchmarks \\
@@ -46,6 +49,42 @@ def cmd_train_grpo(args: argparse.Namespace) -> int:
     )
     final = train_grpo(config, resume=args.resume, command=command.replace("  ", " "))
     print(f"final policy: {final}")
+    return 0
+
+
+def _command_line(name: str, args: argparse.Namespace) -> str:
+    """The command that was run (for the resume hint of error messages)."""
+    parts = [f"autorefine {name}", f"--config {args.config}" if args.config else "", *args.overrides]
+    return " ".join(p for p in parts if p)
+
+
+def cmd_train_ipdpo(args: argparse.Namespace) -> int:
+    """IP-DPO rounds (sample, score, pair, DPO, evaluate) from a preset plus overrides."""
+    from autorefine.config import IPDPORunConfig, load_config
+    from autorefine.training.ipdpo import train_ipdpo
+
+    config = load_config(IPDPORunConfig, args.config, args.overrides)
+    final = train_ipdpo(config, resume=args.resume, command=_command_line("train-ipdpo", args))
+    print(f"final policy: {final}")
+    return 0
+
+
+def cmd_build_pairs(args: argparse.Namespace) -> int:
+    """Preference pairs from a saved samples file, with the config's (or overridden) pair settings."""
+    import json
+
+    from autorefine.config import IPDPORunConfig, load_config
+    from autorefine.training.ipdpo import build_pairs_file
+
+    config = load_config(IPDPORunConfig, args.config, args.overrides)
+    out = Path(args.out)
+    stats = build_pairs_file(config, Path(args.samples), out, rescore=args.rescore, questions=args.questions)
+    summary = stats.to_dict()
+    print(
+        f"{summary['pairs']} pairs from {summary['questions']} questions ({summary['samples']} samples) → {out}\n"
+        f"by type: {json.dumps(summary['by_type'])}; skipped: {json.dumps(summary['skipped'])} "
+        f"({100 * summary['skip_rate']:.0f}%)"
+    )
     return 0
 
 
@@ -231,6 +270,32 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_arguments(grpo)
     grpo.set_defaults(func=cmd_train_grpo)
 
+    ipdpo = sub.add_parser(
+        "train-ipdpo",
+        help="IP-DPO rounds: sample, score (format/outcome/process), pair, masked DPO on TRL, evaluate",
+    )
+    ipdpo.add_argument("--config", help="YAML preset (see configs/ipdpo/)")
+    ipdpo.add_argument(
+        "--resume", action="store_true", help="continue at the first unfinished stage of the last round"
+    )
+    ipdpo.add_argument("overrides", nargs="*", metavar="section.key=value", help="override config values")
+    ipdpo.set_defaults(func=cmd_train_ipdpo)
+
+    pairs = sub.add_parser(
+        "build-pairs",
+        help="preference pairs from a saved samples file (other thresholds, or re-scored)",
+        description="Reads a round's samples.jsonl, optionally re-scores every trajectory (--rescore, e.g. "
+        "with sampling.matcher=embedding), and writes pairs (train on them with pairs.file=...) and "
+        "<out stem>.stats.json.",
+    )
+    pairs.add_argument("--config", help="YAML preset whose pairs/reward/sampling sections apply")
+    pairs.add_argument("--samples", required=True, help="a round's samples.jsonl")
+    pairs.add_argument("--out", required=True, help="pairs JSONL to write")
+    pairs.add_argument("--rescore", action="store_true", help="recompute every score from the trajectories")
+    pairs.add_argument("--questions", help="questions with evidence for --rescore (default: data.train_file)")
+    pairs.add_argument("overrides", nargs="*", metavar="section.key=value", help="override config values")
+    pairs.set_defaults(func=cmd_build_pairs)
+
     sft = sub.add_parser("train-sft", help="supervised warm start on gold-like or saved trajectories")
     _add_run_arguments(sft)
     sft.set_defaults(func=cmd_train_sft)
@@ -310,11 +375,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     from autorefine.data import DataError
     from autorefine.evaluation.policy import EvaluationError
     from autorefine.retrieval import RetrieverError
+    from autorefine.training.pairs import PairError
     from autorefine.training.trainer_args import RunError
 
     try:
         return func(args)
-    except (ConfigError, DataError, EvaluationError, RetrieverError, RunError, FileNotFoundError) as err:
+    except (
+        ConfigError,
+        DataError,
+        EvaluationError,
+        PairError,
+        RetrieverError,
+        RunError,
+        FileNotFoundError,
+    ) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -21,6 +21,8 @@ import yaml
 
 from autorefine.rewards import RewardConfig
 from autorefine.rollout.agent import RolloutConfig
+from autorefine.rollout.engine import SamplingParams
+from autorefine.training.pairs import PairSettings
 
 
 class _Yaml12Loader(yaml.SafeLoader):
@@ -149,6 +151,77 @@ class SFTRunConfig(RunConfig):
     traces_file: str | None = None  # saved trajectories to imitate; None: build gold-like traces from data
     require_evidence: bool = True  # gold traces only where the retrieved documents contain the answer
     tiny_model: dict[str, int] | None = None  # build a fresh tiny Qwen2 of this shape instead of loading one
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How each IP-DPO round samples: K trajectories per question with the current policy."""
+
+    samples_per_question: int = 8
+    questions_per_round: int | None = None  # None: every training question, every round
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    batch_questions: int = 32  # questions per agent-loop batch (× samples_per_question trajectories)
+    engine: Literal["transformers", "vllm"] = "transformers"
+    engine_batch_size: int | None = None  # most sequences per generate call (None: the whole batch)
+    matcher: str = "lexical"  # process-score evidence matcher: lexical | embedding | embedding:<model>
+
+    def __post_init__(self) -> None:
+        if self.samples_per_question < 2:
+            raise ValueError("sampling.samples_per_question must be at least 2: a pair needs two samples")
+        if self.questions_per_round is not None and self.questions_per_round < 1:
+            raise ValueError("sampling.questions_per_round must be positive (or null for all)")
+        if self.batch_questions < 1:
+            raise ValueError("sampling.batch_questions must be positive")
+        kind, _, model = self.matcher.partition(":")
+        if not (kind == "embedding" or (kind == "lexical" and not model)):
+            raise ValueError(
+                f"sampling.matcher must be lexical, embedding or embedding:<model>, got {self.matcher!r}"
+            )
+        self.params  # noqa: B018  # the same checks as at sampling time
+
+    @property
+    def params(self) -> SamplingParams:
+        """Token sampling of every trajectory."""
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+
+
+@dataclass(frozen=True)
+class RoundHeldoutSettings:
+    """Greedy evaluation on held-out questions after every IP-DPO round (and of the starting policy)."""
+
+    file: str | None = None  # FlashRAG questions; None: no held-out evaluation
+    limit: int | None = None  # use only the first N questions
+    batch_size: int = 64
+    evaluate_start: bool = True  # also evaluate the starting policy (round 0), the baseline of every round
+
+
+@dataclass(frozen=True)
+class IPDPOLoggingSettings:
+    """What IP-DPO logs besides TRL's own DPO metrics."""
+
+    pair_table_rows: int = 8  # example pairs per round (W&B table and round-k/pair_examples.md)
+    pair_accuracy_pairs: int = 512  # training pairs re-scored after each round's epoch (0: skip)
+
+
+@dataclass(frozen=True)
+class IPDPORunConfig(RunConfig):
+    """Everything `autorefine train-ipdpo` needs; `trainer` holds trl.DPOConfig arguments."""
+
+    heldout: RoundHeldoutSettings = field(default_factory=RoundHeldoutSettings)
+    rounds: int = 3
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    reward: RewardConfig = field(default_factory=RewardConfig)  # the outcome metric of the scores
+    pairs: PairSettings = field(default_factory=PairSettings)
+    nll_weight: float = 1.0  # weight of the NLL ("sft") term on chosen trajectories; 0: DPO alone
+    logging: IPDPOLoggingSettings = field(default_factory=IPDPOLoggingSettings)
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise ValueError(f"rounds must be at least 1, got {self.rounds}")
+        if self.nll_weight < 0:
+            raise ValueError(f"nll_weight must be >= 0, got {self.nll_weight}")
 
 
 def load_config(cls: type, path: str | Path | None, overrides: list[str] = ()) -> Any:
@@ -287,6 +360,8 @@ def _fits(value: Any, hint: Any) -> tuple[bool, Any]:
 def _describe(hint: Any) -> str:
     if typing.get_origin(hint) is Literal:
         return "choice among " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if typing.get_origin(hint) in (list, tuple) and typing.get_args(hint):
+        return f"list, each a {_describe(typing.get_args(hint)[0])}"
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 

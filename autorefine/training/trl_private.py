@@ -24,3 +24,19 @@ def save_full_checkpoint(trainer: Trainer) -> None:
     # `save_model` writes weights only; resuming needs the whole state, which only the Trainer's own
     # checkpoint routine writes.
     trainer._save_checkpoint(trainer.model, trial=None)
+
+
+def pretokenized_dpo_trainer() -> type:
+    """A `trl.DPOTrainer` subclass that trains on pre-tokenized pairs exactly as given."""
+    from trl import DPOTrainer
+
+    class PretokenizedDPOTrainer(DPOTrainer):
+        """DPOTrainer on `prompt_ids`/`chosen_ids`/`rejected_ids` plus environment masks, never re-tokenized."""
+
+        # `DPOTrainer.__init__` always runs `_prepare_dataset`, which extracts a prompt from text columns and
+        # tokenizes it again: sampled ids would become re-tokenized text. Our pairs are already checked token
+        # ids (and over-long ones already dropped), so preparation is the identity. No public option skips it.
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            return dataset
+
+    return PretokenizedDPOTrainer

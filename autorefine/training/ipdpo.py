@@ -1,0 +1,564 @@
+"""IP-DPO (TeaRAG's iterative, process-aware DPO) on TRL's DPOTrainer, round after round.
+
+A round: sample K trajectories per question with the current policy (the agent loop GRPO uses), score each
+once (format, outcome, process), build typed preference pairs, train one epoch of masked DPO + NLL with the
+round's starting policy as the frozen reference, save `round-k/` (a plain HF model folder with tokenizer and
+run config), evaluate it on held-out questions. Each stage leaves files that mark it finished, so `--resume`
+continues at the first unfinished stage of the last round:
+
+    <output_dir>/round-k/samples.parts/   per-process samples while sampling (kept when sampling stops)
+    <output_dir>/round-k/samples.jsonl    every sample with its scores        → sampling finished
+    <output_dir>/round-k/pair_stats.json  what pair building found
+    <output_dir>/round-k/pairs.jsonl      the pairs trained on                 → pairs finished
+    <output_dir>/round-k/dpo/             the DPOTrainer's checkpoints during the epoch
+    <output_dir>/round-k/training.json    DPO metrics; the model files are next to it → training finished
+    <output_dir>/round-k/summary.json     the round's numbers, held-out included → round finished
+    <output_dir>/rounds.jsonl             one summary line per round (round 0: the starting policy)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import yaml
+
+from autorefine.config import RUN_CONFIG_FILE, IPDPORunConfig, to_dict
+from autorefine.data import read_questions
+from autorefine.protocol import PromptTemplate
+from autorefine.retrieval import RetrieverUnavailableError, connect_retriever
+from autorefine.rollout.agent import AgentLoop, Searcher
+from autorefine.training.dpo import build_dpo_trainer, dpo_metrics, make_dpo_args, merge_adapter
+from autorefine.training.ipdpo_report import (
+    example_pairs,
+    log_round_to_wandb,
+    pair_examples_markdown,
+    print_round,
+    sample_summary,
+    start_wandb,
+)
+from autorefine.training.pairs import (
+    PairError,
+    PairStats,
+    build_pairs,
+    read_pairs,
+    stats_of_pairs,
+    too_few_pairs_message,
+    write_jsonl,
+)
+from autorefine.training.trainer_args import RunError
+
+if TYPE_CHECKING:
+    from accelerate import PartialState
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DEFAULT_OUTPUT_DIR = "runs/ipdpo"
+
+
+# --- agreement between processes ---------------------------------------------------------------------------
+
+
+def all_succeeded(state: PartialState, error: str | None) -> None:
+    """Every process reports how its share went; if any failed, every process raises the same RunError."""
+    from accelerate.utils import gather_object
+
+    errors = gather_object([error]) if state.num_processes > 1 else [error]
+    failed = [e for e in errors if e]
+    if failed:
+        raise RunError("\n".join(failed))
+
+
+def on_main(state: PartialState, fn: Callable[[], T]) -> T:
+    """Run `fn` on the main process and hand its result (or its failure) to every process."""
+    from accelerate.utils import broadcast_object_list
+
+    payload: list[Any] = [(None, None)]
+    failure: BaseException | None = None
+    if state.is_main_process:
+        try:
+            payload = [(fn(), None)]
+        except Exception as err:  # the other processes must hear of it, or they wait forever
+            failure = err
+            payload = [(None, str(err))]
+    if state.num_processes > 1:
+        broadcast_object_list(payload, from_process=0)
+    result, error = payload[0]
+    if failure is not None:
+        raise failure
+    if error is not None:
+        raise RunError(error)
+    return result
+
+
+def free_accelerator_memory() -> None:
+    """Release what a finished stage held (its model, its engine) before the next one loads another."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# --- one round's files ----------------------------------------------------------------------------------
+
+
+class RoundFiles:
+    """Where a round keeps what each stage produced (see the module docstring)."""
+
+    def __init__(self, root: Path, index: int, samples_per_question: int) -> None:
+        from autorefine.training.sampling import SampleStore
+
+        self.index = index
+        self.dir = root / f"round-{index}"
+        self.samples = SampleStore(self.dir, samples_per_question)
+        self.pairs = self.dir / "pairs.jsonl"
+        self.pair_stats = self.dir / "pair_stats.json"
+        self.dpo = self.dir / "dpo"
+        self.trained = self.dir / "training.json"
+        self.summary = self.dir / "summary.json"
+        self.heldout_predictions = self.dir / "heldout_predictions.jsonl"
+
+    def stage(self) -> str:
+        """The last finished stage: none, sampling, pairs, training or evaluation."""
+        for name, marker in (
+            ("evaluation", self.summary),
+            ("training", self.trained),
+            ("pairs", self.pairs),
+            ("sampling", self.samples.final),
+        ):
+            if marker.is_file():
+                return name
+        return "none"
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    partial.replace(path)
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file written by `write_json`."""
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def existing_rounds(root: Path) -> list[int]:
+    """Indices of the round folders under `root`."""
+    return sorted(int(p.name.split("-")[1]) for p in root.glob("round-*") if p.name.split("-")[1].isdigit())
+
+
+# --- the run ------------------------------------------------------------------------------------------------
+
+
+class IPDPORun:
+    """One `train-ipdpo` run: its configuration, processes, retriever and questions, and its rounds."""
+
+    def __init__(
+        self,
+        config: IPDPORunConfig,
+        *,
+        resume: bool = False,
+        command: str = "autorefine train-ipdpo",
+        searcher: Searcher | None = None,
+    ) -> None:
+        from accelerate import PartialState
+
+        self.config = config
+        self.command = command
+        self.root = Path(config.trainer.get("output_dir", DEFAULT_OUTPUT_DIR))
+        self.args = make_dpo_args(config, self.root / "round-1" / "dpo")  # checks the trainer section now
+        self.args.device  # noqa: B018  # sets up the process group (backend, timeout) from the arguments
+        self.state = PartialState()
+        self._check_combination(resume)
+        self.template = PromptTemplate.load(config.template)
+        self.given_pairs = self._check_pairs_file()
+        needs_questions = config.rounds > 1 or self.given_pairs is None
+        self.questions = read_questions(config.data.train_file) if needs_questions else []
+        if needs_questions and not self.questions:
+            raise RunError(f"{config.data.train_file} holds no questions")
+        heldout = config.heldout
+        self.heldout = read_questions(heldout.file, limit=heldout.limit) if heldout.file else []
+        needs_retriever = needs_questions or bool(self.heldout)
+        self.searcher = searcher or (connect_retriever(config.retriever) if needs_retriever else None)
+        self.wandb: Any = None
+
+    # -- checks at start ---------------------------------------------------------------------------------
+
+    def _check_combination(self, resume: bool) -> None:
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        config, state = self.config, self.state
+        if is_deepspeed_zero3_enabled():
+            # Under ZeRO-3, every from_pretrained builds a sharded model: the sampling and evaluation engines,
+            # which load whole policies outside the trainer, could not generate.
+            raise RunError(
+                "train-ipdpo does not run under DeepSpeed ZeRO-3 (sampling loads whole policies); use "
+                "configs/accelerate/multi_gpu_ddp.yaml, deepspeed_zero2.yaml or fsdp2.yaml"
+            )
+        if config.sampling.engine == "vllm" and state.num_processes > 1:
+            raise RunError(
+                f"sampling.engine=vllm starts one vLLM engine in one process; this run has {state.num_processes} "
+                "processes. Use sampling.engine=transformers (every process samples its share) or one process."
+            )
+        if config.model.tokenizer not in (None, config.model.name_or_path):
+            raise RunError(
+                "train-ipdpo loads every policy with the tokenizer saved next to it; leave model.tokenizer unset "
+                f"and save the tokenizer into {config.model.name_or_path}"
+            )
+        max_length = self.args.max_length
+        if max_length is not None and max_length <= config.rollout.max_completion_tokens:
+            logger.warning(
+                "trainer.max_length=%d leaves no room for the prompt next to rollout.max_completion_tokens=%d: "
+                "pairs longer than max_length are dropped (counted in each round's logs), never truncated",
+                max_length,
+                config.rollout.max_completion_tokens,
+            )
+        rounds = existing_rounds(self.root)
+        if rounds and not resume:
+            raise RunError(
+                f"{self.root} already holds round-{rounds[-1]} of a run: add --resume to continue it, or choose "
+                "another trainer.output_dir"
+            )
+        if rounds and rounds[-1] > config.rounds:
+            raise RunError(f"{self.root} holds round-{rounds[-1]} but rounds={config.rounds}")
+
+    def _check_pairs_file(self) -> Path | None:
+        given = self.config.pairs.file
+        if given is None:
+            return None
+
+        def check() -> int:
+            return sum(1 for _ in read_pairs(given))
+
+        count = on_main(self.state, check)
+        logger.info("round 1 trains on %d given pairs from %s", count, given)
+        return Path(given)
+
+    # -- the rounds --------------------------------------------------------------------------------------
+
+    def run(self) -> Path:
+        """Every round (skipping finished ones); returns the folder of the last round's policy."""
+        config = self.config
+        if self.state.is_main_process:
+            self.root.mkdir(parents=True, exist_ok=True)
+            (self.root / RUN_CONFIG_FILE).write_text(
+                yaml.safe_dump(to_dict(config), sort_keys=False), "utf-8"
+            )
+            self.wandb = start_wandb(config, self.root, self.args)
+        current = config.model.name_or_path
+        if self.heldout and config.heldout.evaluate_start:
+            start = RoundFiles(self.root, 0, config.sampling.samples_per_question)
+            if not start.summary.is_file():
+                metrics = self.evaluate(start, current)
+                self._finish_round(start, {"round": 0, "policy": current, "heldout": metrics})
+        for index in range(1, config.rounds + 1):
+            current = str(self.round(index, current))
+        if self.wandb is not None:
+            self.wandb.finish()
+        return Path(current)
+
+    def round(self, index: int, policy: str) -> Path:
+        """One round from `policy`; returns the folder of the policy it trained."""
+        config = self.config
+        files = RoundFiles(self.root, index, config.sampling.samples_per_question)
+        stage = files.stage()
+        if stage == "evaluation":
+            logger.info("round %d: finished earlier, skipping", index)
+            return files.dir
+        if stage != "none":
+            logger.info("round %d: resuming after its %s stage", index, stage)
+        started = time.perf_counter()
+        if stage != "training":
+            if index == 1 and self.given_pairs is not None:
+                self._use_given_pairs(files)
+            else:
+                if not files.samples.complete:
+                    self.sample(files, policy)
+                self.pair(files)
+            stats = PairStats.from_dict(read_json(files.pair_stats)["stats"])
+            if stats.pairs < config.pairs.min_pairs:
+                raise RunError(too_few_pairs_message(stats, config.pairs, f"round {index}"))
+            self.train(files, policy)
+        heldout = self.evaluate(files, str(files.dir))
+        summary = {
+            "round": index,
+            "policy": str(files.dir),
+            "started_from": policy,
+            "pairs": read_json(files.pair_stats)["stats"],
+            "samples": read_json(files.pair_stats).get("samples", {}),
+            "dpo": read_json(files.trained),
+            "heldout": heldout,
+            "seconds": time.perf_counter() - started,
+        }
+        self._finish_round(files, summary)
+        return files.dir
+
+    # -- stage 1: sampling -------------------------------------------------------------------------------
+
+    def sample(self, files: RoundFiles, policy: str) -> None:
+        """Every process samples its share of the round's questions (resumable), then the parts are merged."""
+        from autorefine.process_score import build_matcher
+        from autorefine.rollout.engines import engine_from_checkpoint
+        from autorefine.training.sampling import Progress, round_questions, sample_questions
+
+        config, state = self.config, self.state
+        seed = self.args.seed
+        questions = round_questions(self.questions, files.index, config.sampling.questions_per_round, seed)
+        kept = on_main(state, files.samples.compact)
+        done = files.samples.done_ids()
+        remaining = [q for q in questions if q.id not in done]
+        share = remaining[state.process_index :: state.num_processes]
+        logger.info(
+            "round %d: sampling %d questions × %d%s on %d process(es); this one: %d",
+            files.index,
+            len(remaining),
+            config.sampling.samples_per_question,
+            f" ({kept} sampled before)" if kept else "",
+            state.num_processes,
+            len(share),
+        )
+        error = None
+        try:
+            engine = engine_from_checkpoint(
+                policy,
+                engine=config.sampling.engine,
+                dtype=config.model.dtype,
+                device=str(state.device),
+                max_batch_size=config.sampling.engine_batch_size,
+                seed=seed,
+            )
+            loop = AgentLoop(engine, self.searcher, config.rollout, self.template)
+            sample_questions(
+                loop,
+                share,
+                config.sampling,
+                build_matcher(config.sampling.matcher),
+                config.reward,
+                files.samples.part(state.process_index),
+                round_index=files.index,
+                seed=seed * 1_000_003 + files.index * 10_007 + state.process_index * 7_919,
+                rank=state.process_index,
+                progress=Progress(f"round {files.index} sampling (process {state.process_index})"),
+            )
+        except RetrieverUnavailableError as err:
+            error = (
+                f"process {state.process_index}: {err}\nThe retriever stayed down while sampling round "
+                f"{files.index}; the samples so far are kept in {files.samples.parts}.\n"
+                f"Restart the retriever, then resume with: {self.command} --resume"
+            )
+        except Exception as err:
+            logger.exception("sampling failed on process %d", state.process_index)
+            error = f"process {state.process_index}: sampling failed: {type(err).__name__}: {err}"
+        finally:
+            engine = loop = None
+            free_accelerator_memory()
+        all_succeeded(state, error)
+        on_main(state, lambda: files.samples.finish([q.id for q in questions]))
+
+    # -- stage 2: pairs ----------------------------------------------------------------------------------
+
+    def pair(self, files: RoundFiles) -> None:
+        """Pairs from the round's samples (rebuilt when the pair settings changed since they were built)."""
+        settings = self.config.pairs
+
+        def build() -> None:
+            wanted = dataclasses.asdict(settings)
+            if files.pairs.is_file() and read_json(files.pair_stats)["settings"] == wanted:
+                return
+            pairs, stats = build_pairs(files.samples.rows(), settings)
+            samples = sample_summary(files.samples.rows())
+            write_json(files.pair_stats, {"settings": wanted, "stats": stats.to_dict(), "samples": samples})
+            files.pairs.unlink(missing_ok=True)
+            if stats.pairs >= settings.min_pairs:  # else the stage stays unfinished: resume rebuilds
+                write_jsonl(files.pairs, pairs)
+
+        on_main(self.state, build)
+
+    def _use_given_pairs(self, files: RoundFiles) -> None:
+        assert self.given_pairs is not None
+
+        def copy() -> None:
+            if files.pairs.is_file():
+                return
+            pairs = list(read_pairs(self.given_pairs))
+            stats = stats_of_pairs(pairs)
+            wanted = dataclasses.asdict(self.config.pairs)
+            write_json(
+                files.pair_stats,
+                {"settings": wanted, "stats": stats.to_dict(), "source": str(self.given_pairs)},
+            )
+            write_jsonl(files.pairs, pairs)
+
+        on_main(self.state, copy)
+
+    # -- stage 3: training -------------------------------------------------------------------------------
+
+    def train(self, files: RoundFiles, policy: str) -> None:
+        """One epoch of masked DPO from `policy` (also the frozen reference); the result saved in round-k/."""
+        from autorefine.training.grpo import latest_checkpoint
+
+        config, state = self.config, self.state
+        args = make_dpo_args(config, files.dpo)
+        trainer, data = build_dpo_trainer(
+            config, args, policy, files.pairs, config.logging.pair_accuracy_pairs
+        )
+        logger.info(
+            "round %d: DPO on %d pairs (%d dropped as longer than trainer.max_length=%s)",
+            files.index,
+            data["pairs"],
+            data["dropped_for_length"],
+            args.max_length,
+        )
+        checkpoint = latest_checkpoint(files.dpo)
+        trainer.train(resume_from_checkpoint=checkpoint)
+        metrics = dpo_metrics(trainer.state.log_history)
+        if trainer.eval_dataset is not None:
+            # TRL logs its DPO metrics of an evaluation (with the `eval_` prefix) rather than returning them.
+            trainer.evaluate()
+            after = next(h for h in reversed(trainer.state.log_history) if "eval_rewards/accuracies" in h)
+            metrics["pairs_reward_accuracy"] = after["eval_rewards/accuracies"]
+            metrics["pairs_reward_margin"] = after["eval_rewards/margins"]
+            metrics["pairs_evaluated"] = len(trainer.eval_dataset)
+        metrics.update(data)
+        if config.lora.enabled:
+            trainer.save_model(str(files.dir / "adapter"))
+        else:
+            trainer.save_model(str(files.dir))
+        tokenizer = trainer.processing_class
+        del trainer
+        free_accelerator_memory()
+
+        def finish() -> None:
+            if config.lora.enabled:
+                merge_adapter(config, policy, files.dir / "adapter", files.dir)
+                tokenizer.save_pretrained(str(files.dir))
+            (files.dir / RUN_CONFIG_FILE).write_text(
+                yaml.safe_dump(to_dict(config), sort_keys=False), "utf-8"
+            )
+            write_json(files.trained, metrics)
+
+        on_main(state, finish)
+
+    # -- stage 4: held-out evaluation --------------------------------------------------------------------
+
+    def evaluate(self, files: RoundFiles, policy: str) -> dict[str, float]:
+        """Greedy held-out metrics of `policy`, questions split across processes; predictions saved."""
+        from accelerate.utils import gather_object
+
+        from autorefine.evaluation.runner import GREEDY, predict
+        from autorefine.evaluation.scoring import Prediction, aggregate
+        from autorefine.rollout.engines import engine_from_checkpoint
+
+        if not self.heldout:
+            return {}
+        config, state = self.config, self.state
+        share = self.heldout[state.process_index :: state.num_processes]
+        local: list[Prediction] = []
+        error = None
+        started = time.perf_counter()
+        try:
+            engine = engine_from_checkpoint(policy, dtype=config.model.dtype, device=str(state.device))
+            loop = AgentLoop(engine, self.searcher, config.rollout, self.template)
+            local = predict(
+                loop, share, GREEDY, batch_size=config.heldout.batch_size, reward_config=config.reward
+            )
+        except RetrieverUnavailableError as err:
+            error = (
+                f"process {state.process_index}: {err}\nThe retriever stayed down during the held-out evaluation "
+                f"of round {files.index}. Restart it, then resume with: {self.command} --resume"
+            )
+        except Exception as err:
+            logger.exception("held-out evaluation failed on process %d", state.process_index)
+            error = f"process {state.process_index}: held-out evaluation failed: {type(err).__name__}: {err}"
+        finally:
+            engine = loop = None
+            free_accelerator_memory()
+        all_succeeded(state, error)
+        predictions = gather_object(local) if state.num_processes > 1 else local
+        metrics = aggregate(predictions)
+        # Multi-hop data says how many hops each question needs: searches per hop count show wasted steps.
+        hops = {q.id: q.metadata.get("hops") for q in self.heldout}
+        for count in sorted({h for h in hops.values() if isinstance(h, int)}):
+            group = [p for p in predictions if hops.get(p.id) == count]
+            metrics[f"em_{count}hop"] = sum(p.scores["em"] for p in group) / len(group)
+            metrics[f"searches_{count}hop"] = sum(p.searches for p in group) / len(group)
+        metrics["seconds"] = time.perf_counter() - started
+
+        def save() -> None:
+            write_jsonl(files.heldout_predictions, (p.to_row() for p in predictions))
+
+        on_main(state, save)
+        return metrics
+
+    # -- logging -----------------------------------------------------------------------------------------
+
+    def _finish_round(self, files: RoundFiles, summary: dict[str, Any]) -> None:
+        def write() -> None:
+            write_json(files.summary, summary)
+            # Rebuilt from every finished round, so a resumed run never holds a round twice or misses one.
+            finished = sorted(
+                self.root.glob("round-*/summary.json"), key=lambda p: int(p.parent.name.split("-")[1])
+            )
+            write_jsonl(self.root / "rounds.jsonl", (read_json(path) for path in finished))
+            examples = (
+                example_pairs(files.pairs, self.config.logging.pair_table_rows)
+                if files.pairs.is_file()
+                else []
+            )
+            if examples:
+                (files.dir / "pair_examples.md").write_text(
+                    pair_examples_markdown(examples), encoding="utf-8"
+                )
+            print_round(summary, self._baseline())
+            if self.wandb is not None:
+                log_round_to_wandb(self.wandb, summary, examples)
+
+        on_main(self.state, write)
+
+    def _baseline(self) -> dict[str, float] | None:
+        start = self.root / "round-0" / "summary.json"
+        return read_json(start).get("heldout") if start.is_file() else None
+
+
+def train_ipdpo(
+    config: IPDPORunConfig,
+    resume: bool = False,
+    command: str = "autorefine train-ipdpo",
+    searcher: Searcher | None = None,
+) -> Path:
+    """Run (or resume) every round; returns the folder of the final policy."""
+    return IPDPORun(config, resume=resume, command=command, searcher=searcher).run()
+
+
+def build_pairs_file(
+    config: IPDPORunConfig, samples: Path, out: Path, *, rescore: bool = False, questions: str | None = None
+) -> PairStats:
+    """Pairs from a saved samples file with the config's pair settings (re-scored first with `rescore`)."""
+    from autorefine.process_score import build_matcher
+    from autorefine.training.sampling import read_sample_rows, rescore_rows
+
+    if not samples.is_file():
+        raise PairError(f"samples file not found: {samples}")
+    rows = read_sample_rows(samples)
+    if rescore:
+        by_id = {q.id: q for q in read_questions(questions or config.data.train_file)}
+        rows = rescore_rows(rows, by_id, build_matcher(config.sampling.matcher), config.reward)
+    pairs, stats = build_pairs(rows, config.pairs)
+    write_jsonl(out, pairs)
+    stats_file = out.with_name(out.stem + ".stats.json")
+    write_json(
+        stats_file,
+        {"settings": dataclasses.asdict(config.pairs), "stats": stats.to_dict(), "source": str(samples)},
+    )
+    return stats
