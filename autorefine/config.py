@@ -110,6 +110,82 @@ class LoggingSettings:
     save_rollouts: bool = False  # every trajectory (ids, masks, reward) to <output_dir>/rollouts/rank-R.jsonl
 
 
+GuardAction = Literal["off", "warn", "stop", "rollback"]
+GuardTest = Literal["below", "above", "fall_factor", "rise_factor", "rise", "drop_from_best"]
+
+
+@dataclass(frozen=True)
+class GuardRule:
+    """One collapse rule: fires when `signal` (a logged metric) passes `test` against `threshold`.
+
+    Tests: `below`/`above` a fixed value; `fall_factor`/`rise_factor`: below median ÷ threshold or above
+    median × threshold, the median of the signal's previous `guard.window` values; `rise`: above that median +
+    threshold; `drop_from_best`: below the best value so far − threshold. `patience` consecutive observations
+    must pass the test before the rule fires.
+    """
+
+    signal: str
+    test: GuardTest
+    threshold: float
+    action: GuardAction = "warn"
+    patience: int = 1
+
+    def __post_init__(self) -> None:
+        if self.patience < 1:
+            raise ValueError(f"patience must be >= 1, got {self.patience}")
+        if self.test in ("fall_factor", "rise_factor") and self.threshold <= 1:
+            raise ValueError(f"a {self.test} threshold is a factor > 1, got {self.threshold}")
+
+
+@dataclass(frozen=True)
+class GuardSettings:
+    """Collapse detection over the logged health signals, and what to do when a rule fires."""
+
+    window: int = 10  # previous observations whose median `fall_factor`/`rise_factor`/`rise` compare against
+    warmup: int = 5  # observations of a signal before its median-based rules may fire
+    max_rollbacks: int = 2  # then a rollback rule stops the run instead
+    rollback_lr_factor: float = 0.5  # each rollback multiplies the learning rate by this
+    # The mean entropy of the model's tokens falls under a floor (the policy turned deterministic) ...
+    entropy_floor: GuardRule = field(
+        default_factory=lambda: GuardRule("health/entropy/model", "below", 0.02, patience=2)
+    )
+    # ... or to a third of its running median within a few steps.
+    entropy_fall: GuardRule = field(
+        default_factory=lambda: GuardRule("health/entropy/model", "fall_factor", 3.0, patience=2)
+    )
+    # Degenerate text: entropy climbing well above its running median.
+    entropy_rise: GuardRule = field(
+        default_factory=lambda: GuardRule("health/entropy/model", "rise_factor", 1.5, patience=2)
+    )
+    # Turns without a usable action (each answered with a corrective message) jump.
+    malformed_rise: GuardRule = field(
+        default_factory=lambda: GuardRule("health/corrective_rate", "rise", 0.15, patience=2)
+    )
+    # Completions running into the length cap jump.
+    length_cap_rise: GuardRule = field(
+        default_factory=lambda: GuardRule("rollout/finish_length", "rise", 0.15, patience=2)
+    )
+    # Held-out EM falls 5 points below the best seen (including the evaluation before the first step).
+    heldout_drop: GuardRule = field(
+        default_factory=lambda: GuardRule("heldout/em", "drop_from_best", 0.05, action="warn")
+    )
+
+    def __post_init__(self) -> None:
+        if self.window < 1 or self.warmup < 1 or self.max_rollbacks < 0:
+            raise ValueError("window and warmup must be >= 1 and max_rollbacks >= 0")
+        if not 0 < self.rollback_lr_factor < 1:
+            raise ValueError(f"rollback_lr_factor must be in (0, 1), got {self.rollback_lr_factor}")
+
+    @property
+    def rules(self) -> dict[str, GuardRule]:
+        """Every rule that is not off, by name."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if isinstance(getattr(self, f.name), GuardRule) and getattr(self, f.name).action != "off"
+        }
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Sections every training run has."""
@@ -130,6 +206,10 @@ class GRPORunConfig(RunConfig):
 
     reward: RewardConfig = field(default_factory=RewardConfig)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
+    guard: GuardSettings = field(default_factory=GuardSettings)
+    drop_flat_groups: bool = (
+        False  # groups whose rewards are all equal leave the loss (see training/flat_groups.py)
+    )
     eval_temperature: float = 0.0  # validation decoding (0: greedy)
 
 
@@ -173,6 +253,10 @@ def build(cls: type, data: Any, where: str) -> Any:
         key = _join(where, name)
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
+            # A section given in part keeps the other keys of its default (`guard.heldout_drop.action=stop`).
+            default = _default_of(fields[name])
+            if dataclasses.is_dataclass(default) and isinstance(value, dict):
+                value = {**_as_dict(default), **value}
             values[name] = build(hint, value, key)
         else:
             values[name] = check_type(value, hint, key)
@@ -180,6 +264,22 @@ def build(cls: type, data: Any, where: str) -> Any:
         return cls(**values)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{where or 'config'}: {err}") from err
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def _as_dict(instance: Any) -> dict[str, Any]:
+    """Field values of a dataclass instance, nested sections as plain dicts (what `build` takes)."""
+    return {
+        f.name: _as_dict(v) if dataclasses.is_dataclass(v := getattr(instance, f.name)) else v
+        for f in dataclasses.fields(instance)
+    }
 
 
 def check_trainer_args(

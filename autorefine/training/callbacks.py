@@ -131,7 +131,12 @@ class HeldoutEvalCallback(TrainerCallback):
             control.should_save = True
 
 
-def add_heldout_evaluation(trainer: Trainer, config: RunConfig, searcher: Searcher | None) -> None:
+def add_heldout_evaluation(
+    trainer: Trainer,
+    config: RunConfig,
+    searcher: Searcher | None,
+    on_result: Callable[[int, dict[str, float]], None] | None = None,
+) -> None:
     """Attach a `HeldoutEvalCallback` when the config asks for periodic held-out evaluation."""
     heldout = config.heldout
     if not heldout.file or heldout.every <= 0:
@@ -149,6 +154,7 @@ def add_heldout_evaluation(trainer: Trainer, config: RunConfig, searcher: Search
             stop_at_em=heldout.stop_at_em,
             save_best=heldout.save_best,
             batch_size=heldout.batch_size,
+            on_result=on_result,
         )
     )
 

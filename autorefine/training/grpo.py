@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +24,7 @@ from autorefine.rewards import RewardBreakdown, RewardConfig, trajectory_reward
 from autorefine.rollout.agent import AgentLoop, RolloutConfig
 from autorefine.rollout.engine import GenerationEngine, SamplingParams
 from autorefine.rollout.hf_engine import TransformersEngine
-from autorefine.rollout.trajectory import FinishReason, Trajectory
+from autorefine.rollout.trajectory import Trajectory
 from autorefine.training.callbacks import (
     SampleTableCallback,
     SaveRolloutsCallback,
@@ -32,8 +33,11 @@ from autorefine.training.callbacks import (
     add_heldout_evaluation,
     save_final,
 )
+from autorefine.training.flat_groups import DropFlatGroups
+from autorefine.training.guardrails import GuardCallback, check_guard
+from autorefine.training.health import HealthCallback
 from autorefine.training.trainer_args import RunError, with_trainer_defaults
-from autorefine.training.trl_private import record_metric, save_full_checkpoint
+from autorefine.training.trl_private import after_scoring, record_metric, save_full_checkpoint
 
 if TYPE_CHECKING:
     from trl import GRPOTrainer
@@ -130,25 +134,7 @@ class SearchRollout:
     def _record(
         self, trainer: GRPOTrainer, trajectories: list[Trajectory], retrieval_s: float, rollout_s: float
     ) -> None:
-        """Per-trajectory statistics, averaged over every process."""
-        columns = {
-            "rollout/searches": [t.num_searches for t in trajectories],
-            "rollout/turns": [t.num_turns for t in trajectories],
-            "rollout/model_tokens": [t.num_model_tokens for t in trajectories],
-            "rollout/document_tokens": [t.tokens_of("documents") for t in trajectories],
-            "rollout/refine_words": [sum(len(x.split()) for x in t.refine_texts) for t in trajectories],
-            "rollout/document_words": [len(t.documents_text.split()) for t in trajectories],
-        }
-        for reason in FinishReason:
-            columns[f"rollout/finish_{reason.value}"] = [
-                float(t.finish_reason == reason) for t in trajectories
-            ]
-        local = torch.tensor(
-            [[float(v) for v in column] for column in columns.values()], device=trainer.accelerator.device
-        )
-        gathered = trainer.accelerator.gather(local.T.contiguous()).T  # (metric, all trajectories)
-        for key, values in zip(columns, gathered, strict=True):
-            record_metric(trainer, key, values.mean().item())
+        """Rollout timings, averaged over every process (per-trajectory signals: `HealthCallback`)."""
         times = trainer.accelerator.gather(
             torch.tensor([rollout_s, retrieval_s], device=trainer.accelerator.device)
         )
@@ -180,9 +166,15 @@ class TrajectoryScores:
 class RewardComponent:
     """A TRL reward function returning one component of the AutoRefine reward (named for TRL's logs)."""
 
-    def __init__(self, component: str, scores: TrajectoryScores) -> None:
+    def __init__(
+        self,
+        component: str,
+        scores: TrajectoryScores,
+        on_scored: Callable[[list[str], list[Trajectory], list[float]], None] | None = None,
+    ) -> None:
         self.component = component
         self.scores = scores
+        self.on_scored = on_scored
         self.__name__ = component
         self.latest: list[tuple[str, list[str], float]] = []
 
@@ -198,6 +190,8 @@ class RewardComponent:
         scores = [getattr(b, self.component) for b in self.scores.breakdowns(trajectory, golden_answers)]
         ids = kwargs.get("id") or [""] * len(scores)
         self.latest = list(zip(ids, golden_answers, scores, strict=True))
+        if self.on_scored is not None:
+            self.on_scored(list(ids), list(trajectory), scores)
         return scores
 
 
@@ -273,13 +267,16 @@ def build_trainer(
     from trl import GRPOTrainer
 
     args = make_grpo_args(config)
+    check_guard(config, args)
     template = PromptTemplate.load(config.template)
     train = build_dataset(config.data.train_file)
     client = client or connect_retriever(config.retriever)
     tokenizer, model = load_tokenizer_and_policy(config.model)
     rollout = SearchRollout(client, config.rollout, template, config.eval_temperature)
     scores = TrajectoryScores(config.reward)
-    rewards = [RewardComponent(c, scores) for c in ("reward", *LOGGED_COMPONENTS)]
+    observer = _Observer()
+    rewards = [RewardComponent("reward", scores, on_scored=observer)]
+    rewards += [RewardComponent(c, scores) for c in LOGGED_COMPONENTS]
     trainer = GRPOTrainer(
         model=model,
         reward_funcs=rewards,
@@ -301,8 +298,47 @@ def build_trainer(
             SaveRolloutsCallback(lambda: (rollout.batches, rollout_records(rollout, rewards[0])))
         )
     trainer.add_callback(SaveRunConfigCallback(to_dict(config)))
-    add_heldout_evaluation(trainer, config, client)
+    guard = (
+        GuardCallback(trainer, config.guard, Path(args.output_dir) / "best") if config.guard.rules else None
+    )
+    heldout_em: list[float] = []
+
+    def heldout_result(step: int, metrics: dict[str, float]) -> None:
+        heldout_em[:] = [metrics["em"]]
+        if guard is not None:
+            guard.heldout_result(step, metrics)
+
+    add_heldout_evaluation(trainer, config, client, on_result=heldout_result)
+    # After the held-out callback, so a step's reward gap uses that step's evaluation.
+    health = HealthCallback(trainer, heldout_em=lambda: heldout_em[0] if heldout_em else None)
+    observer.health = health
+    trainer.add_callback(health)
+    if guard is not None:
+        trainer.add_callback(guard)
+    if config.drop_flat_groups:
+        after_scoring(
+            trainer,
+            DropFlatGroups(
+                trainer,
+                lambda inputs: [
+                    b.reward
+                    for b in scores.breakdowns(
+                        [x["trajectory"] for x in inputs], [x["golden_answers"] for x in inputs]
+                    )
+                ],
+            ),
+        )
     return trainer, rollout
+
+
+class _Observer:
+    """Hands each scored training batch to the health callback (created after the trainer that needs it)."""
+
+    health: HealthCallback | None = None
+
+    def __call__(self, ids: list[str], trajectories: list[Trajectory], rewards: list[float]) -> None:
+        if self.health is not None:
+            self.health.observe(ids, trajectories, rewards)
 
 
 def latest_checkpoint(output_dir: str | Path) -> str | None:
@@ -312,7 +348,7 @@ def latest_checkpoint(output_dir: str | Path) -> str | None:
 
 
 def run_grpo(trainer: GRPOTrainer, resume: str | None = None, command: str = "autorefine train-grpo") -> Path:
-    """Train; on a lost retriever, write a checkpoint and stop with the command that resumes."""
+    """Train; on a lost retriever or a guard `stop`, write a checkpoint and stop with the command that resumes."""
     output_dir = Path(trainer.args.output_dir)
     if resume == "latest":
         resume = latest_checkpoint(output_dir)
@@ -327,6 +363,21 @@ def run_grpo(trainer: GRPOTrainer, resume: str | None = None, command: str = "au
             f"{err}\nThe retriever stayed down; training state was saved to {saved}.\n"
             f"Restart the retriever, then resume with: {command} --resume {saved}"
         ) from None
+    guard = next((c for c in trainer.callback_handler.callbacks if isinstance(c, GuardCallback)), None)
+    if guard is not None and guard.stopped is not None:
+        saved = latest_checkpoint(output_dir)
+        lr = trainer.optimizer.param_groups[0]["lr"] if trainer.optimizer is not None else None
+        best = output_dir / "best"
+        raise RunError(
+            f"the guard stopped training: {guard.stopped.message}\n"
+            f"Training state was saved to {saved}. Resume with: {command} --resume {saved}\n"
+            + (
+                f"or start again from the best policy with a lower learning rate: {command} "
+                f"model.name_or_path={best} trainer.learning_rate={lr / 2:.3g} trainer.output_dir=<new folder>"
+                if best.is_dir() and lr
+                else ""
+            )
+        )
     return save_final(trainer)
 
 
