@@ -145,18 +145,15 @@ class GuardSettings:
     warmup: int = 5  # observations of a signal before its median-based rules may fire
     max_rollbacks: int = 2  # then a rollback rule stops the run instead
     rollback_lr_factor: float = 0.5  # each rollback multiplies the learning rate by this
-    # The mean entropy of the model's tokens falls under a floor (the policy turned deterministic) ...
-    entropy_floor: GuardRule = field(
-        default_factory=lambda: GuardRule("health/entropy/model", "below", 0.02, patience=2)
-    )
+    # TRL's `entropy` (mean over the model's tokens, any engine) falls under a floor: the policy turned
+    # deterministic ...
+    entropy_floor: GuardRule = field(default_factory=lambda: GuardRule("entropy", "below", 0.02, patience=2))
     # ... or to a third of its running median within a few steps.
     entropy_fall: GuardRule = field(
-        default_factory=lambda: GuardRule("health/entropy/model", "fall_factor", 3.0, patience=2)
+        default_factory=lambda: GuardRule("entropy", "fall_factor", 3.0, patience=2)
     )
     # Degenerate text: entropy climbing well above its running median.
-    entropy_rise: GuardRule = field(
-        default_factory=lambda: GuardRule("health/entropy/model", "rise_factor", 1.5, patience=2)
-    )
+    entropy_rise: GuardRule = field(default_factory=lambda: GuardRule("entropy", "rise_factor", 1.5, patience=2))
     # Turns without a usable action (each answered with a corrective message) jump.
     malformed_rise: GuardRule = field(
         default_factory=lambda: GuardRule("health/corrective_rate", "rise", 0.15, patience=2)

@@ -91,14 +91,17 @@ class Guard:
     @staticmethod
     def _fails(rule: GuardRule, value: float, reference: float) -> bool:
         t = rule.threshold
-        return {
-            "below": value < t,
-            "above": value > t,
-            "fall_factor": value < reference / t,
-            "rise_factor": value > reference * t,
-            "rise": value > reference + t,
-            "drop_from_best": value < reference - t,
-        }[rule.test]
+        if rule.test == "below":
+            return value < t
+        if rule.test == "above":
+            return value > t
+        if rule.test == "fall_factor":
+            return value < reference / t
+        if rule.test == "rise_factor":
+            return value > reference * t
+        if rule.test == "rise":
+            return value > reference + t
+        return value < reference - t  # drop_from_best
 
     def observe(self, step: int, values: Mapping[str, float]) -> list[Alarm]:
         """Feed one observation (signals absent from `values` are not judged); returns the rules that fire now."""
