@@ -153,7 +153,9 @@ class GuardSettings:
         default_factory=lambda: GuardRule("entropy", "fall_factor", 3.0, patience=2)
     )
     # Degenerate text: entropy climbing well above its running median.
-    entropy_rise: GuardRule = field(default_factory=lambda: GuardRule("entropy", "rise_factor", 1.5, patience=2))
+    entropy_rise: GuardRule = field(
+        default_factory=lambda: GuardRule("entropy", "rise_factor", 1.5, patience=2)
+    )
     # Turns without a usable action (each answered with a corrective message) jump.
     malformed_rise: GuardRule = field(
         default_factory=lambda: GuardRule("health/corrective_rate", "rise", 0.15, patience=2)

@@ -173,7 +173,9 @@ def test_a_section_given_in_part_keeps_the_rest_of_its_default():
     )
     assert config.guard.heldout_drop.action == "rollback"
     assert (config.guard.heldout_drop.signal, config.guard.heldout_drop.threshold) == ("heldout/em", 0.05)
-    assert config.rollout.max_turns == 3 and config.rollout.max_new_tokens == 48  # the preset's own value kept
+    assert (
+        config.rollout.max_turns == 3 and config.rollout.max_new_tokens == 48
+    )  # the preset's own value kept
 
 
 @pytest.mark.parametrize("preset", GRPO_PRESETS, ids=lambda p: p.stem)

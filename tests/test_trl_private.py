@@ -54,7 +54,9 @@ def test_grpo_trainer_queues_metrics_in_a_per_mode_dict_of_lists(tmp_path):
 
 def test_trainer_loads_weights_from_a_save_model_folder(tmp_path):
     params = inspect.signature(Trainer._load_from_checkpoint).parameters
-    assert list(params)[:2] == ["self", "resume_from_checkpoint"], "transformers changed _load_from_checkpoint"
+    assert list(params)[:2] == ["self", "resume_from_checkpoint"], (
+        "transformers changed _load_from_checkpoint"
+    )
     trainer = tiny_grpo_trainer(tmp_path)
     trainer.save_model(str(tmp_path / "saved"))
     saved = {k: v.clone() for k, v in trainer.model.state_dict().items()}
