@@ -160,27 +160,48 @@ def _config(*overrides: str) -> GRPORunConfig:
     ("overrides", "message"),
     [
         (
-            ["trainer.use_vllm=true", "guard.entropy_fall.signal=health/entropy/think"],
+            [
+                "trainer.use_vllm=true",
+                "guard.entropy_fall.signal=health/entropy/think",
+                "guard.entropy_fall.action=stop",
+            ],
             "guard.entropy_fall (signal health/entropy/think): per-kind entropies",
         ),
         (
-            ["guard.malformed_rise.signal=kl"],
+            ["guard.malformed_rise.signal=kl", "guard.malformed_rise.action=stop"],
             "guard.malformed_rise (signal kl): TRL logs kl only with trainer.beta > 0",
         ),
-        (["heldout.every=0"], "guard.heldout_drop (signal heldout/em): needs held-out evaluation"),
+        (
+            ["heldout.every=0", "guard.heldout_drop.action=stop"],
+            "guard.heldout_drop (signal heldout/em): needs held-out evaluation",
+        ),
         (
             ["guard.entropy_floor.action=rollback", "heldout.save_best=false"],
             "guard.entropy_floor.action=rollback: needs a best checkpoint",
         ),
     ],
 )
-def test_unworkable_rules_are_refused_before_anything_loads(overrides, message):
+def test_acting_rules_that_cannot_work_are_refused_before_anything_loads(overrides, message):
     from autorefine.training.grpo import make_grpo_args
 
     config = _config(*overrides)
     with pytest.raises(RunError, match=re.escape(message)):
         check_guard(config, make_grpo_args(config))
-    check_guard(_config(), make_grpo_args(_config()))  # the shipped preset passes
+    assert check_guard(_config(), make_grpo_args(_config())) == _config().guard  # the shipped preset passes
+
+
+def test_warn_rules_that_cannot_work_are_switched_off_with_a_notice(caplog):
+    from autorefine.training.grpo import make_grpo_args
+
+    config = _config("heldout.every=0", "guard.entropy_fall.signal=kl")
+    with caplog.at_level(logging.WARNING):
+        settings = check_guard(config, make_grpo_args(config))
+    assert set(config.guard.rules) - set(settings.rules) == {"heldout_drop", "entropy_fall"}
+    assert "guard.heldout_drop (signal heldout/em) is not evaluated: needs held-out evaluation" in caplog.text
+    assert (
+        "guard.entropy_fall (signal kl) is not evaluated: TRL logs kl only with trainer.beta > 0"
+        in caplog.text
+    )
 
 
 # --- actions on the real TRL trainer ------------------------------------------------------------------------

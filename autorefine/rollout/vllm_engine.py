@@ -3,6 +3,10 @@
 vLLM is imported lazily and only here; on machines without it, constructing this engine raises a clear error.
 Stop strings go through vLLM's sampling parameters; `finish_generation` still makes the final cut so that
 every engine ends turns by the same rule.
+
+vLLM returns the sampled token's log-prob and at most `max_logprobs` top candidates per position (after
+top-k/top-p in TRL's `processed_logprobs` mode), never the whole distribution: generations carry no
+entropies, and the per-block entropy health signals are not logged with this engine.
 """
 
 from __future__ import annotations

@@ -34,8 +34,7 @@ from autorefine.training.callbacks import (
     save_final,
 )
 from autorefine.training.flat_groups import DropFlatGroups
-from autorefine.training.guardrails import GuardCallback, check_guard
-from autorefine.training.health import HealthCallback
+from autorefine.training.guardrails import GuardCallback, Guardrails, check_guard
 from autorefine.training.trainer_args import RunError, with_trainer_defaults
 from autorefine.training.trl_private import after_scoring, record_metric, save_full_checkpoint
 
@@ -104,7 +103,7 @@ class SearchRollout:
         self.latest = list(zip(prompts, trajectories, strict=True))
         self.batches += 1
         if training:
-            self._record(trainer, trajectories, loop.last_timings.retrieval_s, elapsed)
+            self._record(trainer, loop.last_timings.retrieval_s, elapsed)
         return {
             "prompt_ids": [t.prompt_ids for t in trajectories],
             "completion_ids": [t.completion_ids for t in trajectories],
@@ -131,9 +130,7 @@ class SearchRollout:
                 self._vllm_engine = VLLMEngine.from_server(trainer.processing_class, url)
         return self._vllm_engine
 
-    def _record(
-        self, trainer: GRPOTrainer, trajectories: list[Trajectory], retrieval_s: float, rollout_s: float
-    ) -> None:
+    def _record(self, trainer: GRPOTrainer, retrieval_s: float, rollout_s: float) -> None:
         """Rollout timings, averaged over every process (per-trajectory signals: `HealthCallback`)."""
         times = trainer.accelerator.gather(
             torch.tensor([rollout_s, retrieval_s], device=trainer.accelerator.device)
@@ -161,6 +158,11 @@ class TrajectoryScores:
         # Keep only this batch: ids of freed trajectories may be reused by the next one.
         self._scored = {id(t): (t, b) for t, b in zip(trajectories, out, strict=True)}
         return out
+
+    def rewards_of(self, inputs: list[dict[str, Any]]) -> list[float]:
+        """The AutoRefine reward of each row TRL scored (its `trajectory` and `golden_answers` columns)."""
+        rows = self.breakdowns([x["trajectory"] for x in inputs], [x["golden_answers"] for x in inputs])
+        return [b.reward for b in rows]
 
 
 class RewardComponent:
@@ -267,16 +269,14 @@ def build_trainer(
     from trl import GRPOTrainer
 
     args = make_grpo_args(config)
-    check_guard(config, args)
+    guard_settings = check_guard(config, args)
     template = PromptTemplate.load(config.template)
     train = build_dataset(config.data.train_file)
     client = client or connect_retriever(config.retriever)
     tokenizer, model = load_tokenizer_and_policy(config.model)
     rollout = SearchRollout(client, config.rollout, template, config.eval_temperature)
     scores = TrajectoryScores(config.reward)
-    observer = _Observer()
-    rewards = [RewardComponent("reward", scores, on_scored=observer)]
-    rewards += [RewardComponent(c, scores) for c in LOGGED_COMPONENTS]
+    rewards = [RewardComponent(c, scores) for c in ("reward", *LOGGED_COMPONENTS)]
     trainer = GRPOTrainer(
         model=model,
         reward_funcs=rewards,
@@ -298,47 +298,13 @@ def build_trainer(
             SaveRolloutsCallback(lambda: (rollout.batches, rollout_records(rollout, rewards[0])))
         )
     trainer.add_callback(SaveRunConfigCallback(to_dict(config)))
-    guard = (
-        GuardCallback(trainer, config.guard, Path(args.output_dir) / "best") if config.guard.rules else None
-    )
-    heldout_em: list[float] = []
-
-    def heldout_result(step: int, metrics: dict[str, float]) -> None:
-        heldout_em[:] = [metrics["em"]]
-        if guard is not None:
-            guard.heldout_result(step, metrics)
-
-    add_heldout_evaluation(trainer, config, client, on_result=heldout_result)
-    # After the held-out callback, so a step's reward gap uses that step's evaluation.
-    health = HealthCallback(trainer, heldout_em=lambda: heldout_em[0] if heldout_em else None)
-    observer.health = health
-    trainer.add_callback(health)
-    if guard is not None:
-        trainer.add_callback(guard)
+    guardrails = Guardrails(trainer, guard_settings, Path(args.output_dir) / "best")
+    rewards[0].on_scored = guardrails.health.observe  # every scored batch, with its question ids and rewards
+    add_heldout_evaluation(trainer, config, client, on_result=guardrails.heldout_result)
+    guardrails.attach()  # after the held-out callback: a step's signals and rules see that step's evaluation
     if config.drop_flat_groups:
-        after_scoring(
-            trainer,
-            DropFlatGroups(
-                trainer,
-                lambda inputs: [
-                    b.reward
-                    for b in scores.breakdowns(
-                        [x["trajectory"] for x in inputs], [x["golden_answers"] for x in inputs]
-                    )
-                ],
-            ),
-        )
+        after_scoring(trainer, DropFlatGroups(trainer, scores.rewards_of))
     return trainer, rollout
-
-
-class _Observer:
-    """Hands each scored training batch to the health callback (created after the trainer that needs it)."""
-
-    health: HealthCallback | None = None
-
-    def __call__(self, ids: list[str], trajectories: list[Trajectory], rewards: list[float]) -> None:
-        if self.health is not None:
-            self.health.observe(ids, trajectories, rewards)
 
 
 def latest_checkpoint(output_dir: str | Path) -> str | None:

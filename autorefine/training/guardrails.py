@@ -13,6 +13,7 @@ decision is still taken once, on rank 0, and broadcast, so every rank acts the s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from transformers import TrainerCallback
 
 from autorefine.config import GRPORunConfig, GuardRule, GuardSettings
+from autorefine.training.health import HealthCallback
 from autorefine.training.trainer_args import RunError
 from autorefine.training.trl_private import discard_generation_buffer, load_weights
 
@@ -333,26 +335,61 @@ class GuardCallback(TrainerCallback):
                 )
 
 
-def check_guard(config: GRPORunConfig, args: Any) -> None:
-    """Refuse, before anything loads, rules that this run could never evaluate or act on."""
-    rules = config.guard.rules
+class Guardrails:
+    """A run's health signals and guard, fed by the reward function (`health.observe`) and the held-out
+    evaluation (`heldout_result`); `attach` adds their callbacks to the trainer."""
+
+    def __init__(self, trainer: Trainer, settings: GuardSettings, best_dir: Path) -> None:
+        self.trainer = trainer
+        self.latest_em: float | None = None
+        self.health = HealthCallback(trainer, heldout_em=lambda: self.latest_em)
+        self.guard = GuardCallback(trainer, settings, best_dir) if settings.rules else None
+
+    def heldout_result(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Every held-out evaluation, the one before step 1 included."""
+        self.latest_em = metrics["em"]
+        if self.guard is not None:
+            self.guard.heldout_result(step, metrics)
+
+    def attach(self) -> None:
+        """Add the callbacks (after the held-out one, so a step's signals and rules see its evaluation)."""
+        self.trainer.add_callback(self.health)
+        if self.guard is not None:
+            self.trainer.add_callback(self.guard)
+
+
+def check_guard(config: GRPORunConfig, args: Any) -> GuardSettings:
+    """The guard settings this run can apply, checked before anything loads.
+
+    A rule that stops or rolls back on a signal this run can never log, or that has nothing to roll back to, is
+    refused with the reason; a `warn` rule on such a signal is switched off with a logged notice (the defaults
+    include `heldout_drop`, which runs without held-out evaluation cannot evaluate).
+    """
+    settings = config.guard
     heldout_on = bool(config.heldout.file) and config.heldout.every > 0
-    problems = []
-    for name, rule in rules.items():
+    refused, switched_off = [], {}
+    for name, rule in settings.rules.items():
         where = f"guard.{name} (signal {rule.signal})"
+        unavailable = None
         if rule.signal.startswith("health/entropy/") and args.use_vllm:
-            problems.append(
-                f"{where}: per-kind entropies come from the transformers engine; vLLM returns only top-k "
-                "log-probs. Use TRL's `entropy` (all model tokens) as the signal, or set the action to off"
+            unavailable = (
+                "per-kind entropies come from the transformers engine; vLLM returns only top-k log-probs "
+                "(use TRL's `entropy`, all model tokens, as the signal)"
             )
-        if rule.signal == "kl" and args.beta == 0:
-            problems.append(f"{where}: TRL logs kl only with trainer.beta > 0")
-        if rule.signal.startswith("heldout/") and not heldout_on:
-            problems.append(f"{where}: needs held-out evaluation (heldout.file and heldout.every > 0)")
+        elif rule.signal == "kl" and args.beta == 0:
+            unavailable = "TRL logs kl only with trainer.beta > 0"
+        elif rule.signal.startswith("heldout/") and not heldout_on:
+            unavailable = "needs held-out evaluation (heldout.file and heldout.every > 0)"
+        if unavailable and rule.action == "warn":
+            logger.warning("%s is not evaluated: %s", where, unavailable)
+            switched_off[name] = dataclasses.replace(rule, action="off")
+        elif unavailable:
+            refused.append(f"{where}: {unavailable}")
         if rule.action == "rollback" and not (heldout_on and config.heldout.save_best):
-            problems.append(
+            refused.append(
                 f"guard.{name}.action=rollback: needs a best checkpoint to return to "
                 "(heldout.file, heldout.every > 0 and heldout.save_best: true)"
             )
-    if problems:
-        raise RunError("the guard cannot work as configured:\n- " + "\n- ".join(problems))
+    if refused:
+        raise RunError("the guard cannot work as configured:\n- " + "\n- ".join(refused))
+    return dataclasses.replace(settings, **switched_off)
