@@ -168,8 +168,12 @@ class GuardSettings:
     heldout_drop: GuardRule = field(
         default_factory=lambda: GuardRule("heldout/em", "drop_from_best", 0.05, action="warn")
     )
+    # More rules by name, e.g. {clip_spike: {signal: clip_ratio/region_mean, test: above, threshold: 0.2}}.
+    extra: dict[str, GuardRule] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if clash := {f.name for f in dataclasses.fields(self)} & set(self.extra):
+            raise ValueError(f"extra rules may not reuse the names {sorted(clash)}")
         if self.window < 1 or self.warmup < 1 or self.max_rollbacks < 0:
             raise ValueError("window and warmup must be >= 1 and max_rollbacks >= 0")
         if not 0 < self.rollback_lr_factor < 1:
@@ -177,12 +181,10 @@ class GuardSettings:
 
     @property
     def rules(self) -> dict[str, GuardRule]:
-        """Every rule that is not off, by name."""
-        return {
-            f.name: getattr(self, f.name)
-            for f in dataclasses.fields(self)
-            if isinstance(getattr(self, f.name), GuardRule) and getattr(self, f.name).action != "off"
-        }
+        """Every rule that is not off, by name (the named ones, then `extra`)."""
+        named = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        rules = {name: rule for name, rule in named.items() if isinstance(rule, GuardRule)}
+        return {name: rule for name, rule in {**rules, **self.extra}.items() if rule.action != "off"}
 
 
 @dataclass(frozen=True)
@@ -255,8 +257,13 @@ def build(cls: type, data: Any, where: str) -> Any:
             # A section given in part keeps the other keys of its default (`guard.heldout_drop.action=stop`).
             default = _default_of(fields[name])
             if dataclasses.is_dataclass(default) and isinstance(value, dict):
-                value = {**_as_dict(default), **value}
+                value = {**dataclasses.asdict(default), **value}
             values[name] = build(hint, value, key)
+        elif typing.get_origin(hint) is dict and dataclasses.is_dataclass(typing.get_args(hint)[1]):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key} must be a mapping of names to sections, got {type(value).__name__}")
+            item = typing.get_args(hint)[1]
+            values[name] = {str(k): build(item, v, _join(key, str(k))) for k, v in value.items()}
         else:
             values[name] = check_type(value, hint, key)
     try:
@@ -271,14 +278,6 @@ def _default_of(f: dataclasses.Field) -> Any:
     if f.default_factory is not dataclasses.MISSING:
         return f.default_factory()
     return None
-
-
-def _as_dict(instance: Any) -> dict[str, Any]:
-    """Field values of a dataclass instance, nested sections as plain dicts (what `build` takes)."""
-    return {
-        f.name: _as_dict(v) if dataclasses.is_dataclass(v := getattr(instance, f.name)) else v
-        for f in dataclasses.fields(instance)
-    }
 
 
 def check_trainer_args(

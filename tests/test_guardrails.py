@@ -325,3 +325,21 @@ def test_dropped_flat_groups_leave_the_loss(synthetic_bm25_server, tmp_path):
     kept = (batch["completion_mask"] * batch["tool_mask"]).sum()
     assert batch["num_items_in_batch"] == kept
     assert kept < sum(sum(x["trajectory"].env_mask) for x in inputs)
+
+
+def test_extra_rules_by_name():
+    from autorefine.config import ConfigError
+
+    settings = load_config(
+        GRPORunConfig,
+        None,
+        ["guard.extra={clip_spike: {signal: clip_ratio/region_mean, test: above, threshold: 0.2}}"],
+    ).guard
+    series = [{"clip_ratio/region_mean": v} for v in (0.01, 0.02, 0.3)]
+    assert [(a.rule, a.step) for a in run(Guard(settings), series)] == [("clip_spike", 2)]
+    with pytest.raises(
+        ConfigError, match=re.escape("guard.extra.k: GuardRule.__init__() missing 2 required")
+    ):
+        load_config(GRPORunConfig, None, ["guard.extra.k.signal=kl"])
+    with pytest.raises(ConfigError, match=re.escape("extra rules may not reuse the names ['window']")):
+        load_config(GRPORunConfig, None, ["guard.extra={window: {signal: a, test: above, threshold: 1}}"])

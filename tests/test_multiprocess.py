@@ -93,7 +93,8 @@ def test_two_processes_average_health_and_take_the_same_guard_decisions(
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=900)
-    assert result.returncode == 2, result.stderr[-4000:]
+    # each rank exits with the CLI's error status 2; the launcher reports the failure as its own status
+    assert result.returncode != 0 and "(exitcode: 2)" in result.stderr, result.stderr[-4000:]
     assert "the guard stopped training: step 2: rollout/turns" in result.stderr
     assert (out / "checkpoint-2" / "model.safetensors").is_file()
 
