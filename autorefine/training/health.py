@@ -22,6 +22,7 @@ TRL's `entropy` (all model tokens, from its training forward) still is.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -67,14 +68,9 @@ class TokenKinds:
             if token not in self._piece_length:
                 self._piece_length[token] = len(self.tokenizer.decode([token], skip_special_tokens=True))
             lengths.append(self._piece_length[token])
-        if sum(lengths) == len(
-            text
-        ):  # tokens decode on their own to exactly the turn's text (no split characters)
-            ends, total = [], 0
-            for n in lengths:
-                total += n
-                ends.append(total)
-            return ends
+        # Tokens that decode on their own to exactly the turn's text (no character split across tokens).
+        if sum(lengths) == len(text):
+            return list(itertools.accumulate(lengths))
         # A character split across tokens decodes differently alone: decode every prefix instead (slow, rare).
         return [len(self.tokenizer.decode(ids[: i + 1], skip_special_tokens=True)) for i in range(len(ids))]
 
@@ -108,8 +104,7 @@ def trajectory_tally(
 ) -> Tally:
     """Sums and counts of every per-trajectory signal of one batch (this process's share)."""
     tally: Tally = {}
-    for trajectory, qid in zip(trajectories, question_ids, strict=True):
-        t = trajectory
+    for t, qid in zip(trajectories, question_ids, strict=True):
         _add(tally, "rollout/searches", t.num_searches)
         _add(tally, "rollout/turns", t.num_turns)
         _add(tally, "rollout/model_tokens", t.num_model_tokens)
@@ -182,7 +177,6 @@ class HealthCallback(TrainerCallback):
         self.kinds = TokenKinds(trainer.processing_class)
         self.heldout_em = heldout_em
         self._pending: list[_Batch] = []
-        self.latest: dict[str, float] = {}
 
     def observe(
         self, question_ids: Sequence[str], trajectories: Sequence[Trajectory], rewards: Sequence[float]
@@ -210,7 +204,6 @@ class HealthCallback(TrainerCallback):
         heldout = self.heldout_em()
         if heldout is not None and rewards:
             values["health/reward_gap"] = sum(rewards) / len(rewards) - heldout
-        self.latest = values
         for key, value in values.items():
             record_metric(self.trainer, key, value)
 
