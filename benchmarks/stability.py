@@ -28,13 +28,25 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from autorefine.config import GRPORunConfig  # noqa: E402
+from autorefine.config import GRPORunConfig, GuardSettings  # noqa: E402
 from autorefine.retriever_process import running_retriever  # noqa: E402
+from autorefine.training.guardrails import Guard  # noqa: E402
 from benchmarks.synthetic_setup import ensure_index, load_average  # noqa: E402
 
 COLLAPSE_DROP = 0.05  # EM points (as a fraction) below the best earlier evaluation
 CATCH_WITHIN = 10  # steps after the collapsing evaluation
 RULES = [name for name in GRPORunConfig().guard.rules]
+# What a run's record keeps of each logged step (the signals any rule could watch, and a few for context).
+SIGNAL_PREFIXES = (
+    "entropy",
+    "health/",
+    "rollout/",
+    "reward",
+    "learning_rate",
+    "clip_ratio/",
+    "frac_reward",
+    "kl",
+)
 
 
 def run_name(lr: float, loss: str, seed: int, rollback: bool) -> str:
@@ -105,10 +117,10 @@ def summarize(
     guard_log = run / "guard.jsonl"
     events = [json.loads(line) for line in guard_log.read_text().splitlines()] if guard_log.is_file() else []
     alarms = [e for e in events if "rule" in e]
-    keys = ("entropy", "health/entropy/model", "health/corrective_rate", "rollout/finish_length",
-            "rollout/model_tokens", "reward", "learning_rate", "clip_ratio/region_mean")  # fmt: skip
     signals = [
-        {"step": h["step"], **{k: h[k] for k in keys if k in h}} for h in _log_history(run) if "loss" in h
+        {"step": h["step"], **{k: v for k, v in h.items() if k.startswith(SIGNAL_PREFIXES)}}
+        for h in _log_history(run)
+        if "loss" in h
     ]
     return {
         "run": run.name, "lr": lr, "loss": loss, "seed": seed, "rollback": rollback, "exit_code": code,
@@ -119,6 +131,27 @@ def summarize(
         "rollbacks": [e for e in events if "rollback" in e and "rule" not in e],
         "signals": signals,
     }  # fmt: skip
+
+
+def replay(record: dict, settings: GuardSettings | None = None) -> list[dict]:
+    """The alarms `settings` (default: the current defaults) raise on a grid run's logged signals.
+
+    The guard sees exactly what it saw live: each logged step's values, plus the held-out EM of that step;
+    so replaying a grid run with the settings it ran with reproduces its live alarms.
+    """
+    guard = Guard(settings or GuardSettings())
+    heldout = dict(record["curve"])
+    guard.observe(0, {"heldout/em": heldout[0]})
+    alarms = []
+    for logged in record["signals"]:
+        values = {k: v for k, v in logged.items() if k != "step"}
+        if logged["step"] in heldout:
+            values["heldout/em"] = heldout[logged["step"]]
+        alarms += [
+            {"rule": a.rule, "signal": a.signal, "value": a.value, "step": a.step, "action": a.action}
+            for a in guard.observe(logged["step"], values)
+        ]
+    return alarms
 
 
 def caught(record: dict) -> bool | None:
@@ -252,7 +285,14 @@ def main() -> None:
                       f"alarms {[(a['rule'], a['step']) for a in r['alarms']]}, {r['seconds'] / 60:.1f} min, "
                       f"load {r['load_before']} → {r['load_after']}", flush=True)  # fmt: skip
 
-    records = [json.loads(p.read_text()) for p in sorted(args.out.glob("*/record.json"))]
+    records = []
+    for path in sorted(args.out.glob("*/record.json")):
+        # Summarized again from the run folder, so every record follows this script's `summarize`.
+        r = json.loads(path.read_text())
+        records.append(
+            summarize(path.parent, r["lr"], r["loss"], r["seed"], r["rollback"], r["exit_code"], r["seconds"],
+                      r["load_before"], r["load_after"])
+        )  # fmt: skip
     print(table(records))
     print(targets(records))
     plot(records, args.out / "stability.png")
