@@ -205,8 +205,49 @@ def targets(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# Variants of the default rules replayed on the grid runs' logged signals (`sensitivity`).
+VARIANTS = {
+    "defaults": [],
+    "per-step rules only (heldout_drop off)": ["guard.heldout_drop.action=off"],
+    "per-step rules only, warmup 3, patience 1": [
+        "guard.heldout_drop.action=off", "guard.warmup=3",
+        *(f"guard.{r}.patience=1" for r in ("entropy_floor", "entropy_fall", "entropy_rise", "malformed_rise",
+                                           "length_cap_rise")),
+    ],
+}  # fmt: skip
+
+
+def sensitivity(records: list[dict]) -> str:
+    """How variants of the default rules would have done on the grid runs (replayed, same logged values)."""
+    from autorefine.config import load_config
+
+    grid = [r for r in records if not r["rollback"]]
+    rows = [
+        "| rules | collapsing runs caught (≤ 10 steps after) | first alarm − collapse step (mean) | stable runs with an alarm |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, overrides in VARIANTS.items():
+        settings = load_config(GRPORunConfig, None, overrides).guard
+        caught_n, delays, false_alarms = 0, [], 0
+        collapsing = [r for r in grid if r["collapse_step"] is not None]
+        for r in grid:
+            alarms = replay(r, settings)
+            if r["collapse_step"] is None:
+                false_alarms += bool(alarms)
+            elif alarms and alarms[0]["step"] <= r["collapse_step"] + CATCH_WITHIN:
+                caught_n += 1
+                delays.append(alarms[0]["step"] - r["collapse_step"])
+        mean_delay = f"{sum(delays) / len(delays):+.1f}" if delays else "–"
+        rows.append(
+            f"| {name} | {caught_n} of {len(collapsing)} | {mean_delay} | "
+            f"{false_alarms} of {len(grid) - len(collapsing)} |"
+        )
+    return "\n".join(rows)
+
+
 def plot(records: list[dict], path: Path) -> None:
-    """Held-out EM per run: one panel per (loss, lr) of the grid, one per loss for rollback runs."""
+    """Held-out EM per run: one panel per (loss, lr) of the grid, one per loss for rollback runs; last row: the
+    entropy of the model's tokens per step, every grid run of one learning rate together."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -216,11 +257,9 @@ def plot(records: list[dict], path: Path) -> None:
     rolled = [r for r in records if r["rollback"]]
     losses = sorted({r["loss"] for r in records})
     lrs = sorted({r["lr"] for r in grid})
-    cols = max(len(lrs), 1)
-    rows = len(losses) + (1 if rolled else 0)
-    fig, axes = plt.subplots(
-        rows, cols, figsize=(4 * cols, 2.8 * rows), sharex=True, sharey=True, squeeze=False
-    )
+    cols = max(len(lrs), len({(r["lr"], r["loss"]) for r in rolled}), 1)
+    rows = len(losses) + (1 if rolled else 0) + 1
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.6 * rows), sharex=True, squeeze=False)
     colors = ["tab:blue", "tab:orange", "tab:green", "tab:red"]
 
     def draw(ax, runs: list[dict], title: str) -> None:
@@ -231,24 +270,38 @@ def plot(records: list[dict], path: Path) -> None:
             if r["collapse_step"] is not None:
                 ax.axvline(r["collapse_step"], color=color, ls=":", lw=1)
             for a in r["alarms"][:1]:
-                ax.plot([a["step"]], [2], marker="v", color=color, ms=8)
+                ax.plot([a["step"]], [3], marker="v", color=color, ms=8)
             for rb in r["rollbacks"]:
-                ax.plot([rb["step"]], [6], marker="x", color=color, ms=7)
+                ax.plot([rb["step"]], [8], marker="x", color=color, ms=7)
         ax.set_title(title, fontsize=9)
+        ax.set_ylim(0, 65)
+        ax.set_ylabel("held-out EM (%)", fontsize=8)
         ax.grid(alpha=0.3)
 
     for i, loss in enumerate(losses):
         for j, lr in enumerate(lrs):
             draw(axes[i][j], [r for r in grid if r["loss"] == loss and r["lr"] == lr], f"{loss}, lr {lr:g}")
     if rolled:
-        for j, (lr, loss) in enumerate(sorted({(r["lr"], r["loss"]) for r in rolled})[:cols]):
+        for j, (lr, loss) in enumerate(sorted({(r["lr"], r["loss"]) for r in rolled})):
             runs = [r for r in rolled if r["lr"] == lr and r["loss"] == loss]
-            draw(axes[-1][j], runs, f"{loss}, lr {lr:g}, rollback on")
+            draw(axes[len(losses)][j], runs, f"{loss}, lr {lr:g}, rollback on")
+    for j, lr in enumerate(lrs):
+        ax = axes[-1][j]
+        for r in (r for r in grid if r["lr"] == lr):
+            steps = [s["step"] for s in r["signals"] if "entropy" in s]
+            ax.plot(steps, [s["entropy"] for s in r["signals"] if "entropy" in s],
+                    color=colors[losses.index(r["loss"]) % len(colors)], ls="-" if r["seed"] == 0 else "--",
+                    lw=1, label=f"{r['loss']} seed {r['seed']}")  # fmt: skip
+        ax.set_title(f"entropy of model tokens (TRL), lr {lr:g}", fontsize=9)
+        ax.set_ylabel("nats", fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat:
+        if not ax.has_data():
+            ax.set_visible(False)
     for ax in axes[-1]:
         ax.set_xlabel("GRPO step")
-    for row in axes:
-        row[0].set_ylabel("held-out EM (%)")
     axes[0][0].legend(fontsize=7)
+    axes[-1][0].legend(fontsize=6)
     fig.suptitle(
         "Held-out EM; dotted: collapse (−5 points from best), ▼ first guard alarm, × rollback", fontsize=10
     )
@@ -295,6 +348,14 @@ def main() -> None:
         )  # fmt: skip
     print(table(records))
     print(targets(records))
+    print(sensitivity(records))
+    replayed = [
+        r["run"]
+        for r in records
+        if not r["rollback"]
+        and [(a["rule"], a["step"]) for a in replay(r)] != [(a["rule"], a["step"]) for a in r["alarms"]]
+    ]
+    print(f"grid runs whose live alarms differ from a replay with the current defaults: {replayed or 'none'}")  # fmt: skip
     plot(records, args.out / "stability.png")
     (args.out / "stability.json").write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
     print(f"curves: {args.out / 'stability.png'}")
