@@ -121,6 +121,83 @@ class LoggingSettings:
     save_rollouts: bool = False  # every trajectory (ids, masks, reward) to <output_dir>/rollouts/rank-R.jsonl
 
 
+GuardAction = Literal["off", "warn", "stop", "rollback"]
+GuardTest = Literal["below", "above", "fall_factor", "rise_factor", "rise", "drop_from_best"]
+
+
+@dataclass(frozen=True)
+class GuardRule:
+    """One collapse rule: fires when `signal` (a logged metric) passes `test` against `threshold`.
+
+    Tests: `below`/`above` a fixed value; `fall_factor`/`rise_factor`: below median ÷ threshold or above
+    median × threshold, the median of the signal's previous `guard.window` values; `rise`: above that median +
+    threshold; `drop_from_best`: below the best value so far − threshold. `patience` consecutive observations
+    must pass the test before the rule fires.
+    """
+
+    signal: str
+    test: GuardTest
+    threshold: float
+    action: GuardAction = "warn"
+    patience: int = 1
+
+    def __post_init__(self) -> None:
+        if self.patience < 1:
+            raise ValueError(f"patience must be >= 1, got {self.patience}")
+        if self.test in ("fall_factor", "rise_factor") and self.threshold <= 1:
+            raise ValueError(f"a {self.test} threshold is a factor > 1, got {self.threshold}")
+
+
+@dataclass(frozen=True)
+class GuardSettings:
+    """Collapse detection over the logged health signals, and what to do when a rule fires."""
+
+    window: int = 10  # previous observations whose median `fall_factor`/`rise_factor`/`rise` compare against
+    warmup: int = 5  # observations of a signal before its median-based rules may fire
+    max_rollbacks: int = 2  # then a rollback rule stops the run instead
+    rollback_lr_factor: float = 0.5  # each rollback multiplies the learning rate by this
+    # TRL's `entropy` (mean over the model's tokens, any engine) falls under a floor: the policy turned
+    # deterministic ...
+    entropy_floor: GuardRule = field(default_factory=lambda: GuardRule("entropy", "below", 0.02, patience=2))
+    # ... or to a third of its running median within a few steps.
+    entropy_fall: GuardRule = field(
+        default_factory=lambda: GuardRule("entropy", "fall_factor", 3.0, patience=2)
+    )
+    # Degenerate text: entropy climbing well above its running median.
+    entropy_rise: GuardRule = field(
+        default_factory=lambda: GuardRule("entropy", "rise_factor", 1.5, patience=2)
+    )
+    # Turns without a usable action (each answered with a corrective message) jump.
+    malformed_rise: GuardRule = field(
+        default_factory=lambda: GuardRule("health/corrective_rate", "rise", 0.15, patience=2)
+    )
+    # Completions running into the length cap jump.
+    length_cap_rise: GuardRule = field(
+        default_factory=lambda: GuardRule("rollout/finish_length", "rise", 0.15, patience=2)
+    )
+    # Held-out EM falls 5 points below the best seen (including the evaluation before the first step).
+    heldout_drop: GuardRule = field(
+        default_factory=lambda: GuardRule("heldout/em", "drop_from_best", 0.05, action="warn")
+    )
+    # More rules by name, e.g. {clip_spike: {signal: clip_ratio/region_mean, test: above, threshold: 0.2}}.
+    extra: dict[str, GuardRule] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if clash := {f.name for f in dataclasses.fields(self)} & set(self.extra):
+            raise ValueError(f"extra rules may not reuse the names {sorted(clash)}")
+        if self.window < 1 or self.warmup < 1 or self.max_rollbacks < 0:
+            raise ValueError("window and warmup must be >= 1 and max_rollbacks >= 0")
+        if not 0 < self.rollback_lr_factor < 1:
+            raise ValueError(f"rollback_lr_factor must be in (0, 1), got {self.rollback_lr_factor}")
+
+    @property
+    def rules(self) -> dict[str, GuardRule]:
+        """Every rule that is not off, by name (the named ones, then `extra`)."""
+        named = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        rules = {name: rule for name, rule in named.items() if isinstance(rule, GuardRule)}
+        return {name: rule for name, rule in {**rules, **self.extra}.items() if rule.action != "off"}
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Sections every training run has."""
@@ -141,6 +218,10 @@ class GRPORunConfig(RunConfig):
 
     reward: RewardConfig = field(default_factory=RewardConfig)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
+    guard: GuardSettings = field(default_factory=GuardSettings)
+    drop_flat_groups: bool = (
+        False  # groups whose rewards are all equal leave the loss (see training/flat_groups.py)
+    )
     eval_temperature: float = 0.0  # validation decoding (0: greedy)
 
 
@@ -255,7 +336,16 @@ def build(cls: type, data: Any, where: str) -> Any:
         key = _join(where, name)
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
+            # A section given in part keeps the other keys of its default (`guard.heldout_drop.action=stop`).
+            default = _default_of(fields[name])
+            if dataclasses.is_dataclass(default) and isinstance(value, dict):
+                value = {**dataclasses.asdict(default), **value}
             values[name] = build(hint, value, key)
+        elif typing.get_origin(hint) is dict and dataclasses.is_dataclass(typing.get_args(hint)[1]):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key} must be a mapping of names to sections, got {type(value).__name__}")
+            item = typing.get_args(hint)[1]
+            values[name] = {str(k): build(item, v, _join(key, str(k))) for k, v in value.items()}
         else:
             values[name] = check_type(value, hint, key)
     try:
@@ -268,6 +358,14 @@ _OLD_TRAINER_NAMES = {
     "activation_checkpointing": "gradient_checkpointing",
     "activation_checkpointing_kwargs": "gradient_checkpointing_kwargs",
 }
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
 
 
 def check_trainer_args(

@@ -207,6 +207,19 @@ def block_sequence(text: str) -> list[str]:
     return [tag for _, tag in sorted(found)]
 
 
+def block_spans(text: str) -> list[tuple[str, int, int]]:
+    """`(tag, start, end)` character spans of the complete think/search/refine/answer blocks outside documents,
+    tags included, in order of appearance."""
+    # Blank documents out with spaces of the same length, so offsets still index `text`.
+    blanked = _DOCUMENTS_SPAN.sub(lambda m: " " * len(m.group(0)), text)
+    found = [
+        (m.start(), m.end(), tag)
+        for tag in (THINK, SEARCH, REFINE, ANSWER)
+        for m in _BLOCK[tag].finditer(blanked)
+    ]
+    return [(tag, start, end) for start, end, tag in sorted(found)]
+
+
 def final_answer(model_text: str) -> str | None:
     """The last non-empty `<answer>` block of a model's own text (documents excluded), or None."""
     # An empty block is no answer, as it is no action for `parse_action`.

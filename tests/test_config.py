@@ -183,3 +183,24 @@ def test_trainer_args_take_the_old_checkpointing_names_on_older_transformers():
     }
     with pytest.raises(ConfigError, match="activation_checkpointin"):
         check_trainer_args(OlderTrainingArguments, {"activation_checkpointin": True})
+
+
+def test_a_section_given_in_part_keeps_the_rest_of_its_default():
+    config = load_config(
+        GRPORunConfig,
+        REPO_ROOT / "configs/grpo/tiny-cpu.yaml",
+        ["guard.heldout_drop.action=rollback", "rollout.max_turns=3"],
+    )
+    assert config.guard.heldout_drop.action == "rollback"
+    assert (config.guard.heldout_drop.signal, config.guard.heldout_drop.threshold) == ("heldout/em", 0.05)
+    assert (
+        config.rollout.max_turns == 3 and config.rollout.max_new_tokens == 48
+    )  # the preset's own value kept
+
+
+@pytest.mark.parametrize("preset", GRPO_PRESETS, ids=lambda p: p.stem)
+def test_grpo_presets_pass_the_guard_checks(preset):
+    from autorefine.training.guardrails import check_guard
+
+    config = load_config(GRPORunConfig, preset, ["trainer.bf16=false"])  # GPU presets, checked on a CPU
+    check_guard(config, make_grpo_args(config))

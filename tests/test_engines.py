@@ -132,6 +132,28 @@ def test_recorded_logprobs_are_those_of_the_sampled_tokens(model, tokenizer):
         assert torch.allclose(torch.tensor(gen.logprobs), expected, atol=1e-4)
 
 
+def recomputed_entropies(model, prompt: list[int], completion: list[int], temperature: float) -> torch.Tensor:
+    """Entropy of the whole next-token distribution before each completion token, from one forward pass."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + completion])).logits[0].float() / temperature
+    positions = torch.arange(len(prompt) - 1, len(prompt) + len(completion) - 1)
+    logp = torch.log_softmax(logits[positions], -1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def test_recorded_entropies_are_those_of_the_whole_distribution(model, tokenizer):
+    engine = TransformersEngine(model, tokenizer)
+    prompts = [ids(tokenizer, "Question: who?"), ids(tokenizer, "Another, longer question: where and when?")]
+    torch.manual_seed(1)
+    # top_p/top_k cut what is sampled from, not the distribution the entropy describes (TRL's, temperature only)
+    gens = engine.generate(prompts, [9, 6], SamplingParams(temperature=0.7, top_p=0.9, top_k=50), [])
+    for prompt, gen in zip(prompts, gens, strict=True):
+        assert gen.entropies is not None and len(gen.entropies) == len(gen.token_ids)
+        expected = recomputed_entropies(model, prompt, gen.token_ids, temperature=0.7)
+        assert torch.allclose(torch.tensor(gen.entropies), expected, atol=1e-3)
+        assert (expected > 0.1).all()  # a tiny random model is far from deterministic: the check has teeth
+
+
 def test_seeded_sampling_is_reproducible_and_varies_without_seed(model, tokenizer):
     engine = TransformersEngine(model, tokenizer)
     prompt = [ids(tokenizer, "Tell me something")]
@@ -193,6 +215,7 @@ def test_next_turn_prefills_only_new_tokens_and_matches_a_fresh_engine(model, to
     for c, f, context in zip(continued, fresh, contexts, strict=True):
         assert c.token_ids == f.token_ids
         assert c.logprobs == pytest.approx(f.logprobs, abs=1e-4)
+        assert c.entropies == pytest.approx(f.entropies, abs=1e-4)
         assert torch.allclose(
             torch.tensor(c.logprobs), recomputed_logprobs(model, context, c.token_ids), atol=1e-4
         )

@@ -15,6 +15,7 @@ from autorefine.protocol import (
     Action,
     PromptTemplate,
     block_sequence,
+    block_spans,
     build_prompt,
     final_answer,
     find_blocks,
@@ -341,3 +342,12 @@ def test_build_prompt_plain_without_chat_template(qwen_tokenizer) -> None:
     template = PromptTemplate("Q: {question} k={topk}")
     assert build_prompt("who wrote Hamlet", plain, template, 2) == "Q: who wrote Hamlet? k=2"
     assert qwen_tokenizer.chat_template  # the copy did not change the shared tokenizer
+
+
+def test_block_spans_index_the_original_text_and_skip_documents():
+    text = "<think> a </think>\n<documents> <answer> no </answer> </documents><search> q </search> <refine> r"
+    spans = block_spans(text)
+    assert [(tag, text[start:end]) for tag, start, end in spans] == [
+        ("think", "<think> a </think>"),
+        ("search", "<search> q </search>"),
+    ]

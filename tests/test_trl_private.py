@@ -9,12 +9,18 @@ import inspect
 from collections import defaultdict
 
 import pytest
+import torch
 from datasets import Dataset
 from transformers import Trainer
 from trl import GRPOConfig, GRPOTrainer
 
 from autorefine.modeling import load_tokenizer, tiny_qwen2
-from autorefine.training.trl_private import record_metric
+from autorefine.training.trl_private import (
+    after_scoring,
+    discard_generation_buffer,
+    load_weights,
+    record_metric,
+)
 from tests.paths import SYNTHETIC_DIR
 
 
@@ -23,17 +29,22 @@ def test_trainer_save_checkpoint_takes_model_and_trial():
     assert list(params)[:3] == ["self", "model", "trial"], "transformers changed Trainer._save_checkpoint"
 
 
-def test_grpo_trainer_queues_metrics_in_a_per_mode_dict_of_lists(tmp_path):
+def tiny_grpo_trainer(tmp_path, **kwargs) -> GRPOTrainer:
     tokenizer = load_tokenizer(SYNTHETIC_DIR / "tokenizer")
     args = GRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to=[],
                       per_device_train_batch_size=2, num_generations=2, max_steps=1)  # fmt: skip
-    trainer = GRPOTrainer(
+    return GRPOTrainer(
         model=tiny_qwen2(tokenizer, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1),
-        reward_funcs=lambda completions, **kw: [0.0] * len(completions),
+        reward_funcs=lambda completions, **kw: [float(len(c)) for c in completions],
         args=args,
         train_dataset=Dataset.from_list([{"prompt": "a"}, {"prompt": "b"}]),
         processing_class=tokenizer,
+        **kwargs,
     )
+
+
+def test_grpo_trainer_queues_metrics_in_a_per_mode_dict_of_lists(tmp_path):
+    trainer = tiny_grpo_trainer(tmp_path)
     assert isinstance(trainer._metrics, dict) and isinstance(trainer._metrics["train"], defaultdict), (
         "TRL changed GRPOTrainer._metrics (record_metric queues into _metrics['train'][key])"
     )
@@ -76,3 +87,48 @@ def test_dpo_trainer_prepares_every_dataset_through_prepare_dataset(tmp_path):
             train_dataset=Dataset.from_list([row]),
             processing_class=tokenizer,
         )
+
+
+def test_trainer_loads_weights_from_a_save_model_folder(tmp_path):
+    params = inspect.signature(Trainer._load_from_checkpoint).parameters
+    assert list(params)[:2] == ["self", "resume_from_checkpoint"], (
+        "transformers changed _load_from_checkpoint"
+    )
+    trainer = tiny_grpo_trainer(tmp_path)
+    trainer.save_model(str(tmp_path / "saved"))
+    saved = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            p.add_(1.0)
+    load_weights(trainer, tmp_path / "saved")
+    for name, value in trainer.model.state_dict().items():
+        assert torch.equal(value, saved[name]), name
+
+
+def test_grpo_trainer_regenerates_when_its_generation_buffer_is_none(tmp_path):
+    trainer = tiny_grpo_trainer(tmp_path)
+    assert hasattr(trainer, "_buffered_inputs"), "TRL renamed GRPOTrainer._buffered_inputs"
+    assert "self._buffered_inputs is None" in inspect.getsource(GRPOTrainer._prepare_inputs), (
+        "TRL no longer regenerates when _buffered_inputs is None (discard_generation_buffer relies on it)"
+    )
+    trainer._buffered_inputs = [{"stale": True}]
+    discard_generation_buffer(trainer)
+    assert trainer._buffered_inputs is None
+
+
+def test_scored_batch_carries_the_masks_and_token_count_the_loss_reads(tmp_path):
+    # The shape `after_scoring` hooks (DropFlatGroups) edit: per-row masks and num_items_in_batch.
+    def rollout(prompts, trainer):
+        n = len(prompts)
+        return {"prompt_ids": [[5, 6]] * n, "completion_ids": [[7, 8, 9, 2]] * n, "logprobs": None,
+                "env_mask": [[1, 0, 1, 1]] * n}  # fmt: skip
+
+    trainer = tiny_grpo_trainer(tmp_path, rollout_func=rollout)
+    seen = []
+    after_scoring(trainer, lambda inputs, batch: seen.append((inputs, batch)) or batch)
+    trainer.train()
+    [(inputs, batch)] = seen
+    assert len(inputs) == 2 and batch["completion_mask"].shape == (2, 4)
+    assert batch["tool_mask"].tolist() == [[1, 0, 1, 1]] * 2, "TRL changed how env_mask reaches the loss"
+    assert int(batch["num_items_in_batch"]) == 6
+    assert batch["advantages"].shape == (2,)

@@ -11,6 +11,7 @@ are done; a failure on one process between two engine calls (a lost retriever) i
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -149,7 +150,7 @@ class AgentLoop:
         """Append each turn, then answer, search, correct or stop; searches of the turn go in one batch."""
         searching: list[_Active] = []
         for a, gen in zip(active, generations, strict=True):
-            text = self._append(a, "model", gen.token_ids, gen.logprobs)
+            text = self._append(a, "model", gen.token_ids, gen.logprobs, gen.entropies)
             a.trajectory.num_turns += 1
             a.turns_left -= 1
             action = protocol.parse_action(text)
@@ -188,7 +189,12 @@ class AgentLoop:
         return self.config.max_completion_tokens - len(a.trajectory.completion_ids)
 
     def _append(
-        self, a: _Active, kind: SegmentKind, ids: list[int], logprobs: list[float] | None = None
+        self,
+        a: _Active,
+        kind: SegmentKind,
+        ids: list[int],
+        logprobs: list[float] | None = None,
+        entropies: list[float] | None = None,
     ) -> str:
         """Add tokens to the trajectory and the model's context; returns their text."""
         t = a.trajectory
@@ -197,6 +203,7 @@ class AgentLoop:
         a.context += ids
         t.env_mask += [1 if kind == "model" else 0] * len(ids)
         t.logprobs += list(logprobs) if logprobs is not None else [0.0] * len(ids)
+        t.entropies += list(entropies) if entropies is not None else [math.nan] * len(ids)
         # Model text drops special tokens (an EOS is no part of an answer); environment text is kept verbatim.
         text = self.tokenizer.decode(ids, skip_special_tokens=kind == "model")
         t.segments.append(Segment(kind, text, start, start + len(ids)))

@@ -43,11 +43,17 @@ class SamplingParams:
 
 @dataclass
 class Generation:
-    """One continuation: the sampled ids, their log-probs, and what stopped it."""
+    """One continuation: the sampled ids, their log-probs, and what stopped it.
+
+    `entropies[i]` is the entropy (nats) of the whole next-token distribution the engine sampled token i from,
+    at the sampling temperature; None when the engine cannot see that distribution (vLLM returns only top-k
+    log-probs).
+    """
 
     token_ids: list[int]
     logprobs: list[float]
     finish: GenerationFinish
+    entropies: list[float] | None = None
 
 
 class GenerationEngine(Protocol):
@@ -91,6 +97,7 @@ def finish_generation(
     stop: Sequence[str],
     eos_ids: set[int],
     tokenizer: PreTrainedTokenizerBase,
+    entropies: Sequence[float] | None = None,
 ) -> Generation:
     """Cut raw engine output at the first stop string or EOS (inclusive), else at `budget` tokens.
 
@@ -107,7 +114,12 @@ def finish_generation(
         end, finish = eos_at + 1, "eos"
     else:
         end, finish = len(ids), "length"
-    return Generation(token_ids=ids[:end], logprobs=[float(x) for x in logprobs[:end]], finish=finish)
+    return Generation(
+        token_ids=ids[:end],
+        logprobs=[float(x) for x in logprobs[:end]],
+        finish=finish,
+        entropies=None if entropies is None else [float(x) for x in entropies[:end]],
+    )
 
 
 def _stop_position(ids: list[int], stop: Sequence[str], tokenizer: PreTrainedTokenizerBase) -> int | None:

@@ -34,32 +34,39 @@ if TYPE_CHECKING:
 _CACHE = "cache" if "cache" in GenerateDecoderOnlyOutput.__dataclass_fields__ else "past_key_values"
 
 
-class _SampledTokenLogprobs(LogitsProcessor):
-    """Records log p(sampled token) at the sampling temperature, without keeping per-step vocab-sized scores.
+class _SampledTokenStats(LogitsProcessor):
+    """Records log p(sampled token) and the entropy of the full distribution, both at the sampling temperature.
 
-    transformers runs user processors before its temperature/top-k/top-p warpers, so `scores` here are the
-    model's logits; the token sampled from step t only becomes visible at step t+1 (or after generate).
+    Nothing vocab-sized is kept per step. transformers runs user processors before its temperature/top-k/top-p
+    warpers, so `scores` here are the model's logits: the entropy is that of the distribution TRL's training
+    forward scores (temperature only), before any top-k/top-p cut. The token sampled from step t only becomes
+    visible at step t+1 (or after generate).
     """
 
     def __init__(self, temperature: float) -> None:
         self.temperature = temperature if temperature > 0 else 1.0
         self.previous: torch.Tensor | None = None
         self.steps: list[torch.Tensor] = []
+        self.entropies: list[torch.Tensor] = []
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.previous is not None:
             self.steps.append(self.previous.gather(1, input_ids[:, -1:]).squeeze(1))
         self.previous = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        # entr(p) = -p log p with entr(0) = 0, so tokens a processor set to -inf add nothing.
+        self.entropies.append(torch.special.entr(self.previous.exp()).sum(-1))
         return scores
 
-    def collect(self, new_tokens: torch.Tensor) -> torch.Tensor:
-        """Log-probs of `new_tokens` (batch × steps), finishing the last step."""
+    def collect(self, new_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probs of `new_tokens` and entropies of their distributions (batch × steps), finishing the last step."""
         if self.previous is not None and len(self.steps) < new_tokens.shape[1]:
             last = new_tokens[:, len(self.steps)].unsqueeze(1).to(self.previous.device)
             self.steps.append(self.previous.gather(1, last).squeeze(1))
         if not self.steps:
-            return torch.zeros(new_tokens.shape, dtype=torch.float32)
-        return torch.stack(self.steps, dim=1).cpu()
+            empty = torch.zeros(new_tokens.shape, dtype=torch.float32)
+            return empty, empty.clone()
+        steps = len(self.steps)
+        return torch.stack(self.steps, dim=1).cpu(), torch.stack(self.entropies[:steps], dim=1).cpu()
 
 
 class _ReservedLayer(DynamicLayer):
@@ -258,7 +265,7 @@ class TransformersEngine:
             return_dict_in_generate=True,
         )
         stopping = StoppingCriteriaList([self._stop_criterion(stop)]) if stop else None
-        recorder = _SampledTokenLogprobs(params.temperature)
+        recorder = _SampledTokenStats(params.temperature)
         # A sharded model gathers its weights into tensors made in this context: under inference mode they
         # would have no version counter, and the kept-cache check reads one.
         with torch.no_grad() if self.synced_gpus else torch.inference_mode():
@@ -272,10 +279,16 @@ class TransformersEngine:
                 **{_CACHE: cache},
             )
         new_tokens = output.sequences[:, width:].cpu()
-        logprobs = recorder.collect(new_tokens)
+        logprobs, entropies = recorder.collect(new_tokens)
         generations = [
             finish_generation(
-                new_tokens[row].tolist(), logprobs[row].tolist(), budget, stop, self.eos_ids, self.tokenizer
+                new_tokens[row].tolist(),
+                logprobs[row].tolist(),
+                budget,
+                stop,
+                self.eos_ids,
+                self.tokenizer,
+                entropies=entropies[row].tolist(),
             )
             for row, budget in enumerate(budgets)
         ]

@@ -65,12 +65,17 @@ class SearchStep:
 
 @dataclass
 class Trajectory:
-    """One rollout. `env_mask[i]` is 1 where the model sampled `completion_ids[i]` and 0 where the environment did."""
+    """One rollout. `env_mask[i]` is 1 where the model sampled `completion_ids[i]` and 0 where the environment did.
+
+    `entropies[i]` is the entropy of the distribution token i was sampled from (NaN for environment tokens and
+    for engines that cannot see the whole distribution, such as vLLM).
+    """
 
     prompt_ids: list[int]
     completion_ids: list[int] = field(default_factory=list)
     env_mask: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    entropies: list[float] = field(default_factory=list)
     segments: list[Segment] = field(default_factory=list)
     queries: list[str] = field(default_factory=list)
     retrieved_ids: list[list[str]] = field(default_factory=list)

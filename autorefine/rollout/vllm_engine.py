@@ -6,6 +6,10 @@ final cut so that every engine ends turns by the same rule. Log-probs are what v
 token: with TRL's `logprobs_mode="processed_logprobs"`, after temperature and any top-k/top-p/min-p filter.
 A log-prob the server could not give (TRL's client turns NaN into None) is NaN here; TRL ignores NaN tokens
 in its importance-sampling correction.
+
+vLLM returns the sampled token's log-prob and at most `max_logprobs` top candidates per position, never the
+whole distribution: generations carry no entropies, and the per-block entropy health signals are not logged
+with this engine.
 """
 
 from __future__ import annotations

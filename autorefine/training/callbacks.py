@@ -150,7 +150,11 @@ class HeldoutEvalCallback(TrainerCallback):
 
 
 def add_heldout_evaluation(
-    trainer: Trainer, config: RunConfig, searcher: Searcher | None, engine: TrainerEngine | None = None
+    trainer: Trainer,
+    config: RunConfig,
+    searcher: Searcher | None,
+    engine: TrainerEngine | None = None,
+    on_result: Callable[[int, dict[str, float]], None] | None = None,
 ) -> None:
     """Attach a `HeldoutEvalCallback` (on the trainer's `engine`) when the config asks for held-out evaluation."""
     heldout = config.heldout
@@ -170,6 +174,7 @@ def add_heldout_evaluation(
             save_best=heldout.save_best,
             batch_size=heldout.batch_size,
             engine=engine,
+            on_result=on_result,
         )
     )
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +24,7 @@ from autorefine.rewards import RewardBreakdown, RewardConfig, trajectory_reward
 from autorefine.rollout.agent import AgentLoop, RolloutConfig
 from autorefine.rollout.engine import SamplingParams
 from autorefine.rollout.engines import TrainerEngine
-from autorefine.rollout.trajectory import FinishReason, Trajectory
+from autorefine.rollout.trajectory import Trajectory
 from autorefine.training.callbacks import (
     SampleTableCallback,
     SaveRolloutsCallback,
@@ -32,8 +33,10 @@ from autorefine.training.callbacks import (
     add_heldout_evaluation,
     save_final,
 )
+from autorefine.training.flat_groups import DropFlatGroups
+from autorefine.training.guardrails import GuardCallback, Guardrails, check_guard
 from autorefine.training.trainer_args import RunError, require_devices, with_trainer_defaults
-from autorefine.training.trl_private import record_metric, save_full_checkpoint
+from autorefine.training.trl_private import after_scoring, record_metric, save_full_checkpoint
 
 if TYPE_CHECKING:
     from trl import GRPOTrainer
@@ -79,7 +82,7 @@ class SearchRollout:
         self.latest = list(zip(prompts, trajectories, strict=True))
         self.batches += 1
         if training:
-            self._record(trainer, trajectories, loop.last_timings.retrieval_s, elapsed)
+            self._record(trainer, loop.last_timings.retrieval_s, elapsed)
         return {
             "prompt_ids": [t.prompt_ids for t in trajectories],
             "completion_ids": [t.completion_ids for t in trajectories],
@@ -90,28 +93,8 @@ class SearchRollout:
             "finish_reason": [str(t.finish_reason) for t in trajectories],
         }
 
-    def _record(
-        self, trainer: GRPOTrainer, trajectories: list[Trajectory], retrieval_s: float, rollout_s: float
-    ) -> None:
-        """Per-trajectory statistics, averaged over every process."""
-        columns = {
-            "rollout/searches": [t.num_searches for t in trajectories],
-            "rollout/turns": [t.num_turns for t in trajectories],
-            "rollout/model_tokens": [t.num_model_tokens for t in trajectories],
-            "rollout/document_tokens": [t.tokens_of("documents") for t in trajectories],
-            "rollout/refine_words": [sum(len(x.split()) for x in t.refine_texts) for t in trajectories],
-            "rollout/document_words": [len(t.documents_text.split()) for t in trajectories],
-        }
-        for reason in FinishReason:
-            columns[f"rollout/finish_{reason.value}"] = [
-                float(t.finish_reason == reason) for t in trajectories
-            ]
-        local = torch.tensor(
-            [[float(v) for v in column] for column in columns.values()], device=trainer.accelerator.device
-        )
-        gathered = trainer.accelerator.gather(local.T.contiguous()).T  # (metric, all trajectories)
-        for key, values in zip(columns, gathered, strict=True):
-            record_metric(trainer, key, values.mean().item())
+    def _record(self, trainer: GRPOTrainer, retrieval_s: float, rollout_s: float) -> None:
+        """Rollout timings, averaged over every process (per-trajectory signals: `HealthCallback`)."""
         times = trainer.accelerator.gather(
             torch.tensor([rollout_s, retrieval_s], device=trainer.accelerator.device)
         )
@@ -139,13 +122,24 @@ class TrajectoryScores:
         self._scored = {id(t): (t, b) for t, b in zip(trajectories, out, strict=True)}
         return out
 
+    def rewards_of(self, inputs: list[dict[str, Any]]) -> list[float]:
+        """The AutoRefine reward of each row TRL scored (its `trajectory` and `golden_answers` columns)."""
+        rows = self.breakdowns([x["trajectory"] for x in inputs], [x["golden_answers"] for x in inputs])
+        return [b.reward for b in rows]
+
 
 class RewardComponent:
     """A TRL reward function returning one component of the AutoRefine reward (named for TRL's logs)."""
 
-    def __init__(self, component: str, scores: TrajectoryScores) -> None:
+    def __init__(
+        self,
+        component: str,
+        scores: TrajectoryScores,
+        on_scored: Callable[[list[str], list[Trajectory], list[float]], None] | None = None,
+    ) -> None:
         self.component = component
         self.scores = scores
+        self.on_scored = on_scored
         self.__name__ = component
         self.latest: list[tuple[str, list[str], float]] = []
 
@@ -161,6 +155,8 @@ class RewardComponent:
         scores = [getattr(b, self.component) for b in self.scores.breakdowns(trajectory, golden_answers)]
         ids = kwargs.get("id") or [""] * len(scores)
         self.latest = list(zip(ids, golden_answers, scores, strict=True))
+        if self.on_scored is not None:
+            self.on_scored(list(ids), list(trajectory), scores)
         return scores
 
 
@@ -289,6 +285,7 @@ def build_trainer(
     from trl import GRPOTrainer
 
     args = make_grpo_args(config)
+    guard_settings = check_guard(config, args)
     template = PromptTemplate.load(config.template)
     train = build_dataset(config.data.train_file)
     client = client or connect_retriever(config.retriever)
@@ -319,7 +316,12 @@ def build_trainer(
             SaveRolloutsCallback(lambda: (rollout.batches, rollout_records(rollout, rewards[0])))
         )
     trainer.add_callback(SaveRunConfigCallback(to_dict(config)))
-    add_heldout_evaluation(trainer, config, client, rollout.engine)
+    guardrails = Guardrails(trainer, guard_settings, Path(args.output_dir) / "best")
+    rewards[0].on_scored = guardrails.health.observe  # every scored batch, with its question ids and rewards
+    add_heldout_evaluation(trainer, config, client, rollout.engine, on_result=guardrails.heldout_result)
+    guardrails.attach()  # after the held-out callback: a step's signals and rules see that step's evaluation
+    if config.drop_flat_groups:
+        after_scoring(trainer, DropFlatGroups(trainer, scores.rewards_of))
     return trainer, rollout
 
 
@@ -330,7 +332,7 @@ def latest_checkpoint(output_dir: str | Path) -> str | None:
 
 
 def run_grpo(trainer: GRPOTrainer, resume: str | None = None, command: str = "autorefine train-grpo") -> Path:
-    """Train; on a lost retriever, write a checkpoint and stop with the command that resumes."""
+    """Train; on a lost retriever or a guard `stop`, write a checkpoint and stop with the command that resumes."""
     output_dir = Path(trainer.args.output_dir)
     if resume == "latest":
         resume = latest_checkpoint(output_dir)
@@ -345,6 +347,21 @@ def run_grpo(trainer: GRPOTrainer, resume: str | None = None, command: str = "au
             f"{err}\nThe retriever stayed down; training state was saved to {saved}.\n"
             f"Restart the retriever, then resume with: {command} --resume {saved}"
         ) from None
+    guard = next((c for c in trainer.callback_handler.callbacks if isinstance(c, GuardCallback)), None)
+    if guard is not None and guard.stopped is not None:
+        saved = latest_checkpoint(output_dir)
+        lr = trainer.optimizer.param_groups[0]["lr"] if trainer.optimizer is not None else None
+        best = output_dir / "best"
+        raise RunError(
+            f"the guard stopped training: {guard.stopped.message}\n"
+            f"Training state was saved to {saved}. Resume with: {command} --resume {saved}\n"
+            + (
+                f"or start again from the best policy with a lower learning rate: {command} "
+                f"model.name_or_path={best} trainer.learning_rate={lr / 2:.3g} trainer.output_dir=<new folder>"
+                if best.is_dir() and lr
+                else ""
+            )
+        )
     return save_final(trainer)
 
 

@@ -6,10 +6,13 @@ the pinning test fails with the name of the attribute, instead of a run failing 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from transformers import Trainer
+    from trl import GRPOTrainer
 
 
 def record_metric(trainer: Trainer, key: str, value: float) -> None:
@@ -40,3 +43,31 @@ def pretokenized_dpo_trainer() -> type:
             return dataset
 
     return PretokenizedDPOTrainer
+
+
+def load_weights(trainer: Trainer, folder: str | Path) -> None:
+    """Load the policy weights saved in `folder` (a `save_model` folder: full model or LoRA adapter) in place."""
+    # The Trainer's own loader handles full and sharded safetensors and PEFT adapters; no public API loads
+    # weights into a model the optimizer already holds.
+    trainer._load_from_checkpoint(str(folder))
+
+
+def discard_generation_buffer(trainer: GRPOTrainer) -> None:
+    """Make TRL generate a fresh batch at the next step instead of training on ones sampled earlier."""
+    # With steps_per_generation > 1, TRL keeps one scored generation batch for several steps; after a rollback
+    # those samples come from the collapsed policy. TRL regenerates whenever the buffer is None.
+    trainer._buffered_inputs = None
+
+
+def after_scoring(
+    trainer: GRPOTrainer, hook: Callable[[list[dict[str, Any]], dict[str, Any]], dict[str, Any]]
+) -> None:
+    """Run `hook(inputs, batch)` on every scored generation batch, before TRL splits it into micro-batches."""
+    # TRL has no hook between advantages and the loss; `_generate_and_score_completions` returns the batch
+    # (masks, advantages, `num_items_in_batch`) that every micro-batch's loss reads.
+    score = trainer._generate_and_score_completions
+
+    def scored(inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        return hook(inputs, score(inputs))
+
+    trainer._generate_and_score_completions = scored
