@@ -8,14 +8,10 @@ import json
 import pytest
 import torch
 
-from tests.process_score_standin import install
-
-install()
-
-from autorefine.modeling import load_policy  # noqa: E402
-from autorefine.training.ipdpo import train_ipdpo  # noqa: E402
-from tests.test_ipdpo_dpo import DOCS, RIGHT, SEARCH, WRONG, masked_logp, side, trainer_for  # noqa: E402
-from tests.test_ipdpo_rounds import tiny  # noqa: E402
+from autorefine.modeling import load_policy
+from autorefine.training.ipdpo import train_ipdpo
+from tests.test_ipdpo_dpo import DOCS, RIGHT, SEARCH, WRONG, masked_logp, side, trainer_for
+from tests.test_ipdpo_rounds import tiny
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -7,18 +7,14 @@ import json
 
 import pytest
 
-from tests.process_score_standin import install
-
-install()
-
-from autorefine.cli import main  # noqa: E402
-from autorefine.data import Question  # noqa: E402
-from autorefine.modeling import load_tokenizer  # noqa: E402
-from autorefine.process_score import LexicalMatcher, score_trajectories  # noqa: E402
-from autorefine.protocol import PromptTemplate  # noqa: E402
-from autorefine.retrieval import RetrieverClient  # noqa: E402
-from autorefine.rollout import AgentLoop, RolloutConfig, SamplingParams  # noqa: E402
-from autorefine.training.pairs import (  # noqa: E402
+from autorefine.cli import main
+from autorefine.data import Question
+from autorefine.modeling import load_tokenizer
+from autorefine.process_score import LexicalMatcher, score_trajectories
+from autorefine.protocol import PromptTemplate
+from autorefine.retrieval import RetrieverClient
+from autorefine.rollout import AgentLoop, RolloutConfig, SamplingParams
+from autorefine.training.pairs import (
     ALL_TIED,
     NO_NEGATIVE,
     NO_SAMPLE_CLEARS,
@@ -29,9 +25,9 @@ from autorefine.training.pairs import (  # noqa: E402
     select_pairs,
     too_few_pairs_message,
 )
-from autorefine.training.sampling import sample_row, trajectory_from_row  # noqa: E402
-from tests.paths import SYNTHETIC_DIR  # noqa: E402
-from tests.scripted import ScriptedEngine, Turn  # noqa: E402
+from autorefine.training.sampling import sample_row, trajectory_from_row
+from tests.paths import SYNTHETIC_DIR
+from tests.scripted import ScriptedEngine, Turn
 
 QUESTION = Question("synthetic-1", "What is the home city of Bigu Boslar?", ["Tewick"])
 SEARCH = "<think> I will search for the missing facts. </think>\n<search> What is the home city of Bigu Boslar? </search>"

@@ -13,19 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.process_score_standin import install
-
-install()
-
-from autorefine.config import ConfigError, IPDPORunConfig, load_config  # noqa: E402
-from autorefine.evaluation.policy import training_defaults  # noqa: E402
-from autorefine.modeling import load_policy, load_tokenizer  # noqa: E402
-from autorefine.retrieval import RetrieverClient  # noqa: E402
-from autorefine.retriever_process import stop  # noqa: E402
-from autorefine.training.ipdpo import train_ipdpo  # noqa: E402
-from autorefine.training.pairs import PairError, read_pairs  # noqa: E402
-from autorefine.training.trainer_args import RunError  # noqa: E402
-from tests.paths import REPO_ROOT, SYNTHETIC_DIR  # noqa: E402
+from autorefine.config import ConfigError, IPDPORunConfig, load_config
+from autorefine.evaluation.policy import training_defaults
+from autorefine.modeling import load_policy, load_tokenizer
+from autorefine.retrieval import RetrieverClient
+from autorefine.retriever_process import stop
+from autorefine.training.ipdpo import train_ipdpo
+from autorefine.training.pairs import PairError, read_pairs
+from autorefine.training.trainer_args import RunError
+from tests.paths import REPO_ROOT, SYNTHETIC_DIR
 
 TINY_CPU = REPO_ROOT / "configs" / "ipdpo" / "tiny-cpu.yaml"
 
@@ -355,7 +351,7 @@ def test_two_processes_run_a_round_with_uneven_shares(synthetic_bm25_server, tmp
         sys.executable, "-m", "accelerate.commands.launch",
         "--config_file", str(REPO_ROOT / "configs/accelerate/cpu_2proc.yaml"),
         "--main_process_port", str(free_port()),
-        "-m", "tests.standin_cli", "train-ipdpo",
+        "-m", "autorefine.cli", "train-ipdpo",
         "--config", str(TINY_CPU),
         f"retriever.url={synthetic_bm25_server}",
         f"trainer.output_dir={out}",
