@@ -202,5 +202,6 @@ def test_a_section_given_in_part_keeps_the_rest_of_its_default():
 def test_grpo_presets_pass_the_guard_checks(preset):
     from autorefine.training.guardrails import check_guard
 
-    config = load_config(GRPORunConfig, preset, ["trainer.bf16=false"])  # GPU presets, checked on a CPU
+    # GPU presets, checked on a CPU (use_cpu: the device check would refuse use_vllm here)
+    config = load_config(GRPORunConfig, preset, ["trainer.bf16=false", "trainer.use_cpu=true"])
     check_guard(config, make_grpo_args(config))
