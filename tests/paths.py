@@ -9,3 +9,6 @@ WIKI18_SAMPLE = DEMO_DIR / "wiki18_sample.jsonl"
 HOTPOTQA_DEV = DEMO_DIR / "hotpotqa_dev.jsonl"
 SYNTHETIC_DIR = REPO_ROOT / "data" / "synthetic"
 QWEN_TOKENIZER = REPO_ROOT / "tests" / "fixtures" / "qwen2.5-tokenizer"
+SMOLLM2_TOKENIZER = REPO_ROOT / "tests" / "fixtures" / "smollm2-tokenizer"
+# The converted SmolLM2 (`autorefine fetch-model`), kept between test sessions: CI converts it once.
+SMOLLM2_CACHE = REPO_ROOT / ".cache" / "models" / "smollm2-135m-instruct"
