@@ -247,6 +247,7 @@ def convert(spec: PackagedModel, gguf_file: Path, out: Path) -> dict[str, Any]:
     tokenizer, gguf_model, plain = load_gguf(gguf_file)
     gguf_load_s = time.perf_counter() - started
     eos_ids = set_end_of_turn(tokenizer, plain, spec.end_of_turn)
+    tokenizer.model_max_length = plain.config.max_position_embeddings  # GGUF tokenizers carry no limit
     gguf_model.generation_config.eos_token_id = eos_ids
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
