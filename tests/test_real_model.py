@@ -171,6 +171,8 @@ def test_grpo_lora_step_on_the_real_model(smollm2_dir, demo_bm25_server, tmp_pat
             f"trainer.output_dir={tmp_path / 'grpo'}",
             "trainer.max_steps=1",
             "trainer.per_device_train_batch_size=4",
+            "trainer.gradient_accumulation_steps=1",
+            "trainer.steps_per_generation=1",
             "trainer.num_generations=2",
             "rollout.max_new_tokens=24",
             "rollout.max_completion_tokens=160",
