@@ -13,7 +13,8 @@ Every stage runs the public command a user runs (`autorefine fetch-model`, `eval
 5. one IP-DPO round when `autorefine train-ipdpo` exists (a hook until it lands).
 
 Laptop budgets everywhere: one search with the top-2 documents (cut to 256 tokens), 64 new tokens per turn.
-Prints the tables that go into BENCHMARKS.md and writes them with every number as JSON.
+Prints the tables that go into BENCHMARKS.md and writes them with every number as JSON. Each finished stage
+is recorded in `<out>/stages/`: rerun the same command after an interruption and it goes on from there.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +67,21 @@ def run(command: list[str], log: Path) -> float:
     return seconds
 
 
+def stage(out: Path, name: str, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run one stage once: its record is kept in out/stages/, so a rerun after a crash resumes after it.
+
+    (On a shared machine another job's memory can get a training process OOM-killed hours into a run.)
+    """
+    path = out / "stages" / f"{name}.json"
+    if path.is_file():
+        print(f"{name}: done in an earlier run ({path})", flush=True)
+        return json.loads(path.read_text(encoding="utf-8"))
+    record = work()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return record
+
+
 def evaluate(model: Path, out: Path, url: str | None, limit: int | None) -> dict[str, Any]:
     """`autorefine evaluate` on the dev questions (with retrieval, or without when `url` is None)."""
     # Without retrieval the loop allows no search: --max-turns would contradict --no-retrieval.
@@ -73,6 +90,7 @@ def evaluate(model: Path, out: Path, url: str | None, limit: int | None) -> dict
                "--out", str(out), "--no-progress"]  # fmt: skip
     if limit:
         command += ["--limit", str(limit)]
+    shutil.rmtree(out, ignore_errors=True)  # a fresh run: its wall time covers every question
     seconds = run(command, out.with_suffix(".log"))
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     return {**metrics["datasets"]["hotpotqa_dev"], "wall_s": seconds, "load": load_average()}
@@ -83,8 +101,8 @@ def history(run_dir: Path) -> list[dict[str, Any]]:
     return json.loads((run_dir / "trainer_state.json").read_text(encoding="utf-8"))["log_history"]
 
 
-def train_sft(model: Path, url: str, out: Path, lora: bool, steps: int) -> tuple[Path, dict[str, Any]]:
-    """`train-sft` from `model`; returns the final policy and the run's timings and losses."""
+def train_sft(model: Path, url: str, out: Path, lora: bool, steps: int) -> dict[str, Any]:
+    """`train-sft` from `model`; returns the final policy, the run's timings and losses."""
     shutil.rmtree(out, ignore_errors=True)
     extra = ["lora.enabled=true", "trainer.learning_rate=1e-3"] if lora else []
     seconds = run(
@@ -93,7 +111,8 @@ def train_sft(model: Path, url: str, out: Path, lora: bool, steps: int) -> tuple
         out.parent / f"{out.name}.log",
     )  # fmt: skip
     steps_log = [h for h in history(out) if "loss" in h]
-    return out / "final", {
+    return {
+        "final": str(out / "final"),
         "wall_s": seconds,
         "steps": len(steps_log),
         "loss_first": float(steps_log[0]["loss"]),
@@ -102,7 +121,7 @@ def train_sft(model: Path, url: str, out: Path, lora: bool, steps: int) -> tuple
     }
 
 
-def train_grpo(model: Path, url: str, out: Path, steps: int) -> tuple[Path, dict[str, Any]]:
+def train_grpo(model: Path, url: str, out: Path, steps: int) -> dict[str, Any]:
     """`train-grpo` with LoRA from `model`; returns the final (merged) policy and per-step metrics."""
     shutil.rmtree(out, ignore_errors=True)
     seconds = run(
@@ -126,7 +145,7 @@ def train_grpo(model: Path, url: str, out: Path, steps: int) -> tuple[Path, dict
         for h in history(out)
         if "reward" in h
     ]
-    return out / "final", {"wall_s": seconds, "steps": per_step, "load": load_average()}
+    return {"final": str(out / "final"), "wall_s": seconds, "steps": per_step, "load": load_average()}
 
 
 def ipdpo_available() -> bool:
@@ -135,12 +154,12 @@ def ipdpo_available() -> bool:
     return "train-ipdpo" in result.stdout
 
 
-def ipdpo_round(model: Path, url: str, out: Path) -> tuple[Path, dict[str, Any]] | None:
+def ipdpo_round(model: Path, url: str, out: Path) -> dict[str, Any] | None:
     """HOOK (IP-DPO): one round — sample 8 trajectories per training question with `model`, score, pair, train.
 
     `autorefine train-ipdpo` is being built on another branch; once it is on main, run one round here with
-    the same laptop budgets (LoRA, rollout limits of GRPO_CONFIG) and return its final policy and timings, so
-    `main` evaluates it like the other stages. Until then: None, and the report says IP-DPO was not run.
+    the same laptop budgets (LoRA, rollout limits of GRPO_CONFIG) and return its record ("final" policy,
+    timings), so `main` evaluates it like the other stages. Until then: None, and the report says so.
     """
     if not ipdpo_available():
         return None
@@ -184,30 +203,43 @@ def main() -> None:
              "--out", str(args.index)], args.out / "index.log")  # fmt: skip
 
     evals: dict[str, dict[str, Any]] = {}
-    with running_retriever(args.index, log=(args.out / "retriever.log").open("wb")) as url:
-        evals["zero-shot, no retrieval"] = evaluate(
-            args.model_dir, args.out / "eval-zero-closed", None, args.limit
+    out, limit = args.out, args.limit
+    with running_retriever(args.index, log=(out / "retriever.log").open("wb")) as url:
+        evals["zero-shot, no retrieval"] = stage(
+            out, "eval-zero-closed", lambda: evaluate(args.model_dir, out / "eval-zero-closed", None, limit)
         )
-        evals["zero-shot, retrieval"] = evaluate(args.model_dir, args.out / "eval-zero", url, args.limit)
+        evals["zero-shot, retrieval"] = stage(
+            out, "eval-zero", lambda: evaluate(args.model_dir, out / "eval-zero", url, limit)
+        )
         sft_runs = {}
         for name, lora in (("SFT LoRA", True), ("SFT full", False)):
-            final, sft = train_sft(
-                args.model_dir, url, args.out / name.replace(" ", "-").lower(), lora, args.sft_steps
+            slug = name.replace(" ", "-").lower()
+            sft_runs[name] = stage(
+                out,
+                slug,
+                lambda s=slug, lora=lora: train_sft(args.model_dir, url, out / s, lora, args.sft_steps),
             )
-            sft_runs[name] = (final, sft)
-            evals[name] = evaluate(
-                final, args.out / f"eval-{name.replace(' ', '-').lower()}", url, args.limit
+            evals[name] = stage(
+                out,
+                f"eval-{slug}",
+                lambda n=name, s=slug: evaluate(Path(sft_runs[n]["final"]), out / f"eval-{s}", url, limit),
             )
-        results["sft"] = {k: v[1] for k, v in sft_runs.items()}
+        results["sft"] = sft_runs
         start_from = max(sft_runs, key=lambda k: (evals[k]["f1"], evals[k]["format"]))
-        final, grpo = train_grpo(sft_runs[start_from][0], url, args.out / "grpo-lora", args.grpo_steps)
+        grpo = stage(
+            out,
+            "grpo-lora",
+            lambda: train_grpo(Path(sft_runs[start_from]["final"]), url, out / "grpo-lora", args.grpo_steps),
+        )
         results["grpo"] = {**grpo, "from": start_from}
-        evals[f"{start_from} + GRPO LoRA"] = evaluate(final, args.out / "eval-grpo", url, args.limit)
-        ipdpo = ipdpo_round(final, url, args.out / "ipdpo-lora")
+        evals[f"{start_from} + GRPO LoRA"] = stage(
+            out, "eval-grpo", lambda: evaluate(Path(grpo["final"]), out / "eval-grpo", url, limit)
+        )
+        ipdpo = ipdpo_round(Path(grpo["final"]), url, out / "ipdpo-lora")
         if ipdpo is not None:
-            results["ipdpo"] = ipdpo[1]
+            results["ipdpo"] = ipdpo
             evals[f"{start_from} + GRPO + IP-DPO"] = evaluate(
-                ipdpo[0], args.out / "eval-ipdpo", url, args.limit
+                Path(ipdpo["final"]), out / "eval-ipdpo", url, limit
             )
         else:
             results["ipdpo"] = "not run: `autorefine train-ipdpo` is not on this branch yet (see ipdpo_round)"
