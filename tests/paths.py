@@ -10,3 +10,6 @@ HOTPOTQA_DEV = DEMO_DIR / "hotpotqa_dev.jsonl"
 SYNTHETIC_DIR = REPO_ROOT / "data" / "synthetic"
 MULTIHOP_DIR = REPO_ROOT / "data" / "synthetic_multihop"
 QWEN_TOKENIZER = REPO_ROOT / "tests" / "fixtures" / "qwen2.5-tokenizer"
+SMOLLM2_TOKENIZER = REPO_ROOT / "tests" / "fixtures" / "smollm2-tokenizer"
+# The converted SmolLM2 (`autorefine fetch-model`), kept between test sessions: CI converts it once.
+SMOLLM2_CACHE = REPO_ROOT / ".cache" / "models" / "smollm2-135m-instruct"

@@ -16,9 +16,13 @@ class Turn:
 class ScriptedEngine:
     """Plays a fixed list of turns per question; records every generation it returned."""
 
-    def __init__(self, tokenizer, scripts: dict[tuple[int, ...], list[Turn]]):
+    def __init__(
+        self, tokenizer, scripts: dict[tuple[int, ...], list[Turn]], eos_ids: set[int] | None = None
+    ):
         self.tokenizer = tokenizer
         self.scripts = scripts
+        if eos_ids is not None:  # as `TransformersEngine.eos_ids`: the tokenizer's EOS and the model's
+            self.eos_ids = eos_ids
         self.calls: dict[tuple[int, ...], int] = dict.fromkeys(scripts, 0)
         self.returned: dict[tuple[int, ...], list[list[int]]] = {k: [] for k in scripts}
 
@@ -30,7 +34,7 @@ class ScriptedEngine:
             self.calls[key] += 1
             ids = self.tokenizer.encode(turn.text, add_special_tokens=False)
             finish = turn.finish
-            if turn.finish == "eos":
+            if turn.finish == "eos" and (not ids or ids[-1] not in getattr(self, "eos_ids", ())):
                 ids = [*ids, self.tokenizer.eos_token_id]
             if len(ids) > budget:
                 ids, finish = ids[:budget], "length"

@@ -102,6 +102,7 @@ def test_metrics_match_hand_computation():
         "cover_em": 1 / 3,
         "retrieval_success": 2 / 3,
         "refine_hit": 2 / 3,
+        "format": 2 / 3,  # think … answer in order; NEW_YORK neither thinks first nor answers
         "searches": 2 / 3,
         "samples": 1,
         "model_tokens": (22 + 8 + 12) / 3,
@@ -397,6 +398,54 @@ def test_cli_uses_and_records_the_checkpoints_training_limits(tmp_path, syntheti
     assert settings["defaults_from"] == str(model / "autorefine_config.yaml")
     assert settings["rollout"] == {**dataclasses.asdict(SYNTHETIC_ROLLOUT), "max_new_tokens": 40}
     assert settings["overrides"] == {"max_new_tokens": 40} and settings["template"] == str(TEMPLATE)
+
+
+def test_no_retrieval_answers_without_a_retriever(tmp_path, capsys):
+    out = tmp_path / "closed"
+    code = main(
+        ["evaluate", "--model", str(WARMSTART), "--no-retrieval", "--datasets", f"synthetic={HELDOUT}",
+         "--limit", "3", "--out", str(out), "--no-progress", "--max-new-tokens", "24"]
+    )  # fmt: skip
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    settings, m = metrics["settings"], metrics["datasets"]["synthetic"]
+    assert settings["retrieval"] is False and settings["rollout"]["max_turns"] == 0
+    assert settings["template"] == "autorefine/templates/no_retrieval.txt"
+    assert m["searches"] == 0 and m["document_tokens"] == 0 and m["count"] == 3
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    # The warm start was trained to search first: with no search allowed it ends at its turn budget.
+    assert all(r["trajectory"]["num_turns"] == 1 and not r["trajectory"]["queries"] for r in rows)
+    assert "| valid format |" in (out / "results.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            ["--no-retrieval", "--max-turns", "2"],
+            "--no-retrieval runs no search; --max-turns 2 contradicts it",
+        ),
+        ([], "a retriever URL is needed (--retriever-url), or --no-retrieval"),
+    ],
+)
+def test_retrieval_flags_that_cannot_work_are_refused(tmp_path, capsys, flags, message):
+    args = [
+        "evaluate",
+        "--model",
+        str(WARMSTART),
+        "--datasets",
+        f"synthetic={HELDOUT}",
+        "--out",
+        str(tmp_path),
+    ]
+    assert main([*args, *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_retriever_url_and_no_retrieval_exclude_each_other(capsys):
+    with pytest.raises(SystemExit):
+        main(["infer", "--model", "m", "--retriever-url", "http://127.0.0.1:9", "--no-retrieval", "q?"])
+    assert "not allowed with argument" in capsys.readouterr().err
 
 
 # --- the seven benchmarks with a tiny random model ------------------------------------------------------

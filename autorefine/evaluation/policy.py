@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from autorefine.config import RUN_CONFIG_FILE, ConfigError, RetrieverSettings, build, parse_yaml
-from autorefine.protocol import PromptTemplate
+from autorefine.protocol import NO_RETRIEVAL_TEMPLATE_NAME, PromptTemplate
 from autorefine.rewards import RewardConfig
 from autorefine.rollout.agent import AgentLoop, RolloutConfig
 
@@ -85,15 +85,32 @@ def _known(cls: type, section: Any) -> Any:
 
 
 def resolve_rollout(
-    defaults: TrainingDefaults, overrides: dict[str, int | None], template: str | None
+    defaults: TrainingDefaults,
+    overrides: dict[str, int | None],
+    template: str | None,
+    no_retrieval: bool = False,
 ) -> tuple[RolloutConfig, PromptTemplate]:
-    """Rollout limits and template: the training defaults with every non-None override applied."""
+    """Rollout limits and template: the training defaults with every non-None override applied.
+
+    Without retrieval the loop allows no search (`max_turns` 0: one answering turn) and the default prompt is
+    the packaged no-retrieval template.
+    """
     given = {k: v for k, v in overrides.items() if v is not None}
+    if no_retrieval:
+        if given.get("max_turns", 0) != 0:
+            raise ConfigError(
+                f"--no-retrieval runs no search; --max-turns {given['max_turns']} contradicts it"
+            )
+        given["max_turns"] = 0
     try:
         rollout = dataclasses.replace(defaults.rollout, **given)
     except (TypeError, ValueError) as err:
         raise ConfigError(str(err)) from err
-    return rollout, PromptTemplate.load(template or defaults.template)
+    if template is not None:
+        return rollout, PromptTemplate.load(template)
+    if no_retrieval:
+        return rollout, PromptTemplate.packaged(NO_RETRIEVAL_TEMPLATE_NAME)
+    return rollout, PromptTemplate.load(defaults.template)
 
 
 def build_engine(model: str, **engine_options: Any) -> Any:
@@ -126,6 +143,14 @@ def connect(url: str) -> Any:
     return connect_retriever(settings)
 
 
+class NoRetrieval:
+    """The searcher of a no-retrieval run, whose loop allows no search: being asked is a bug."""
+
+    def search(self, queries: list[str], topk: int = 3) -> list[Any]:
+        """Never answers."""
+        raise RuntimeError(f"a no-retrieval run was asked to search for {queries!r}")
+
+
 @dataclass
 class LoadedPolicy:
     """An agent loop ready to answer, the reward to score with, and what was loaded (for metrics.json)."""
@@ -137,19 +162,31 @@ class LoadedPolicy:
 
 def load_policy_and_loop(
     model: str,
-    retriever_url: str,
+    retriever_url: str | None,
     *,
     template: str | None = None,
     overrides: dict[str, int | None] | None = None,
+    no_retrieval: bool = False,
     **engine_options: Any,
 ) -> LoadedPolicy:
-    """The training defaults with `overrides` applied, a checked retriever (it fails faster), then the model."""
+    """The training defaults with `overrides` applied, a checked retriever (it fails faster), then the model.
+
+    With `no_retrieval` the model answers alone: no retriever, no search, the no-retrieval prompt.
+    """
     defaults = training_defaults(model)
-    rollout, prompt = resolve_rollout(defaults, overrides or {}, template)
-    searcher = connect(retriever_url)
+    rollout, prompt = resolve_rollout(defaults, overrides or {}, template, no_retrieval)
+    if no_retrieval:
+        searcher: Any = NoRetrieval()
+    elif retriever_url:
+        searcher = connect(retriever_url)
+    else:
+        raise ConfigError(
+            "a retriever URL is needed (--retriever-url), or --no-retrieval to answer without one"
+        )
     loop = AgentLoop(build_engine(model, **engine_options), searcher, rollout, prompt)
     record = {
         "model": str(Path(model).resolve()) if Path(model).is_dir() else model,
+        "retrieval": not no_retrieval,
         "defaults_from": defaults.source or "package defaults (no autorefine_config.yaml found)",
         "overrides": {k: v for k, v in (overrides or {}).items() if v is not None},
         **engine_identity(engine_options.get("engine", "transformers"), engine_options.get("dtype", "auto")),

@@ -15,6 +15,7 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("em", "EM", "pct"),
     ("f1", "F1", "pct"),
     ("cover_em", "cover-EM", "pct"),
+    ("format", "valid format", "pct"),
     ("searches", "searches/q", "num2"),
     ("samples", "samples/q", "num2"),
     ("saving", "saved vs L", "pct"),

@@ -62,6 +62,7 @@ def aggregate(predictions: Iterable[Prediction]) -> dict[str, float]:
         "f1",
         "cover_em",
         "refine_hit",
+        "format",
         "retrieval_success",
         "model_tokens",
         "document_tokens",

@@ -285,10 +285,24 @@ class SaveRunConfigCallback(TrainerCallback):
 
 
 def save_final(trainer: Trainer) -> Path:
-    """Save the policy and tokenizer to <output_dir>/final, with the run config and the whole log history."""
+    """Save the policy and tokenizer to <output_dir>/final, with the run config and the whole log history.
+
+    A LoRA policy is saved twice: its adapter in `final/adapter`, and the adapter merged into the base weights
+    as a plain model folder in `final`, which evaluation, vLLM and a next training stage load like any model.
+    The merge happens in place, so the trainer's model is no longer a peft model afterwards.
+    """
     output_dir = Path(trainer.args.output_dir)
     final = output_dir / "final"
-    trainer.save_model(str(final))
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
+    if _is_peft(model) and not sharded:
+        trainer.save_model(str(final / "adapter"))
+        if trainer.is_world_process_zero():
+            model.merge_and_unload().save_pretrained(str(final))
+            trainer.processing_class.save_pretrained(str(final))
+    else:
+        # Sharded LoRA weights cannot be merged on one process: `final` then holds the adapter only.
+        trainer.save_model(str(final))
     if trainer.is_world_process_zero():
         if (output_dir / RUN_CONFIG_FILE).is_file():
             (final / RUN_CONFIG_FILE).write_text(
@@ -296,6 +310,14 @@ def save_final(trainer: Trainer) -> Path:
             )
         trainer.state.save_to_json(str(output_dir / "trainer_state.json"))
     return final
+
+
+def _is_peft(model: Any) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
 
 
 def _append_jsonl(path: Path, row: dict[str, Any]) -> None:

@@ -300,7 +300,7 @@ def build_trainer(
         train_dataset=train,
         processing_class=tokenizer,
         rollout_func=rollout,
-        peft_config=lora_config(config.lora),
+        peft_config=lora_config(config.lora, model),
     )
     # One engine per trainer, shared by the rollouts and the held-out evaluation.
     rollout.engine = TrainerEngine(trainer)

@@ -79,7 +79,7 @@ def build_trainer(config: SFTRunConfig) -> SFTTrainer:
         args=args,
         train_dataset=sft_dataset(examples),
         processing_class=tokenizer,
-        peft_config=lora_config(config.lora),
+        peft_config=lora_config(config.lora, model),
     )
     trainer.add_callback(SaveRunConfigCallback(to_dict(config)))
     add_heldout_evaluation(trainer, config, client)
