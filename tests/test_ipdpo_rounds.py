@@ -241,7 +241,7 @@ def test_a_lost_retriever_keeps_the_samples_and_resume_samples_only_the_rest(tmp
     out = tmp_path / "run"
     parts = out / "round-1" / "samples.parts"
     index = _synthetic_index(tmp_path)
-    config = tiny("unused", out, "heldout.file=null")
+    config = tiny("http://127.0.0.1:9", out, "heldout.file=null")  # a searcher is passed in
     with start_retriever(index) as (url, process):
 
         def stop_after_the_first_batch():
