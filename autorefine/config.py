@@ -131,7 +131,7 @@ class GuardRule:
 
     Tests: `below`/`above` a fixed value; `fall_factor`/`rise_factor`: below median ÷ threshold or above
     median × threshold, the median of the signal's previous `guard.window` values; `rise`: above that median +
-    threshold; `drop_from_best`: below the best value so far − threshold. `patience` consecutive observations
+    threshold; `drop_from_best`: at least threshold below the best value so far. `patience` consecutive observations
     must pass the test before the rule fires.
     """
 
@@ -175,7 +175,7 @@ class GuardSettings:
     length_cap_rise: GuardRule = field(
         default_factory=lambda: GuardRule("rollout/finish_length", "rise", 0.15, patience=2)
     )
-    # Held-out EM falls 5 points below the best seen (including the evaluation before the first step).
+    # Held-out EM falls 5 points or more below the best seen (including the evaluation before the first step).
     heldout_drop: GuardRule = field(
         default_factory=lambda: GuardRule("heldout/em", "drop_from_best", 0.05, action="warn")
     )

@@ -165,7 +165,7 @@ def table(records: list[dict]) -> str:
     """One row per run."""
     rows = [
         "| run | lr | loss | seed | EM warm start | EM final | EM best | collapse step | first alarm | "
-        "rules fired (first step) | caught | rollbacks | min |",
+        "rules fired (first step) | verdict | rollbacks | min |",
         "|---|---:|---|---:|---:|---:|---:|---:|---|---|---|---:|---:|",
     ]
     for r in sorted(records, key=lambda r: (r["rollback"], r["lr"], r["loss"], r["seed"])):
@@ -176,8 +176,8 @@ def table(records: list[dict]) -> str:
             ", ".join(f"{rule} ({step})" for rule, step in sorted(first.items(), key=lambda x: x[1])) or "–"
         )
         first_alarm = min(first.values()) if first else None
-        verdict = {None: "–", True: "yes", False: "**no**"}[caught(r)]
-        if r["collapse_step"] is None and r["alarms"] and not r["rollback"]:
+        verdict = {None: "stable", True: "caught", False: "**missed**"}[caught(r)]
+        if r["collapse_step"] is None and r["alarms"]:
             verdict = "**false alarm**"
         rows.append(
             f"| {'rollback' if r['rollback'] else 'grid'} | {r['lr']:g} | {r['loss']} | {r['seed']} | "

@@ -92,10 +92,21 @@ def test_drop_from_best_starts_from_the_first_observation():
     assert (alarm.rule, alarm.reference, alarm.step) == ("heldout_drop", 0.45, 20)
 
 
+@pytest.mark.parametrize(("best", "dropped"), [(0.45, 0.40), (0.50, 0.45), (0.47, 0.42)])
+def test_drop_from_best_fires_on_a_drop_of_exactly_the_threshold(best, dropped):
+    # Held-out EM moves in steps of 1/300: a drop of exactly 15 questions is 5 points, whatever the float
+    # rounding of best − 0.05 (0.50 − 0.45 is 0.0499999… in floats; the benchmark met 0.45 → 0.40).
+    guard = Guard(DEFAULTS)
+    guard.observe(0, {"heldout/em": best})
+    [alarm] = guard.observe(3, {"heldout/em": dropped})
+    assert (alarm.rule, alarm.step) == ("heldout_drop", 3)
+    assert guard.observe(6, {"heldout/em": best - 0.049}) == []  # recovered to less than 5 points down
+
+
 def test_alarm_message_names_signal_value_and_step():
     alarm = Alarm("heldout_drop", "heldout/em", "drop_from_best", 0.39, 0.45, 0.05, 20, "rollback")
     assert alarm.message == (
-        "step 20: heldout/em = 0.39 is 0.06 below its best 0.45 (allowed 0.05) [rule heldout_drop → rollback]"
+        "step 20: heldout/em = 0.39 is 0.06 below its best 0.45 (limit 0.05) [rule heldout_drop → rollback]"
     )
 
 

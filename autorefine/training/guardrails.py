@@ -64,7 +64,7 @@ class Alarm:
             "fall_factor": f"fell below its running median {ref} ÷ {t}",
             "rise_factor": f"rose above its running median {ref} × {t}",
             "rise": f"rose above its running median {ref} + {t}",
-            "drop_from_best": f"is {self.reference - self.value:.4g} below its best {ref} (allowed {t})",
+            "drop_from_best": f"is {self.reference - self.value:.4g} below its best {ref} (limit {t})",
         }[self.test]
         return f"step {self.step}: {self.signal} = {v} {why} [rule {self.rule} → {self.action}]"
 
@@ -103,7 +103,9 @@ class Guard:
             return value > reference * t
         if rule.test == "rise":
             return value > reference + t
-        return value < reference - t  # drop_from_best
+        # drop_from_best: a drop of at least `t`; the tolerance keeps an exact drop (15 of 300 questions is
+        # 5 points) from depending on how best − t rounds in floats.
+        return reference - value >= t - 1e-9
 
     def observe(self, step: int, values: Mapping[str, float]) -> list[Alarm]:
         """Feed one observation (signals absent from `values` are not judged); returns the rules that fire now."""
