@@ -293,3 +293,31 @@ def test_importing_the_process_score_loads_no_torch():
     code = "import sys, autorefine.process_score; assert 'torch' not in sys.modules, 'torch imported'"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT)
     assert result.returncode == 0, result.stderr
+
+
+def test_evaluation_reports_the_process_score_of_each_prediction(servers):
+    from autorefine.evaluation.report import markdown_table
+    from autorefine.evaluation.runner import predict_batch
+    from autorefine.evaluation.scoring import aggregate
+
+    tokenizer = load_tokenizer(QWEN_TOKENIZER)
+    config = RolloutConfig(
+        max_turns=4, max_new_tokens=64, max_obs_tokens=200, max_completion_tokens=2000, topk=1
+    )
+    once = [
+        Turn("<think> t </think>\n<search> Big Apple </search>"),
+        Turn("<refine> a nickname </refine>\n<answer> New York City </answer>"),
+    ]
+    questions = [TWO_HOP, NO_EVIDENCE]
+    with RetrieverClient(servers["full"]) as client:
+        prompts = [
+            AgentLoop(ScriptedEngine(tokenizer, {}), client, config).prompt_ids(q.question) for q in questions
+        ]
+        scripts = {tuple(prompts[0]): SCRIPTS["repeat"], tuple(prompts[1]): once}
+        predictions = predict_batch(AgentLoop(ScriptedEngine(tokenizer, scripts), client, config), questions)
+    repeat, plain = (p.scores for p in predictions)
+    assert repeat["process"] == pytest.approx(2 / 3) and repeat["coverage"] == pytest.approx(2.0)  # table row
+    assert plain["process"] == pytest.approx(1.0) and plain["coverage"] == 0.0  # F1 1.0 over one search
+    metrics = aggregate(predictions)
+    assert metrics["process"] == pytest.approx((2 / 3 + 1.0) / 2)
+    assert "| process |" in markdown_table({"datasets": {"mix": metrics}})

@@ -16,6 +16,7 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("f1", "F1", "pct"),
     ("cover_em", "cover-EM", "pct"),
     ("format", "valid format", "pct"),
+    ("process", "process", "num2"),
     ("searches", "searches/q", "num2"),
     ("samples", "samples/q", "num2"),
     ("saving", "saved vs L", "pct"),

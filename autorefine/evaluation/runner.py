@@ -8,7 +8,7 @@ from typing import Literal
 
 from autorefine.data import Question
 from autorefine.evaluation.esc import ESCConfig, ESCResult, expected_samples, run_esc, run_sc
-from autorefine.evaluation.scoring import Prediction, score_trajectory
+from autorefine.evaluation.scoring import Prediction, process_scores, score_trajectory
 from autorefine.rewards import RewardConfig
 from autorefine.rollout.agent import AgentLoop
 from autorefine.rollout.engine import SamplingParams
@@ -46,16 +46,28 @@ class Decoding:
 GREEDY_DECODING = Decoding()
 
 
-def _prediction(question: Question, trajectory: Trajectory, reward_config: RewardConfig) -> Prediction:
+def _prediction(
+    question: Question, trajectory: Trajectory, reward_config: RewardConfig, process: dict[str, float]
+) -> Prediction:
     return Prediction(
         id=question.id,
         question=question.question,
         golden_answers=question.golden_answers,
         prediction=trajectory.answer,
-        scores=score_trajectory(trajectory, question.golden_answers, reward_config),
+        scores={**score_trajectory(trajectory, question.golden_answers, reward_config), **process},
         trajectory=trajectory.to_dict(),
         searches=trajectory.num_searches,
     )
+
+
+def _predictions(
+    questions: Sequence[Question], trajectories: Sequence[Trajectory], reward_config: RewardConfig
+) -> list[Prediction]:
+    processes = process_scores(trajectories, questions, reward_config)
+    return [
+        _prediction(q, t, reward_config, p)
+        for q, t, p in zip(questions, trajectories, processes, strict=True)
+    ]
 
 
 def voted_prediction(
@@ -66,6 +78,7 @@ def voted_prediction(
     # The shown trajectory is the first whose answer is the returned one, so its EM/F1 are the vote's.
     shown = next((t for t in samples if t.answer == result.answer), samples[0])
     scores = score_trajectory(shown, question.golden_answers, reward_config)
+    scores.update(process_scores([shown], [question], reward_config)[0])
     searches = sum(t.num_searches for t in samples)
     scores["searches"] = float(searches)
     scores["model_tokens"] = float(sum(t.num_model_tokens for t in samples))
@@ -108,7 +121,7 @@ def predict_batch(
     """
     if decoding.mode == "greedy":
         trajectories = loop.run([q.question for q in questions], GREEDY)
-        return [_prediction(q, t, reward_config) for q, t in zip(questions, trajectories, strict=True)]
+        return _predictions(questions, trajectories, reward_config)
     if not questions:
         return []
 
@@ -138,7 +151,7 @@ def predict_batches(
     for start in range(0, len(questions), batch_size):
         batch = questions[start : start + batch_size]
         trajectories = loop.run([q.question for q in batch], params)
-        yield [_prediction(q, t, reward_config) for q, t in zip(batch, trajectories, strict=True)]
+        yield _predictions(batch, trajectories, reward_config)
 
 
 def predict(

@@ -7,6 +7,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from autorefine.data import Question
+from autorefine.process_score import LexicalMatcher, score_trajectories
 from autorefine.rewards import RewardConfig, contains_answer, trajectory_reward
 from autorefine.rollout.trajectory import FinishReason, Trajectory
 
@@ -50,6 +52,14 @@ def score_trajectory(
     return scores
 
 
+def process_scores(
+    trajectories: Sequence[Trajectory], questions: Sequence[Question], config: RewardConfig = RewardConfig()
+) -> list[dict[str, float]]:
+    """Process score and evidence coverage of each trajectory (lexical matcher: deterministic, no model)."""
+    scored = score_trajectories(trajectories, questions, LexicalMatcher(), config)
+    return [{"process": s.process, "coverage": s.coverage} for s in scored]
+
+
 def aggregate(predictions: Iterable[Prediction]) -> dict[str, float]:
     """Mean metrics over predictions, with finish-reason rates and refine-to-documents compression."""
     preds = list(predictions)
@@ -63,6 +73,7 @@ def aggregate(predictions: Iterable[Prediction]) -> dict[str, float]:
         "cover_em",
         "refine_hit",
         "format",
+        "process",
         "retrieval_success",
         "model_tokens",
         "document_tokens",
