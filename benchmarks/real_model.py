@@ -200,6 +200,8 @@ def ipdpo_line(r: dict[str, Any]) -> str:
         f"searches {samples.get('searches', 0):.2f}; {pairs['pairs']} pairs {pairs['by_type']}, "
         f"skipped {pairs['skipped']}"
     )
+    if r.get("note"):  # recorded with the stage when a run was cut or resumed
+        line += f"\n  note: {r['note']}"
     if r["final"] is None:
         return f"{line}\n  stopped before training: {r['stopped']}"
     dpo = r["dpo"]
