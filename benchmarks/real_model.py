@@ -1,16 +1,18 @@
 """A real pretrained chat model on a laptop: SmolLM2-135M-Instruct through evaluation, SFT (LoRA and full), GRPO.
 
     python benchmarks/real_model.py [--out runs/bench/real-model] [--sft-steps 16] [--grpo-steps 10]
+                                    [--ipdpo-questions 32] [--limit N]
 
 Every stage runs the public command a user runs (`autorefine fetch-model`, `evaluate`, `train-sft`,
-`train-grpo`), on the demo HotpotQA questions with the MiniLM retriever over the demo corpus:
+`train-grpo`, `train-ipdpo`), on the demo HotpotQA questions with the MiniLM retriever over the demo corpus:
 
 1. fetch and convert the model (reused when `runs/models/smollm2` already holds a verified copy);
 2. zero-shot evaluation of the 100 dev questions with retrieval, and the no-retrieval baseline;
 3. `train-sft` on gold-like traces of the 400 training questions, LoRA and full fine-tuning, each evaluated;
 4. `train-grpo` with LoRA from the better warm start (by held-out F1), evaluated; per-step reward, valid-format
    rate, searches, tokens and time come from the trainer's log;
-5. one IP-DPO round when `autorefine train-ipdpo` exists (a hook until it lands).
+5. one IP-DPO round (`train-ipdpo`, LoRA) from the same warm start as GRPO, evaluated: samples, pairs and the
+   DPO epoch's metrics come from the round's files.
 
 Laptop budgets everywhere: one search with the top-2 documents (cut to 256 tokens), 64 new tokens per turn.
 Prints the tables that go into BENCHMARKS.md and writes them with every number as JSON. Each finished stage
@@ -40,6 +42,7 @@ CLI = [sys.executable, "-m", "autorefine.cli"]
 DEV = REPO / "data/demo/hotpotqa_dev.jsonl"
 SFT_CONFIG = "configs/sft/smollm2-hotpotqa.yaml"
 GRPO_CONFIG = "configs/grpo/smollm2-hotpotqa-lora.yaml"
+IPDPO_CONFIG = "configs/ipdpo/smollm2-hotpotqa-lora.yaml"
 # The rollout limits of the two presets above, for `autorefine evaluate`.
 LIMITS = ["--max-turns", "1", "--max-new-tokens", "64", "--max-obs-tokens", "256",
           "--max-completion-tokens", "512", "--topk", "2"]  # fmt: skip
@@ -148,22 +151,66 @@ def train_grpo(model: Path, url: str, out: Path, steps: int) -> dict[str, Any]:
     return {"final": str(out / "final"), "wall_s": seconds, "steps": per_step, "load": load_average()}
 
 
-def ipdpo_available() -> bool:
-    """True once `autorefine train-ipdpo` exists on this branch."""
-    result = subprocess.run([*CLI, "--help"], cwd=REPO, capture_output=True, text=True)
-    return "train-ipdpo" in result.stdout
+def ipdpo_round(model: Path, url: str, out: Path, questions: int) -> dict[str, Any]:
+    """One IP-DPO round with LoRA from `model` (sample, score, pair, one DPO epoch); its record.
 
-
-def ipdpo_round(model: Path, url: str, out: Path) -> dict[str, Any] | None:
-    """HOOK (IP-DPO): one round — sample 8 trajectories per training question with `model`, score, pair, train.
-
-    `autorefine train-ipdpo` is being built on another branch; once it is on main, run one round here with
-    the same laptop budgets (LoRA, rollout limits of GRPO_CONFIG) and return its record ("final" policy,
-    timings), so `main` evaluates it like the other stages. Until then: None, and the report says so.
+    A policy too weak to give `pairs.min_pairs` pairs stops the round before training: the record then says so
+    (with the pair statistics) and holds no "final" policy.
     """
-    if not ipdpo_available():
-        return None
-    raise NotImplementedError("train-ipdpo exists now: wire one round into benchmarks/real_model.py")
+    shutil.rmtree(out, ignore_errors=True)
+    log = out.parent / f"{out.name}.log"
+    started = time.perf_counter()
+    try:
+        run(
+            [*CLI, "train-ipdpo", "--config", IPDPO_CONFIG, f"model.name_or_path={model}", f"retriever.url={url}",
+             f"trainer.output_dir={out}", "rounds=1", "heldout.file=null",  # evaluated below like the others
+             f"sampling.questions_per_round={questions}"],
+            log,
+        )  # fmt: skip
+        stopped = None
+    except RuntimeError:
+        text = log.read_text(encoding="utf-8", errors="replace")
+        if (end := text.find("not training on so little")) < 0:
+            raise
+        stopped = text[text.rfind("round 1: ", 0, end) :].strip()
+    seconds = time.perf_counter() - started
+    round_dir = out / "round-1"
+    paired = json.loads((round_dir / "pair_stats.json").read_text(encoding="utf-8"))
+    record: dict[str, Any] = {
+        "from": str(model),
+        "final": None if stopped else str(round_dir),
+        "wall_s": seconds,
+        "samples": paired.get("samples", {}),
+        "pairs": paired["stats"],
+        "load": load_average(),
+    }
+    if stopped:
+        return {**record, "stopped": stopped}
+    summary = json.loads((round_dir / "summary.json").read_text(encoding="utf-8"))
+    return {**record, "dpo": summary["dpo"]}
+
+
+def ipdpo_line(r: dict[str, Any]) -> str:
+    """What the IP-DPO round sampled, paired and trained."""
+    samples, pairs = r["samples"], r["pairs"]
+    line = (
+        f"IP-DPO LoRA from {r['from']}: one round in {r['wall_s'] / 60:.1f} min; {pairs['questions']} questions × "
+        f"{pairs['samples'] // max(pairs['questions'], 1)} samples: valid format {100 * samples.get('format', 0):.1f}%, "
+        f"F1 {100 * samples.get('outcome', 0):.1f}, process {samples.get('process', 0):.2f}, "
+        f"searches {samples.get('searches', 0):.2f}; {pairs['pairs']} pairs {pairs['by_type']}, "
+        f"skipped {pairs['skipped']}"
+    )
+    if r.get("note"):  # recorded with the stage when a run was cut or resumed
+        line += f"\n  note: {r['note']}"
+    if r["final"] is None:
+        return f"{line}\n  stopped before training: {r['stopped']}"
+    dpo = r["dpo"]
+    return (
+        f"{line}\n  DPO: {dpo.get('pairs', '?')} pairs, {dpo.get('steps', 0)} updates, loss "
+        f"{dpo.get('loss_first', float('nan')):.3f} → {dpo.get('loss_last', float('nan')):.3f}, reward accuracy "
+        f"{dpo.get('rewards_accuracies_mean', float('nan')):.2f} (after the epoch on the training pairs: "
+        f"{dpo.get('pairs_reward_accuracy', float('nan')):.2f})"
+    )
 
 
 def row(name: str, m: dict[str, Any]) -> str:
@@ -186,6 +233,9 @@ def main() -> None:
     parser.add_argument("--limit", type=int, help="evaluate on the first N dev questions (default: all 100)")
     parser.add_argument("--sft-steps", type=int, default=16)
     parser.add_argument("--grpo-steps", type=int, default=10)
+    parser.add_argument(
+        "--ipdpo-questions", type=int, default=32, help="training questions sampled by IP-DPO"
+    )
     args = parser.parse_args()
     # A shared machine stalls spinning OpenMP threads; every child process inherits this.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -235,14 +285,20 @@ def main() -> None:
         evals[f"{start_from} + GRPO LoRA"] = stage(
             out, "eval-grpo", lambda: evaluate(Path(grpo["final"]), out / "eval-grpo", url, limit)
         )
-        ipdpo = ipdpo_round(Path(grpo["final"]), url, out / "ipdpo-lora")
-        if ipdpo is not None:
-            results["ipdpo"] = ipdpo
-            evals[f"{start_from} + GRPO + IP-DPO"] = evaluate(
-                Path(ipdpo["final"]), out / "eval-ipdpo", url, limit
+        # IP-DPO starts from the same warm start as GRPO, not from GRPO's policy: the two methods side by side
+        # (TeaRAG's recipe is SFT then IP-DPO), each judged against the one policy both began with.
+        ipdpo = stage(
+            out,
+            "ipdpo-lora",
+            lambda: ipdpo_round(
+                Path(sft_runs[start_from]["final"]), url, out / "ipdpo-lora", args.ipdpo_questions
+            ),
+        )
+        results["ipdpo"] = {**ipdpo, "from": start_from}
+        if ipdpo["final"]:
+            evals[f"{start_from} + IP-DPO LoRA"] = stage(
+                out, "eval-ipdpo", lambda: evaluate(Path(ipdpo["final"]), out / "eval-ipdpo", url, limit)
             )
-        else:
-            results["ipdpo"] = "not run: `autorefine train-ipdpo` is not on this branch yet (see ipdpo_round)"
 
     results["evaluations"] = evals
     results["total_min"] = (time.perf_counter() - started) / 60
@@ -266,7 +322,7 @@ def main() -> None:
             for name, r in results["sft"].items()
         ),
         f"GRPO LoRA from {start_from}: {len(grpo['steps'])} steps in {grpo['wall_s'] / 60:.1f} min",
-        f"IP-DPO: {results['ipdpo']}",
+        ipdpo_line(results["ipdpo"]),
         f"fetch-model timings (s): {results['fetch']}",
         f"total {results['total_min']:.1f} min; load {results['load_start']} at start, {results['load_end']} at end",
     ]

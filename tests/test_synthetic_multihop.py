@@ -3,6 +3,7 @@ loop and BM25, and the shipped warm start (held-out EM above a floor)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -95,14 +96,15 @@ def client(multihop_bm25_server):
         yield c
 
 
-def traces_of(questions, client, writer=None, require_evidence=True):
+def traces_of(questions, client, writer=None, require_evidence=True, max_turns=None):
     cfg = config()
     kwargs = {"writer": writer} if writer else {}
+    rollout = cfg.rollout if max_turns is None else dataclasses.replace(cfg.rollout, max_turns=max_turns)
     return build_gold_traces(
         questions,
         client,
         load_tokenizer(MULTIHOP_DIR / "tokenizer"),
-        cfg.rollout,
+        rollout,
         PromptTemplate.load(MULTIHOP_DIR / "template.txt"),
         require_evidence=require_evidence,
         **kwargs,
@@ -126,6 +128,24 @@ def test_gold_traces_search_each_evidence_title_once(client):
     scores = score_trajectories([t for _, t in traces], [q for q, _ in traces], LexicalMatcher())
     assert all(s.format == 1.0 and s.outcome == 1.0 and s.process == pytest.approx(1.0) for s in scores)
     assert {q.metadata["hops"] for q, _ in traces} == {1, 2}
+
+
+def test_a_chain_longer_than_the_search_budget_is_traced_as_one_search_for_the_question(client):
+    """With one search allowed (the SmolLM2 laptop presets), a two-hop chain could never reach its answer: the
+    question itself is searched and answered instead, as for a question without evidence; one-hop chains fit."""
+    two_hop = [q for q in HELDOUT if q.metadata["hops"] == 2][:12]
+    one_hop = [q for q in HELDOUT if q.metadata["hops"] == 1][:6]
+    traces = traces_of(two_hop + one_hop, client, require_evidence=False, max_turns=1)
+    assert [q.id for q, _ in traces] == [q.id for q in two_hop + one_hop]
+    for question, trajectory in traces:
+        assert trajectory.finish_reason == FinishReason.ANSWER and trajectory.num_searches == 1
+        assert trajectory.answer == question.golden_answers[0]
+        # The caller's question keeps its evidence (the process score needs it).
+        assert len(question_evidence(question)) == question.metadata["hops"]
+        if question.metadata["hops"] == 2:
+            assert trajectory.queries == [protocol.normalize_question(question.question)]
+        else:
+            assert trajectory.queries == [question_evidence(question)[0].title]
 
 
 def test_planned_traces_repeat_a_search_or_answer_early(client):

@@ -6,12 +6,15 @@ environment masks of RL rollouts: the same code builds both.
 
 A question without gold evidence gets one search for the question itself, then an answer. A question with
 evidence (`metadata.evidence`) plays its evidence chain: one search per item (the item's title), a refine of
-what that search returned about the item, and the answer after the last item. A `TracePlan` scripts other
-chains (a repeated search, an early answer) for warm starts that should leave room to improve.
+what that search returned about the item, and the answer after the last item. A chain of more items than the
+rollout's searches (`max_turns`) could never reach its answer: such a question is traced as one without
+evidence. A `TracePlan` scripts other chains (a repeated search, an early answer) for warm starts that should
+leave room to improve.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -190,6 +193,14 @@ class TeacherEngine:
         raise KeyError("context does not start with any known prompt")
 
 
+def within_search_budget(question: Question, max_turns: int) -> Question:
+    """`question` as traced under `max_turns` searches: without its evidence when the chain needs more."""
+    if len(question_evidence(question)) <= max_turns:
+        return question
+    metadata = {key: value for key, value in question.metadata.items() if key != "evidence"}
+    return dataclasses.replace(question, metadata=metadata)
+
+
 def build_gold_traces(
     questions: Sequence[Question],
     searcher: Searcher,
@@ -207,14 +218,14 @@ def build_gold_traces(
     out = []
     for start in range(0, len(questions), batch_size):
         batch = questions[start : start + batch_size]
+        played = [within_search_budget(q, config.max_turns) for q in batch]
         prompt_ids = [loop.prompt_ids(q.question) for q in batch]
-        engine.set_prompts({tuple(p): q for p, q in zip(prompt_ids, batch, strict=True)})
-        for question, trajectory in zip(
-            batch, loop.run_prompt_ids(prompt_ids, SamplingParams()), strict=True
-        ):
+        engine.set_prompts({tuple(p): q for p, q in zip(prompt_ids, played, strict=True)})
+        trajectories = loop.run_prompt_ids(prompt_ids, SamplingParams())
+        for question, as_played, trajectory in zip(batch, played, trajectories, strict=True):
             if trajectory.finish_reason != FinishReason.ANSWER:
                 continue
-            if require_evidence and not retrieved_evidence(trajectory, question):
+            if require_evidence and not retrieved_evidence(trajectory, as_played):
                 continue
             out.append((question, trajectory))
     return out
