@@ -7,9 +7,11 @@ This talks to the server over HTTP like everything else and imports nothing from
 from __future__ import annotations
 
 import contextlib
+import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -69,8 +71,13 @@ def running_retriever(
     log: IO[bytes] | None = None,
     startup_timeout_s: float = 300.0,
 ) -> Iterator[str]:
-    """Yield the URL of a ready retriever serving `index_dir`; the process is stopped on exit, error or Ctrl-C."""
+    """Yield the URL of a ready retriever serving `index_dir`; stopped on exit, error, Ctrl-C or SIGTERM."""
     port = port or free_port()
+    # Python's default SIGTERM ends the process without running `finally`, which would orphan the server
+    # (a scheduler's time limit, `kill`); as an exception it unwinds through the stop below.
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     url = f"http://127.0.0.1:{port}"
     process = subprocess.Popen(
         serve_command(index_dir, port, extra_args),
@@ -91,3 +98,9 @@ def running_retriever(
         yield url
     finally:
         stop(process)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -587,3 +590,32 @@ def test_cli_build_bm25_then_skip_malformed(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "2 passages (1 malformed lines skipped)" in done.stdout
     assert read_manifest(tmp_path / "i")["corpus"]["skipped_lines"] == 1
+
+
+def test_sigterm_to_a_job_stops_the_retriever_it_started(demo_bm25_index: Path, tmp_path: Path) -> None:
+    # What a scheduler's time limit or `kill` does to a demo or benchmark: the server must not outlive it.
+    script = (
+        "import os, sys, time\n"
+        "from autorefine.retriever_process import running_retriever\n"
+        f"with running_retriever({str(demo_bm25_index)!r}) as url:\n"
+        "    import psutil\n"
+        "    server = [c.pid for c in psutil.Process().children()]\n"
+        "    print(url, *server, flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    job = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+    pids: list[str] = []
+    try:
+        url, *pids = job.stdout.readline().split()
+        assert httpx.get(f"{url}/health", timeout=5).status_code == 200 and len(pids) == 1
+        job.send_signal(signal.SIGTERM)
+        assert job.wait(timeout=30) == 128 + signal.SIGTERM
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{url}/health", timeout=5)
+        with pytest.raises(ProcessLookupError):
+            os.kill(int(pids[0]), 0)
+    finally:
+        job.kill()
+        for pid in pids:  # an orphaned server, when the test fails
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
