@@ -365,7 +365,7 @@ def prepare_training_mix(
             for q in rows
         ]
         provenance_sources.append(
-            {"name": name, "path": str(path), "sha256": _sha256(path), "rows_used": len(rows)}
+            {"name": name, "path": str(path), "sha256": file_sha256(path), "rows_used": len(rows)}
         )
     if val_size >= len(mixed):
         raise DataError(f"val_size={val_size} leaves no training rows (only {len(mixed)} rows in total)")
@@ -386,7 +386,8 @@ def prepare_training_mix(
     return provenance
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks (provenance records of question files and models)."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

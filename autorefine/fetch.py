@@ -11,7 +11,6 @@ equal those of the GGUF-loaded model — and records where it came from and unde
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import importlib.metadata
 import json
 import logging
@@ -22,6 +21,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from autorefine.data import file_sha256
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -83,15 +84,6 @@ def known_model(name: str) -> PackagedModel:
     return KNOWN_MODELS[name]
 
 
-def sha256_of(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _installed_file(spec: PackagedModel) -> Path | None:
     try:
         dist = importlib.metadata.distribution(spec.package)
@@ -128,7 +120,7 @@ def locate_gguf(spec: PackagedModel, install: bool = True) -> Path:
 
 def check_sha256(path: Path, expected: str) -> None:
     """Refuse a weights file whose content is not the registered one."""
-    found = sha256_of(path)
+    found = file_sha256(path)
     if found != expected:
         raise FetchError(f"{path}: sha256 {found}, expected {expected}; the file is not the registered one")
 

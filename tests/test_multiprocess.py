@@ -14,15 +14,25 @@ import pytest
 from tests.paths import REPO_ROOT
 
 
-@pytest.mark.slow
-def test_two_cpu_processes_train_with_whole_groups(synthetic_bm25_server, tmp_path, free_port):
-    out = tmp_path / "run"
+def train_grpo_on_two_processes(port: int, *overrides: str) -> subprocess.CompletedProcess[str]:
+    """`autorefine train-grpo` on the tiny-cpu preset over 2 gloo processes (cpu_2proc.yaml)."""
     command = [
         sys.executable, "-m", "accelerate.commands.launch",
         "--config_file", str(REPO_ROOT / "configs/accelerate/cpu_2proc.yaml"),
-        "--main_process_port", str(free_port()),
+        "--main_process_port", str(port),
         "-m", "autorefine.cli", "train-grpo",
         "--config", str(REPO_ROOT / "configs/grpo/tiny-cpu.yaml"),
+        *overrides,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=900)
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_train_with_whole_groups(synthetic_bm25_server, tmp_path, free_port):
+    out = tmp_path / "run"
+    result = train_grpo_on_two_processes(
+        free_port(),
         f"retriever.url={synthetic_bm25_server}",
         f"trainer.output_dir={out}",
         "trainer.max_steps=2",
@@ -33,9 +43,7 @@ def test_two_cpu_processes_train_with_whole_groups(synthetic_bm25_server, tmp_pa
         "heldout.every=0",
         "logging.sample_table_every=0",
         "logging.save_rollouts=true",
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=900)
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
 
     rows = [
@@ -167,12 +175,8 @@ def test_two_processes_average_health_and_take_the_same_guard_decisions(
 ):
     """Health signals are means over both ranks; a rollback and then a stop happen on both, without deadlock."""
     out = tmp_path / "run"
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(REPO_ROOT / "configs/accelerate/cpu_2proc.yaml"),
-        "--main_process_port", str(free_port()),
-        "-m", "autorefine.cli", "train-grpo",
-        "--config", str(REPO_ROOT / "configs/grpo/tiny-cpu.yaml"),
+    result = train_grpo_on_two_processes(
+        free_port(),
         f"retriever.url={synthetic_bm25_server}",
         f"trainer.output_dir={out}",
         "trainer.max_steps=3",
@@ -189,9 +193,7 @@ def test_two_processes_average_health_and_take_the_same_guard_decisions(
         "guard.entropy_floor.signal=rollout/turns", "guard.entropy_floor.test=above",
         "guard.entropy_floor.threshold=0", "guard.entropy_floor.patience=1",
         "guard.entropy_floor.action=rollback", "guard.max_rollbacks=1",
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=900)
+    )  # fmt: skip
     # each rank exits with the CLI's error status 2; the launcher reports the failure as its own status
     assert result.returncode != 0 and "(exitcode: 2)" in result.stderr, result.stderr[-4000:]
     assert "the guard stopped training: step 2: rollout/turns" in result.stderr

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from autorefine.data import Question, read_questions
+from autorefine.data import Question, file_sha256, read_questions
 from autorefine.evaluation.policy import EvaluationError
 from autorefine.evaluation.report import group_averages, markdown_table, write_csv
 from autorefine.evaluation.runner import GREEDY_DECODING, Decoding, predict_batch
@@ -99,10 +99,6 @@ def batch_seed(seed: int, dataset: str, index: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def check_run_file(
     path: Path, identity: dict[str, Any], files: dict[str, dict[str, Any]], done: set[str], batch_size: int
 ) -> None:
@@ -172,7 +168,7 @@ def evaluate_benchmarks(
     }
     # The engine and weight dtype change greedy outputs too (bf16 vs fp32, vLLM's kernels vs transformers').
     identity_keys = ("model", "engine", "dtype", "decoding", "rollout", "template_sha256", "reward")
-    file_info = {name: {"path": str(path), "sha256": _sha256(path)} for name, path in files.items()}
+    file_info = {name: {"path": str(path), "sha256": file_sha256(path)} for name, path in files.items()}
     done = {name for name, _ in store.rows}
     check_run_file(out / RUN_FILE, {k: settings.get(k) for k in identity_keys}, file_info, done, batch_size)
 
