@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from autorefine.retriever_process import ensure_bm25_index, running_retriever  # noqa: E402
+from benchmarks.synthetic_setup import load_average  # noqa: E402
 
 TASK = REPO / "data" / "synthetic_multihop"
 IPDPO_PRESET = REPO / "configs" / "ipdpo" / "tiny-cpu-multihop.yaml"
@@ -263,7 +264,7 @@ def main() -> None:
     IPDPO_OVERRIDES.extend(args.set)
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    load = os.getloadavg()
+    load = load_average()
 
     if args.gpu:
         DEVICE_OVERRIDES.extend(["trainer.use_cpu=false", "trainer.bf16=false"])
@@ -314,8 +315,7 @@ def main() -> None:
 
     print(table(results))
     print("\n".join(verdict(results)))
-    print(f"load average at start: {' / '.join(f'{x:.2f}' for x in load)}; at end: "
-          f"{' / '.join(f'{x:.2f}' for x in os.getloadavg())}")  # fmt: skip
+    print(f"load average at start: {load}; at end: {load_average()}")
     plot(results, args.out / "ipdpo.png")
     (args.out / "ipdpo.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     print(f"plot: {args.out / 'ipdpo.png'}; numbers: {args.out / 'ipdpo.json'}")

@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from autorefine.retriever_process import running_retriever  # noqa: E402
+from benchmarks.synthetic_setup import load_average  # noqa: E402
 
 CLI = [sys.executable, "-m", "autorefine.cli"]
 DEV = REPO / "data/demo/hotpotqa_dev.jsonl"
@@ -46,11 +47,6 @@ IPDPO_CONFIG = "configs/ipdpo/smollm2-hotpotqa-lora.yaml"
 # The rollout limits of the two presets above, for `autorefine evaluate`.
 LIMITS = ["--max-turns", "1", "--max-new-tokens", "64", "--max-obs-tokens", "256",
           "--max-completion-tokens", "512", "--topk", "2"]  # fmt: skip
-
-
-def load_average() -> str:
-    """The 1-, 5- and 15-minute load averages."""
-    return " / ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def run(command: list[str], log: Path) -> float:
