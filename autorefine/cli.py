@@ -43,8 +43,9 @@ def _setup_logging(verbose: bool) -> None:
 
 def cmd_train_grpo(args: argparse.Namespace) -> int:
     """GRPO training from a preset plus overrides."""
-    from autorefine.config import GRPORunConfig, load_config
-    from autorefine.training.grpo import train_grpo
+    from autorefine.config import GRPORunConfig
+    from autorefine.settings import load_config
+    from autorefine.training.grpo.trainer import train_grpo
 
     config = load_config(GRPORunConfig, args.config, args.overrides)
     command = " ".join(
@@ -63,8 +64,9 @@ def _command_line(name: str, args: argparse.Namespace) -> str:
 
 def cmd_train_ipdpo(args: argparse.Namespace) -> int:
     """IP-DPO rounds (sample, score, pair, DPO, evaluate) from a preset plus overrides."""
-    from autorefine.config import IPDPORunConfig, load_config
-    from autorefine.training.ipdpo import train_ipdpo
+    from autorefine.config import IPDPORunConfig
+    from autorefine.settings import load_config
+    from autorefine.training.ipdpo.rounds import train_ipdpo
 
     config = load_config(IPDPORunConfig, args.config, args.overrides)
     final = train_ipdpo(config, resume=args.resume, command=_command_line("train-ipdpo", args))
@@ -76,8 +78,9 @@ def cmd_build_pairs(args: argparse.Namespace) -> int:
     """Preference pairs from a saved samples file, with the config's (or overridden) pair settings."""
     import json
 
-    from autorefine.config import IPDPORunConfig, load_config
-    from autorefine.training.ipdpo import build_pairs_file
+    from autorefine.config import IPDPORunConfig
+    from autorefine.settings import load_config
+    from autorefine.training.ipdpo.rounds import build_pairs_file
 
     config = load_config(IPDPORunConfig, args.config, args.overrides)
     out = Path(args.out)
@@ -93,8 +96,9 @@ def cmd_build_pairs(args: argparse.Namespace) -> int:
 
 def cmd_train_sft(args: argparse.Namespace) -> int:
     """Supervised warm start from a preset plus overrides."""
-    from autorefine.config import SFTRunConfig, load_config
-    from autorefine.training.sft import train_sft
+    from autorefine.config import SFTRunConfig
+    from autorefine.settings import load_config
+    from autorefine.training.sft.trainer import train_sft
 
     config = load_config(SFTRunConfig, args.config, args.overrides)
     final = train_sft(config, resume=args.resume)
@@ -128,12 +132,12 @@ ROLLOUT_FLAGS = ("max_turns", "max_new_tokens", "max_obs_tokens", "max_completio
 
 
 def _decoding(args: argparse.Namespace):  # -> autorefine.evaluation.runner.Decoding
-    from autorefine.config import ConfigError
-    from autorefine.evaluation.esc import ESCConfig
+    from autorefine.evaluation.esc import ESCSettings
     from autorefine.evaluation.runner import Decoding
+    from autorefine.settings import ConfigError
 
     try:
-        esc = ESCConfig(window=args.window, max_samples=args.max_samples, temperature=args.temperature)
+        esc = ESCSettings(window=args.window, max_samples=args.max_samples, temperature=args.temperature)
         return Decoding(mode=args.decoding, esc=esc, top_p=args.top_p, seed=args.seed)
     except ValueError as err:
         raise ConfigError(str(err)) from None
@@ -176,7 +180,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         decoding,
         limit=args.limit,
         batch_size=args.batch_size,
-        reward_config=policy.reward,
+        reward=policy.reward,
         record=policy.record,
         progress=not args.no_progress,
     )
@@ -216,9 +220,9 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
 def _add_policy_arguments(parser: argparse.ArgumentParser) -> None:
     """Model, retriever, rollout limits, engine and decoding flags shared by evaluate and infer."""
-    from autorefine.evaluation.esc import ESCConfig  # light: no torch
+    from autorefine.evaluation.esc import ESCSettings  # light: no torch
 
-    esc_defaults = ESCConfig()
+    esc_defaults = ESCSettings()
     parser.add_argument("--model", required=True, help="policy folder (or hub name) with its tokenizer")
     retrieval = parser.add_mutually_exclusive_group()
     retrieval.add_argument(
@@ -410,13 +414,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
     func: Callable[[argparse.Namespace], int] = args.func
-    from autorefine.config import ConfigError
     from autorefine.data import DataError
     from autorefine.evaluation.policy import EvaluationError
     from autorefine.fetch import FetchError
     from autorefine.retrieval import RetrieverError
-    from autorefine.training.pairs import PairError
-    from autorefine.training.trainer_args import RunError
+    from autorefine.settings import ConfigError
+    from autorefine.training.arguments import RunError
+    from autorefine.training.ipdpo.pairs import PairError
 
     try:
         return func(args)

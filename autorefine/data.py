@@ -6,19 +6,20 @@ A row may carry gold evidence in `metadata.evidence`: a list of `{"title", "text
 passages or facts a complete solution needs (the process score of IP-DPO matches trajectories against them).
 Readers that know a dataset's own layout fill it in: HotpotQA and 2WikiMultihopQA supporting facts, MuSiQue
 question decompositions; NQ, TriviaQA and PopQA have none (an empty list). A row without evidence is scored
-with the no-evidence fallback (F1 / searches, see `autorefine.process_score`).
+with the no-evidence fallback (F1 / searches, see `autorefine.scoring.process`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import random
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from autorefine.files import atomic_open, file_sha256
 
 # FlashRAG ships these splits; evaluation prefers test and falls back to dev.
 FLASHRAG_HUB_DATASET = "RUC-NLPIR/FlashRAG_datasets"
@@ -27,6 +28,13 @@ DEFAULT_TRAINING_MIX = ("nq", "hotpotqa")
 
 class DataError(ValueError):
     """A question file is malformed; the message names the file, the line and (when known) the id."""
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """Training questions in FlashRAG format (`id`, `question`, `golden_answers`): the `data` section."""
+
+    train_file: str = "data/prepared/train.jsonl"
 
 
 @dataclass(frozen=True)
@@ -323,16 +331,13 @@ def load_hub_split(dataset: str, split: str, cache_dir: Path) -> Path:
             f"could not load {dataset}/{split} from the hub ({FLASHRAG_HUB_DATASET}): {err}. "
             "Without a network, download FlashRAG files elsewhere and pass --data-dir."
         ) from err
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_suffix(".partial")
-    with partial.open("w", encoding="utf-8") as f:
+    with atomic_open(out) as f:  # an interrupted download never leaves a file that looks complete
         for number, row in enumerate(rows, start=1):
             raw = {k: row.get(k) for k in ("id", "question", "golden_answers", "metadata")}
             question = parse_question(raw, f"{FLASHRAG_HUB_DATASET}/{dataset}/{split} row {number}", dataset)
             f.write(
                 json.dumps({**question.to_row(), "metadata": question.metadata}, ensure_ascii=False) + "\n"
             )
-    partial.replace(out)  # an interrupted download never leaves a file that looks complete
     return out
 
 
@@ -384,12 +389,3 @@ def prepare_training_mix(
     }
     (out_dir / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
     return provenance
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks (provenance records of question files and models)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

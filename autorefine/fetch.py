@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from autorefine.data import file_sha256
+from autorefine.files import file_sha256
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -125,35 +125,6 @@ def check_sha256(path: Path, expected: str) -> None:
         raise FetchError(f"{path}: sha256 {found}, expected {expected}; the file is not the registered one")
 
 
-def load_gguf(
-    gguf_file: str | Path, dtype: str = "float32"
-) -> tuple[PreTrainedTokenizerBase, PreTrainedModel, PreTrainedModel]:
-    """Tokenizer, the model as transformers loads the GGUF, and the same weights as a plain (trainable) model.
-
-    A GGUF-loaded model carries a quantizer that refuses `save_pretrained` and training; the plain model is
-    built from the same config without it and receives the very same tensors.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
-
-    from autorefine.modeling import resolve_dtype
-
-    gguf_file = Path(gguf_file)
-    if not gguf_file.is_file():
-        raise FileNotFoundError(f"GGUF file not found: {gguf_file}")
-    folder, name = str(gguf_file.parent), gguf_file.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    # dequantize=True: plain tensors whether or not a GGUF matmul kernel is installed.
-    loaded = AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=name, dtype=resolve_dtype(dtype), quantization_config=GgufConfig(dequantize=True)
-    )
-    values = {k: v for k, v in loaded.config.to_dict().items() if k != "quantization_config"}
-    config = type(loaded.config).from_dict(values)
-    plain = AutoModelForCausalLM.from_config(config, dtype=resolve_dtype(dtype))
-    plain.load_state_dict(loaded.state_dict())
-    plain.generation_config = loaded.generation_config
-    return tokenizer, loaded.eval(), plain.eval()
-
-
 def set_end_of_turn(
     tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, end_of_turn: tuple[str, ...]
 ) -> list[int]:
@@ -232,7 +203,7 @@ def existing_conversion(out: Path, spec: PackagedModel) -> dict[str, Any] | None
 
 def convert(spec: PackagedModel, gguf_file: Path, out: Path) -> dict[str, Any]:
     """GGUF → plain HF folder in `out` (written to a sibling temp folder first), verified; returns provenance."""
-    from autorefine.modeling import load_policy, load_tokenizer
+    from autorefine.modeling import load_gguf, load_policy, load_tokenizer
 
     check_sha256(gguf_file, spec.gguf_sha256)
     started = time.perf_counter()

@@ -2,15 +2,40 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from autorefine.config import ConfigError, LoraSettings, ModelSettings
+from autorefine.settings import ConfigError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Which policy to train and how to load it (the `model` section)."""
+
+    name_or_path: str = "Qwen/Qwen2.5-3B"
+    tokenizer: str | None = None  # defaults to name_or_path
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    attn_implementation: str | None = None
+    gguf_file: str | None = None  # a GGUF file inside name_or_path: weights and tokenizer load from it
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA adapters through peft (the `lora` section; off unless `enabled`)."""
+
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    # "auto": peft's "all-linear" (every linear projection of the decoder layers); or explicit names
+    target_modules: list[str] | Literal["auto"] = "auto"
+
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -36,13 +61,38 @@ def load_tokenizer(name_or_path: str | Path, gguf_file: str | None = None) -> Pr
     return tokenizer
 
 
+def load_gguf(
+    gguf_file: str | Path, dtype: str = "float32"
+) -> tuple[PreTrainedTokenizerBase, PreTrainedModel, PreTrainedModel]:
+    """Tokenizer, the model as transformers loads the GGUF, and the same weights as a plain (trainable) model.
+
+    A GGUF-loaded model carries a quantizer that refuses `save_pretrained` and training; the plain model is
+    built from the same config without it and receives the very same tensors.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    gguf_file = Path(gguf_file)
+    if not gguf_file.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {gguf_file}")
+    folder, name = str(gguf_file.parent), gguf_file.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    # dequantize=True: plain tensors whether or not a GGUF matmul kernel is installed.
+    loaded = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=name, dtype=resolve_dtype(dtype), quantization_config=GgufConfig(dequantize=True)
+    )
+    values = {k: v for k, v in loaded.config.to_dict().items() if k != "quantization_config"}
+    config = type(loaded.config).from_dict(values)
+    plain = AutoModelForCausalLM.from_config(config, dtype=resolve_dtype(dtype))
+    plain.load_state_dict(loaded.state_dict())
+    plain.generation_config = loaded.generation_config
+    return tokenizer, loaded.eval(), plain.eval()
+
+
 def load_policy(
     name_or_path: str | Path, dtype: str = "auto", device: str | None = None, gguf_file: str | None = None
 ) -> PreTrainedModel:
     """A causal LM in the requested dtype (TRL would otherwise load float32); from a GGUF file when given."""
     if gguf_file is not None:
-        from autorefine.fetch import load_gguf
-
         # The plain copy: a GGUF-loaded model carries a quantizer that refuses training and saving.
         model = load_gguf(Path(name_or_path) / gguf_file, dtype=dtype)[2]
     else:
@@ -106,7 +156,8 @@ def load_tokenizer_and_policy(
 
 
 def linear_module_names(model: PreTrainedModel) -> list[str]:
-    """Names (last path component) of the linear projections inside the model's repeated decoder layers.
+    """Names (last path component) of the linear projections inside the model's repeated decoder layers
+    (what an explicit `lora.target_modules` may name).
 
     The output head and anything outside the layers (embeddings, vision towers) are left out; Conv1D
     (GPT-2 style) counts as linear.
@@ -124,36 +175,29 @@ def linear_module_names(model: PreTrainedModel) -> list[str]:
     return sorted(names)
 
 
-def lora_target_modules(settings: LoraSettings, model: PreTrainedModel) -> list[str]:
-    """The modules LoRA adapts: found from the architecture ("auto"), or the configured names, checked."""
-    available = linear_module_names(model)
-    if not available:
-        raise ConfigError(f"lora: found no linear layers inside decoder layers of {type(model).__name__}")
+def check_lora_targets(settings: LoraSettings, model: PreTrainedModel) -> None:
+    """Refuse configured target names the model lacks, listing the linear layers it has."""
     if settings.target_modules == "auto":
-        return available
+        return
+    available = linear_module_names(model)
     unknown = sorted(set(settings.target_modules) - set(available))
     if unknown:
         raise ConfigError(
             f"lora.target_modules {unknown} are not linear layers of {type(model).__name__}; "
             f"available: {', '.join(available)}"
         )
-    return list(settings.target_modules)
 
 
 def lora_config(settings: LoraSettings, model: PreTrainedModel | None = None) -> Any:
-    """A peft LoraConfig for `model`, or None when LoRA is off.
-
-    Without a model, "auto" becomes peft's "all-linear" (the same layers, found by peft when it wraps the
-    model) and explicit names are checked only then.
-    """
+    """A peft LoraConfig, or None when LoRA is off; "auto" is peft's "all-linear" (explicit names are
+    checked against `model` when one is given)."""
     if not settings.enabled:
         return None
     from peft import LoraConfig
 
     if model is not None:
-        targets: list[str] | str = lora_target_modules(settings, model)
-    else:
-        targets = "all-linear" if settings.target_modules == "auto" else list(settings.target_modules)
+        check_lora_targets(settings, model)
+    targets = "all-linear" if settings.target_modules == "auto" else list(settings.target_modules)
     return LoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,

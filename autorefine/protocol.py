@@ -22,8 +22,6 @@ from typing import TYPE_CHECKING, Literal
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from autorefine.retrieval import Document
-
 THINK, SEARCH, DOCUMENTS, REFINE, ANSWER = "think", "search", "documents", "refine", "answer"
 TAGS = (THINK, SEARCH, DOCUMENTS, REFINE, ANSWER)
 
@@ -128,6 +126,15 @@ def build_prompt(
             "turn (add_generation_prompt changes nothing); fix the template or remove it to use plain prompts"
         )
     return prompt
+
+
+@dataclass(frozen=True)
+class Document:
+    """One retrieved passage: FlashRAG `contents` is the title on the first line, then the text."""
+
+    id: str
+    contents: str
+    score: float | None = None
 
 
 def split_title(contents: str) -> tuple[str, str]:

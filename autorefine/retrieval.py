@@ -11,25 +11,21 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 
-if TYPE_CHECKING:
-    from autorefine.config import RetrieverSettings
+from autorefine.api_key import API_KEY_ENV, ApiKeyError, read_api_key
+from autorefine.protocol import Document
 
 logger = logging.getLogger(__name__)
-
-API_KEY_ENV = "AUTOREFINE_RETRIEVER_API_KEY"
 # The readiness probe of a server without /health: the smallest request the API allows.
 PROBE_BODY = {"queries": ["retriever readiness probe"], "topk": 1, "return_scores": True}
 # A search is split over the healthy replicas only when each part still holds this many queries.
@@ -46,15 +42,6 @@ class RetrieverError(RuntimeError):
 
 class RetrieverUnavailableError(RetrieverError):
     """The retriever could not be reached (or kept failing) after every retry."""
-
-
-@dataclass(frozen=True)
-class Document:
-    """One retrieved passage: FlashRAG `contents` is the title on the first line, then the text."""
-
-    id: str
-    contents: str
-    score: float | None = None
 
 
 def parse_urls(url: str | Sequence[str]) -> list[str]:
@@ -74,18 +61,21 @@ def parse_urls(url: str | Sequence[str]) -> list[str]:
     return urls
 
 
-def read_api_key(api_key_file: str | os.PathLike[str] | None) -> str | None:
-    """The bearer token in `api_key_file`, else in ${AUTOREFINE_RETRIEVER_API_KEY}, else None (no token)."""
-    if api_key_file:
-        path = Path(api_key_file).expanduser()
-        try:
-            token = path.read_text("utf-8").strip()
-        except OSError as err:
-            raise RetrieverError(f"retriever.api_key_file {path}: {err.strerror or err}") from None
-        if not token:
-            raise RetrieverError(f"retriever.api_key_file {path} is empty")
-        return token
-    return os.environ.get(API_KEY_ENV, "").strip() or None
+@dataclass(frozen=True)
+class RetrieverSettings:
+    """Where the retrieval server (or its replicas) is and how patiently to talk to it (the `retriever` section)."""
+
+    url: str | list[str] = "http://127.0.0.1:8000"  # one URL, a list, or "URL,URL": replicas of one index
+    timeout_s: float = 60.0
+    max_retries: int = 5
+    startup_wait_s: float = 30.0
+    probe_interval_s: float = 5.0  # how often a replica that failed is checked again
+    api_key_file: str | None = (
+        None  # file holding the server's bearer token (else $AUTOREFINE_RETRIEVER_API_KEY)
+    )
+
+    def __post_init__(self) -> None:
+        parse_urls(self.url)
 
 
 class _ReplicaFailed(Exception):
@@ -478,11 +468,15 @@ class RetrieverClient:
 
 def connect_retriever(settings: RetrieverSettings) -> RetrieverClient:
     """A client to the configured replicas, one of them ready: every command checks this before loading a model."""
+    try:
+        api_key = read_api_key(settings.api_key_file, setting="retriever.api_key_file")
+    except ApiKeyError as err:
+        raise RetrieverError(str(err)) from None
     client = RetrieverClient(
         settings.url,
         timeout=settings.timeout_s,
         max_retries=settings.max_retries,
-        api_key=read_api_key(settings.api_key_file),
+        api_key=api_key,
         probe_interval_s=settings.probe_interval_s,
     )
     try:

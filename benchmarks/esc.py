@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import dataclasses
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -37,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from autorefine.evaluation.esc import (
-    ESCConfig,
+    ESCSettings,
     agreement_probability,
     expected_samples,
     expected_samples_from_distribution,
@@ -98,7 +99,7 @@ class StreamSampler:
         return out
 
 
-def pool_setting(top_share: float, questions: int, config: ESCConfig, seed: int) -> dict[str, float]:
+def pool_setting(top_share: float, questions: int, config: ESCSettings, seed: int) -> dict[str, float]:
     """ESC and SC on `questions` simulated questions whose answers follow one pool distribution."""
     pool, probs, valid = answer_pool(top_share)
     rng = np.random.default_rng([seed, round(top_share * 1000)])
@@ -128,7 +129,7 @@ def pool_setting(top_share: float, questions: int, config: ESCConfig, seed: int)
     return row
 
 
-def answer_pool_section(questions: int, config: ESCConfig, seed: int) -> list[str]:
+def answer_pool_section(questions: int, config: ESCSettings, seed: int) -> list[str]:
     """Markdown lines: the sweep over top-answer shares, and whether the targets are met."""
     rows = [pool_setting(share, questions, config, seed) for share in TOP_SHARES]
     lines = [
@@ -163,12 +164,12 @@ def synthetic_loop(url: str, *, max_batch_size: int | None = None) -> Any:
     from autorefine.modeling import load_policy, load_tokenizer
     from autorefine.protocol import PromptTemplate
     from autorefine.retrieval import RetrieverClient
-    from autorefine.rollout import AgentLoop, RolloutConfig
+    from autorefine.rollout import AgentLoop, RolloutSettings
     from autorefine.rollout.hf_engine import TransformersEngine
 
     model = load_policy(SYNTHETIC / "warmstart", dtype="float32").eval()
     engine = TransformersEngine(model, load_tokenizer(SYNTHETIC / "warmstart"), max_batch_size=max_batch_size)
-    rollout = RolloutConfig(
+    rollout = RolloutSettings(
         max_turns=2, max_new_tokens=48, max_obs_tokens=160, max_completion_tokens=320, topk=3
     )
     template = PromptTemplate.load(SYNTHETIC / "template.txt")
@@ -178,7 +179,8 @@ def synthetic_loop(url: str, *, max_batch_size: int | None = None) -> Any:
 @contextlib.contextmanager
 def synthetic_retriever(work_dir: Path) -> Iterator[str]:
     """URL of a BM25 server over the synthetic corpus (index built once under `work_dir`)."""
-    from autorefine.retriever_process import ensure_bm25_index, running_retriever
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # testbed/ is not installed
+    from testbed.retriever import ensure_bm25_index, running_retriever
 
     index = ensure_bm25_index(SYNTHETIC / "corpus.jsonl", work_dir / "synthetic-bm25")
     with running_retriever(index) as url:
@@ -222,10 +224,10 @@ def top_share(stream: Sequence[ModelSample]) -> float:
 
 
 def compare_streams(
-    streams: Sequence[Sequence[ModelSample]], golds: Sequence[Sequence[str]], config: ESCConfig
+    streams: Sequence[Sequence[ModelSample]], golds: Sequence[Sequence[str]], config: ESCSettings
 ) -> list[dict[str, float]]:
     """Per question: ESC and SC on the same stream, their accuracy, samples and searches."""
-    from autorefine.rewards import exact_match
+    from autorefine.scoring.answers import exact_match
 
     esc = run_esc(len(streams), StreamSampler(streams), config)
     sc = run_sc(len(streams), StreamSampler(streams), config.max_samples)
@@ -249,11 +251,11 @@ def _mean(rows: Sequence[dict[str, float]], key: str) -> float:
     return float(np.mean([r[key] for r in rows])) if rows else float("nan")
 
 
-def model_pool_section(url: str, questions: int, config: ESCConfig, seed: int) -> list[str]:
+def model_pool_section(url: str, questions: int, config: ESCSettings, seed: int) -> list[str]:
     """Markdown lines: ESC against SC on trajectories sampled from the warm-start policy."""
     from autorefine.data import read_questions
     from autorefine.evaluation.runner import GREEDY
-    from autorefine.rewards import exact_match
+    from autorefine.scoring.answers import exact_match
 
     loop = synthetic_loop(url)
     qs = read_questions(SYNTHETIC / "heldout.jsonl", limit=questions)
@@ -333,7 +335,7 @@ class CountingEngine:
 
 
 def throughput_section(
-    url: str, questions: int, voted_questions: int, config: ESCConfig, seed: int
+    url: str, questions: int, voted_questions: int, config: ESCSettings, seed: int
 ) -> list[str]:
     """Markdown lines: `evaluate_benchmarks` wall time per decoding, in questions per second."""
     from autorefine.evaluation.benchmark import evaluate_benchmarks
@@ -383,8 +385,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--questions", type=int, default=20000, help="simulated questions per setting")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--window", type=int, default=ESCConfig.window)
-    parser.add_argument("--max-samples", type=int, default=ESCConfig.max_samples)
+    parser.add_argument("--window", type=int, default=ESCSettings.window)
+    parser.add_argument("--max-samples", type=int, default=ESCSettings.max_samples)
     parser.add_argument(
         "--model-questions", type=int, default=50, help="held-out questions sampled from the model"
     )
@@ -398,7 +400,7 @@ def main() -> None:
         "--work-dir", type=Path, default=REPO / "runs" / "bench", help="where the BM25 index is kept"
     )
     args = parser.parse_args()
-    config = ESCConfig(window=args.window, max_samples=args.max_samples)
+    config = ESCSettings(window=args.window, max_samples=args.max_samples)
 
     start = time.perf_counter()
     print("\n".join(answer_pool_section(args.questions, config, args.seed)))

@@ -26,12 +26,13 @@ from typing import Any
 from synthetic_setup import REPO, ensure_index, load_average, median, parse_with_threads, settings
 from transformers import TrainerCallback
 
-from autorefine.config import GRPORunConfig, load_config
+from autorefine.config import GRPORunConfig
 from autorefine.data import read_questions
 from autorefine.modeling import load_tokenizer_and_policy
 from autorefine.protocol import PromptTemplate, build_prompt
-from autorefine.retriever_process import running_retriever
-from autorefine.training.grpo import build_trainer, make_grpo_args
+from autorefine.settings import load_config
+from autorefine.training.grpo.trainer import build_trainer, make_grpo_args
+from testbed.retriever import running_retriever
 
 PRESET = REPO / "configs" / "grpo" / "tiny-cpu.yaml"
 

@@ -31,8 +31,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from autorefine.retriever_process import ensure_bm25_index, running_retriever  # noqa: E402
 from benchmarks.synthetic_setup import load_average  # noqa: E402
+from testbed.retriever import ensure_bm25_index, running_retriever  # noqa: E402
 
 TASK = REPO / "data" / "synthetic_multihop"
 IPDPO_PRESET = REPO / "configs" / "ipdpo" / "tiny-cpu-multihop.yaml"
@@ -171,7 +171,8 @@ def grpo_results(seed: int, out: Path) -> dict:
 
 def multihop_rollout() -> list[str]:
     """The IP-DPO preset's rollout limits, so GRPO trains and is evaluated with the same ones."""
-    from autorefine.config import IPDPORunConfig, load_config
+    from autorefine.config import IPDPORunConfig
+    from autorefine.settings import load_config
 
     rollout = load_config(IPDPORunConfig, IPDPO_PRESET).rollout
     keys = ("max_turns", "max_new_tokens", "max_obs_tokens", "max_completion_tokens", "topk")

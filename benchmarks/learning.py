@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from autorefine.retriever_process import ensure_bm25_index, running_retriever  # noqa: E402
+from testbed.retriever import ensure_bm25_index, running_retriever  # noqa: E402
 
 
 def read_history(path: Path) -> list[dict]:

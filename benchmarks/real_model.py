@@ -36,8 +36,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from autorefine.retriever_process import running_retriever  # noqa: E402
 from benchmarks.synthetic_setup import load_average  # noqa: E402
+from testbed.retriever import running_retriever  # noqa: E402
 
 CLI = [sys.executable, "-m", "autorefine.cli"]
 DEV = REPO / "data/demo/hotpotqa_dev.jsonl"

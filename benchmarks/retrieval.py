@@ -51,16 +51,10 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from autorefine.retriever_process import (  # noqa: E402
-    ensure_bm25_index,
-    free_port,
-    running_retriever,
-    serve_command,
-    stop,
-)
 from retriever_server.build import build_index  # noqa: E402
 from retriever_server.indexes import FaissIndex  # noqa: E402
 from retriever_server.manifest import read_manifest  # noqa: E402
+from testbed.retriever import ensure_bm25_index, free_port, running_retriever, serve_command, stop  # noqa: E402
 
 CORPUS = REPO / "data" / "demo" / "corpus.jsonl"
 SYNTHETIC = REPO / "data" / "synthetic"
@@ -369,12 +363,12 @@ def _policy_loop() -> Any:
     """The synthetic warm-start policy in an agent loop with its training limits (no retriever yet)."""
     from autorefine.modeling import load_policy, load_tokenizer
     from autorefine.protocol import PromptTemplate
-    from autorefine.rollout import AgentLoop, RolloutConfig
+    from autorefine.rollout import AgentLoop, RolloutSettings
     from autorefine.rollout.hf_engine import TransformersEngine
 
     model = load_policy(SYNTHETIC / "warmstart", dtype="float32").eval()
     engine = TransformersEngine(model, load_tokenizer(SYNTHETIC / "warmstart"))
-    rollout = RolloutConfig(
+    rollout = RolloutSettings(
         max_turns=2, max_new_tokens=48, max_obs_tokens=160, max_completion_tokens=320, topk=3
     )
     return AgentLoop(engine, None, rollout, PromptTemplate.load(SYNTHETIC / "template.txt"))
@@ -401,9 +395,8 @@ def evaluation_runs(index: Path, questions: int, repeats: int) -> list[dict[str,
     """`evaluate_benchmarks` with one replica, two, and two losing one mid-run; `repeats` rounds, interleaved."""
     import tempfile
 
-    from autorefine.config import RetrieverSettings
     from autorefine.evaluation.benchmark import PREDICTIONS_FILE, PredictionsFile, evaluate_benchmarks
-    from autorefine.retrieval import connect_retriever
+    from autorefine.retrieval import RetrieverSettings, connect_retriever
 
     loop = _policy_loop()
     runs: list[dict[str, Any]] = []
@@ -501,11 +494,10 @@ def failover_section(index: Path, questions: list[str], eval_questions: int, rep
 
 def startup_section(index: Path, repeats: int) -> list[str]:
     """Markdown lines: `connect_retriever` with and without /health, warm and from a fresh server."""
-    from autorefine.config import RetrieverSettings
-    from autorefine.retrieval import connect_retriever
+    from autorefine.retrieval import RetrieverSettings, connect_retriever
 
     def searchr1_command(port: int) -> list[str]:
-        return [sys.executable, "-m", "tests.searchr1_server", "--corpus", str(SYNTHETIC / "corpus.jsonl"),
+        return [sys.executable, "-m", "testbed.searchr1_server", "--corpus", str(SYNTHETIC / "corpus.jsonl"),
                 "--port", str(port)]  # fmt: skip
 
     servers = {

@@ -35,12 +35,14 @@ from autorefine.data import Question, read_questions
 from autorefine.modeling import load_policy, load_tokenizer
 from autorefine.protocol import PromptTemplate
 from autorefine.retrieval import RetrieverClient
-from autorefine.retriever_process import running_retriever
-from autorefine.rollout import AgentLoop, Generation, RolloutConfig, SamplingParams, Trajectory
+from autorefine.rollout import AgentLoop, Generation, RolloutSettings, SamplingParams, Trajectory
 from autorefine.rollout.hf_engine import TransformersEngine, left_padded
-from autorefine.training.traces import TeacherEngine
+from autorefine.training.sft.traces import TeacherEngine
+from testbed.retriever import running_retriever
 
-CONFIG = RolloutConfig(max_turns=2, max_new_tokens=96, max_obs_tokens=160, max_completion_tokens=480, topk=3)
+CONFIG = RolloutSettings(
+    max_turns=2, max_new_tokens=96, max_obs_tokens=160, max_completion_tokens=480, topk=3
+)
 POLICY = REPO / "runs" / "bench" / "rollout-policy"
 TRAINING = {"traces": 1024, "steps": 300, "batch_size": 16, "lr": 1e-3}
 _NAME = re.compile(r"home city of (?P<name>.+?)\?")

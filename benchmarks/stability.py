@@ -28,10 +28,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from autorefine.config import GRPORunConfig, GuardSettings  # noqa: E402
-from autorefine.retriever_process import running_retriever  # noqa: E402
-from autorefine.training.guardrails import Guard  # noqa: E402
+from autorefine.config import GRPORunConfig  # noqa: E402
+from autorefine.training.guard import Guard, GuardSettings  # noqa: E402
 from benchmarks.synthetic_setup import ensure_index, load_average  # noqa: E402
+from testbed.retriever import running_retriever  # noqa: E402
 
 COLLAPSE_DROP = 0.05  # EM points (as a fraction) below the best earlier evaluation
 CATCH_WITHIN = 10  # steps after the collapsing evaluation
@@ -219,7 +219,7 @@ VARIANTS = {
 
 def sensitivity(records: list[dict]) -> str:
     """How variants of the default rules would have done on the grid runs (replayed, same logged values)."""
-    from autorefine.config import load_config
+    from autorefine.settings import load_config
 
     grid = [r for r in records if not r["rollback"]]
     rows = [

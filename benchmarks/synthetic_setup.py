@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
-from autorefine.retriever_process import ensure_bm25_index
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # testbed/ (the bench) is not installed; benchmarks run from a clone
+
+from testbed.retriever import ensure_bm25_index  # noqa: E402
+
 SYNTHETIC = REPO / "data" / "synthetic"
 INDEX = REPO / "runs" / "bench" / "synthetic-bm25"
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from autorefine.data import read_questions
 from autorefine.retrieval import RetrieverClient
-from autorefine.retriever_process import running_retriever
+from testbed.retriever import running_retriever
 
 DEMO_CORPUS = Path("data/demo/corpus.jsonl")
 SYNTHETIC = Path("data/synthetic")

@@ -82,7 +82,7 @@ def build_policy(out: Path, cpu: bool) -> tuple[Path, int]:
     """A random-init Qwen2 (GPU: Qwen2.5 tokenizer, 4 layers of 512; CPU: the synthetic tokenizer, 2 of 64)."""
     from autorefine.modeling import load_tokenizer, tiny_qwen2
 
-    tokenizer = load_tokenizer(SYNTHETIC / "tokenizer" if cpu else REPO / "tests/fixtures/qwen2.5-tokenizer")
+    tokenizer = load_tokenizer(SYNTHETIC / "tokenizer" if cpu else REPO / "data/tokenizers/qwen2.5")
     shape = dict(hidden_size=64, num_layers=2) if cpu else dict(hidden_size=512, num_layers=4)
     model = tiny_qwen2(tokenizer, num_heads=4, num_kv_heads=2, max_position_embeddings=2048, **shape)
     folder = out / "policy"
@@ -94,7 +94,7 @@ def build_policy(out: Path, cpu: bool) -> tuple[Path, int]:
 @contextlib.contextmanager
 def retriever(out: Path) -> Iterator[str]:
     """`retriever-server serve` over a BM25 index of the synthetic corpus (FAISS-free: nothing to download)."""
-    from autorefine.retriever_process import ensure_bm25_index, running_retriever
+    from testbed.retriever import ensure_bm25_index, running_retriever
 
     index = ensure_bm25_index(SYNTHETIC / "corpus.jsonl", out / "index")
     with (out / "retriever.log").open("wb") as log, running_retriever(index, log=log) as url:
@@ -105,7 +105,8 @@ def grpo_config(policy: Path, url: str, run: Path, cpu: bool, steps: int, *extra
     """GRPO on the synthetic task, sized to take seconds; `extra` overrides as on the command line."""
     from trl import GRPOConfig
 
-    from autorefine.config import GRPORunConfig, load_config
+    from autorefine.config import GRPORunConfig
+    from autorefine.settings import load_config
 
     fields = {f.name for f in dataclasses.fields(GRPOConfig)}
     # newer transformers 5 releases renamed gradient checkpointing; take the name this one knows
@@ -173,7 +174,7 @@ def step_seconds(trainer: Any) -> float | None:
 
 
 def train(config: Any, resume: str | None = None) -> tuple[Any, Any]:
-    from autorefine.training.grpo import build_trainer
+    from autorefine.training.grpo.trainer import build_trainer
 
     trainer, rollout = build_trainer(config)
     trainer.train(resume_from_checkpoint=resume)
@@ -204,7 +205,7 @@ def vllm_server(policy: Path, out: Path) -> Iterator[str]:
     """`vllm serve` on this GPU with what TRL's server mode needs (dev endpoints, NCCL weight transfer)."""
     import httpx
 
-    from autorefine.retriever_process import free_port, stop
+    from testbed.retriever import free_port, stop
 
     port = free_port()
     command = [

@@ -11,7 +11,7 @@ Writes:
     data/demo/hotpotqa_dev.jsonl        the other 100
     data/demo/benchmarks/<name>.jsonl   500-question samples of the seven QA benchmarks (copied as they are)
     data/demo/wiki18_sample.jsonl       1,000 wiki-18 passages (copied as they are)
-    tests/fixtures/qwen2.5-tokenizer/   the real Qwen2.5 tokenizer files
+    data/tokenizers/qwen2.5/           the real Qwen2.5 tokenizer files
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def main() -> None:
         shutil.copyfile(src / "benchmarks" / f"{name}.jsonl", out / "benchmarks" / f"{name}.jsonl")
     shutil.copyfile(src / "wiki18_sample" / "sample_data.jsonl", out / "wiki18_sample.jsonl")
 
-    tok_out = REPO / "tests" / "fixtures" / "qwen2.5-tokenizer"
+    tok_out = REPO / "data" / "tokenizers" / "qwen2.5"
     tok_out.mkdir(parents=True, exist_ok=True)
     for name in TOKENIZER_FILES:
         shutil.copyfile(src / "tokenizers" / "qwen2.5" / name, tok_out / name)

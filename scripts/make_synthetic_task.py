@@ -14,10 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 from pathlib import Path
 
-from autorefine import synthetic, synthetic_multihop
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # testbed/ (the bench) is not installed
+
 from autorefine.modeling import load_tokenizer
+from testbed import synthetic, synthetic_multihop
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = {"onehop": REPO / "data" / "synthetic", "multihop": REPO / "data" / "synthetic_multihop"}

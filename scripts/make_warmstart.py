@@ -25,7 +25,9 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from autorefine.retriever_process import ensure_bm25_index, running_retriever
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # testbed/ (the bench) is not installed
+
+from testbed.retriever import ensure_bm25_index, running_retriever
 
 REPO = Path(__file__).resolve().parents[1]
 KEEP = (
@@ -47,19 +49,20 @@ REPEAT_FRACTION = {"employer": 0.15, "city": 0.7, "two_hop": 0.15}
 
 def write_multihop_traces(url: str, preset: Path, task_dir: Path, out: Path, seed: int) -> dict[str, int]:
     """Imperfect traces of every training question, played through the real agent loop; counts per plan."""
-    from autorefine.config import SFTRunConfig, load_config
+    from autorefine.config import SFTRunConfig
     from autorefine.data import read_questions
     from autorefine.modeling import load_tokenizer
     from autorefine.protocol import PromptTemplate
     from autorefine.retrieval import RetrieverClient
-    from autorefine.synthetic_multihop import load_world, warmstart_plans
-    from autorefine.training.traces import (
+    from autorefine.settings import load_config
+    from autorefine.training.sft.traces import (
         TracePlan,
         build_gold_traces,
         planned_turns,
         retrieved_evidence,
         save_trajectories,
     )
+    from testbed.synthetic_multihop import load_world, warmstart_plans
 
     config = load_config(SFTRunConfig, preset, [f"retriever.url={url}"])
     questions = read_questions(REPO / config.data.train_file)
@@ -94,16 +97,18 @@ def write_multihop_traces(url: str, preset: Path, task_dir: Path, out: Path, see
 
 def heldout_report(url: str, model_dir: Path, preset: Path, seed: int) -> dict:
     """EM, searches, model tokens and process score of the policy on the held-out questions, per hop count."""
-    from autorefine.config import SFTRunConfig, load_config
+    from autorefine.config import SFTRunConfig
     from autorefine.data import read_questions
     from autorefine.modeling import load_policy, load_tokenizer
-    from autorefine.process_score import LexicalMatcher, score_trajectories
     from autorefine.protocol import PromptTemplate
     from autorefine.retrieval import RetrieverClient
     from autorefine.rollout import AgentLoop
     from autorefine.rollout.engine import SamplingParams
     from autorefine.rollout.hf_engine import TransformersEngine
-    from autorefine.synthetic_multihop import hop_report
+    from autorefine.scoring.process import LexicalMatcher
+    from autorefine.scoring.trajectory import score_trajectories
+    from autorefine.settings import load_config
+    from testbed.synthetic_multihop import hop_report
 
     config = load_config(SFTRunConfig, preset, [f"retriever.url={url}"])
     questions = read_questions(REPO / config.heldout.file)

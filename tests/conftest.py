@@ -16,7 +16,7 @@ Retriever fixtures (reusable by any test):
 - `synthetic_bm25_index`, `synthetic_bm25_server`: BM25 index of the synthetic task corpus, and the URL of a
   server over it (session).
 - `start_searchr1_server`: a function `start_searchr1_server(corpus, **flags)`, a context manager yielding
-  `(url, process)`: `python -m tests.searchr1_server` (the Search-R1 API only: `POST /retrieve`, no
+  `(url, process)`: `python -m testbed.searchr1_server` (the Search-R1 API only: `POST /retrieve`, no
   `/health`) on a free 127.0.0.1 port, ready when entered; flags `bare_documents`, `unquoted_titles`.
 - `synthetic_searchr1_server`: URL of such a server over the synthetic corpus answering bare documents
   with unquoted titles, the shape furthest from ours (session).
@@ -42,9 +42,9 @@ from typing import Any
 import httpx
 import pytest
 
-from autorefine.retriever_process import free_port as free_port_number
-from autorefine.retriever_process import serve_command, stop
-from tests.paths import DEMO_CORPUS, MULTIHOP_DIR, REPO_ROOT, SMOLLM2_CACHE, SYNTHETIC_DIR, WIKI18_SAMPLE
+from testbed.retriever import free_port as free_port_number
+from testbed.retriever import serve_command, stop
+from tests.helpers import DEMO_CORPUS, MULTIHOP_DIR, REPO_ROOT, SMOLLM2_CACHE, SYNTHETIC_DIR, WIKI18_SAMPLE
 
 # Never touch the Hugging Face hub; keep tokenizers from forking thread pools in subprocesses.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -216,7 +216,7 @@ def launch_searchr1_server(
     port = port or free_port_number()
     url = f"http://127.0.0.1:{port}"
     options = [f"--{name.replace('_', '-')}" for name, on in flags.items() if on]
-    command = [sys.executable, "-m", "tests.searchr1_server", "--corpus", str(corpus), "--port", str(port)]
+    command = [sys.executable, "-m", "testbed.searchr1_server", "--corpus", str(corpus), "--port", str(port)]
     with tempfile.TemporaryDirectory(prefix="searchr1-log-") as tmp:
         log = Path(tmp) / "server.log"
         with log.open("wb") as out:

@@ -55,12 +55,13 @@ def main() -> int:
 
         fake_vllm.install()
 
-    from autorefine.config import GRPORunConfig, load_config
+    from autorefine.config import GRPORunConfig
     from autorefine.retrieval import connect_retriever
+    from autorefine.settings import load_config
+    from autorefine.training.arguments import RunError
     from autorefine.training.callbacks import HeldoutEvalCallback
-    from autorefine.training.grpo import build_trainer, run_grpo
-    from autorefine.training.trainer_args import RunError
-    from tests.paths import REPO_ROOT
+    from autorefine.training.grpo.trainer import build_trainer, run_grpo
+    from tests.helpers import REPO_ROOT
 
     rank = int(os.environ.get("RANK", "0"))
     config = load_config(GRPORunConfig, REPO_ROOT / "configs/grpo/tiny-cpu.yaml", args.overrides)

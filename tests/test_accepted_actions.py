@@ -10,11 +10,10 @@ import pytest
 
 from autorefine import protocol
 from autorefine.modeling import load_tokenizer
-from autorefine.rewards import RewardConfig, score_model_text, trajectory_reward
-from autorefine.rollout import AgentLoop, FinishReason, RolloutConfig, SamplingParams
+from autorefine.rollout import AgentLoop, FinishReason, RolloutSettings, SamplingParams
 from autorefine.rollout.trajectory import Segment, Trajectory
-from tests.paths import QWEN_TOKENIZER
-from tests.scripted import ScriptedEngine, Turn
+from autorefine.scoring.reward import RewardSettings, score_model_text, trajectory_reward
+from tests.helpers import QWEN_TOKENIZER, ScriptedEngine, Turn
 
 DOCS = "\n\n<documents>\nDoc 1(Title: Paris) Paris is the capital of France.\n</documents>\n\n"
 INSERTS = {"documents": DOCS, "feedback": protocol.CORRECTION_MESSAGE, "eos": "<|endoftext|>"}
@@ -72,7 +71,7 @@ def test_rewards_score_only_blocks_within_one_turn(parts, answer, refines, rewar
     t = built(*parts)
     assert t.answer == answer
     assert t.refine_texts == refines
-    assert trajectory_reward(t, ["Paris is big"], RewardConfig()).reward == pytest.approx(reward)
+    assert trajectory_reward(t, ["Paris is big"], RewardSettings()).reward == pytest.approx(reward)
 
 
 def test_the_concatenated_model_text_would_have_been_fooled():
@@ -119,7 +118,7 @@ class NoSearch:
 
 
 def test_agent_loop_answer_cut_by_the_token_budget_is_not_completed_by_the_next_turn(tokenizer):
-    config = RolloutConfig(max_turns=1, max_new_tokens=6, max_completion_tokens=400)
+    config = RolloutSettings(max_turns=1, max_new_tokens=6, max_completion_tokens=400)
     loop0 = AgentLoop(ScriptedEngine(tokenizer, {}), NoSearch(), config)
     prompt = loop0.prompt_ids("q")
     # turn 1 runs out of tokens inside the answer; after the corrective message, turn 2 closes the tag

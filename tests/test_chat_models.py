@@ -13,10 +13,9 @@ from autorefine import protocol
 from autorefine.modeling import load_tokenizer
 from autorefine.protocol import NO_RETRIEVAL_TEMPLATE_NAME, PromptTemplate, build_prompt
 from autorefine.retrieval import RetrieverClient
-from autorefine.rollout import AgentLoop, FinishReason, RolloutConfig, SamplingParams
+from autorefine.rollout import AgentLoop, FinishReason, RolloutSettings, SamplingParams
 from autorefine.rollout.engine import eos_token_ids, finish_generation
-from tests.paths import QWEN_TOKENIZER, SMOLLM2_TOKENIZER
-from tests.scripted import ScriptedEngine, Turn
+from tests.helpers import QWEN_TOKENIZER, SMOLLM2_TOKENIZER, ScriptedEngine, Turn
 
 TOKENIZERS = {"smollm2": SMOLLM2_TOKENIZER, "qwen2.5": QWEN_TOKENIZER}
 
@@ -81,7 +80,7 @@ def test_stop_strings_cut_after_the_closing_tag_in_this_vocabulary(chat):
         assert gen.token_ids == tokens[: len(gen.token_ids)]
 
 
-ONE_SEARCH = RolloutConfig(max_turns=1, topk=2)
+ONE_SEARCH = RolloutSettings(max_turns=1, topk=2)
 
 
 def scripted_run(tokenizer, client, eos_ids, turns, config=ONE_SEARCH):

@@ -18,19 +18,20 @@ from typing import Any
 import httpx
 import pytest
 
-from autorefine.config import ConfigError, GRPORunConfig, RetrieverSettings, load_config
+from autorefine.api_key import API_KEY_ENV
+from autorefine.config import GRPORunConfig
 from autorefine.protocol import format_documents, split_title
 from autorefine.retrieval import (
-    API_KEY_ENV,
     RetrieverClient,
     RetrieverError,
+    RetrieverSettings,
     RetrieverUnavailableError,
     connect_retriever,
     parse_urls,
-    read_api_key,
 )
-from autorefine.retriever_process import stop
-from tests.paths import HOTPOTQA_DEV, SYNTHETIC_DIR
+from autorefine.settings import ConfigError, load_config
+from testbed.retriever import stop
+from tests.helpers import HOTPOTQA_DEV, SYNTHETIC_DIR
 
 QUESTIONS = [json.loads(line)["question"] for line in HOTPOTQA_DEV.read_text("utf-8").splitlines()]
 
@@ -324,9 +325,9 @@ def test_missing_or_wrong_token_is_a_clear_error_that_never_shows_a_token(
     assert err.value.status == 401 and not isinstance(err.value, RetrieverUnavailableError)  # not retried
     (tmp_path / "empty.key").write_text("\n")
     with pytest.raises(RetrieverError, match=r"retriever\.api_key_file .*empty"):
-        read_api_key(tmp_path / "empty.key")
+        connect_retriever(RetrieverSettings(url=url, api_key_file=str(tmp_path / "empty.key")))
     with pytest.raises(RetrieverError, match=r"retriever\.api_key_file .*gone\.key"):
-        read_api_key(tmp_path / "gone.key")
+        connect_retriever(RetrieverSettings(url=url, api_key_file=str(tmp_path / "gone.key")))
     shown = caplog.text + str(missing.value) + str(wrong.value) + str(err.value) + repr(client)
     server_log = process.log_path.read_text("utf-8")
     for secret in (TOKEN, wrong_token):

@@ -9,17 +9,11 @@ import sys
 import pytest
 from trl import GRPOConfig, SFTConfig
 
-from autorefine.config import (
-    ConfigError,
-    GRPORunConfig,
-    SFTRunConfig,
-    check_trainer_args,
-    load_config,
-    parse_yaml,
-)
-from autorefine.training.grpo import make_grpo_args
-from autorefine.training.trainer_args import RunError
-from tests.paths import REPO_ROOT
+from autorefine.config import GRPORunConfig, SFTRunConfig
+from autorefine.settings import ConfigError, check_trainer_args, load_config, parse_yaml
+from autorefine.training.arguments import RunError
+from autorefine.training.grpo.trainer import make_grpo_args
+from tests.helpers import REPO_ROOT
 
 GRPO_PRESETS = sorted((REPO_ROOT / "configs" / "grpo").glob("*.yaml"))
 SFT_PRESETS = sorted((REPO_ROOT / "configs" / "sft").glob("*.yaml"))
@@ -200,8 +194,8 @@ def test_a_section_given_in_part_keeps_the_rest_of_its_default():
 
 @pytest.mark.parametrize("preset", GRPO_PRESETS, ids=lambda p: p.stem)
 def test_grpo_presets_pass_the_guard_checks(preset):
-    from autorefine.training.guardrails import check_guard
+    from autorefine.training.guard import check_guard
 
     # GPU presets, checked on a CPU (use_cpu: the device check would refuse use_vllm here)
     config = load_config(GRPORunConfig, preset, ["trainer.bf16=false", "trainer.use_cpu=true"])
-    check_guard(config, make_grpo_args(config))
+    check_guard(config.guard, config.heldout, make_grpo_args(config))

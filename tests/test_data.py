@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from autorefine.data import DataError, prepare_training_mix, read_questions
-from tests.paths import DEMO_DIR, REPO_ROOT
+from tests.helpers import DEMO_DIR, REPO_ROOT
 
 
 def write(path, lines):

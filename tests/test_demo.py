@@ -9,7 +9,7 @@ import sys
 import httpx
 import pytest
 
-from tests.paths import REPO_ROOT
+from tests.helpers import REPO_ROOT
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ import torch
 from autorefine.modeling import load_tokenizer, tiny_qwen2
 from autorefine.rollout.engine import SamplingParams, eos_token_ids, finish_generation
 from autorefine.rollout.hf_engine import TransformersEngine
-from tests.paths import QWEN_TOKENIZER
+from tests.helpers import QWEN_TOKENIZER
 
 
 @pytest.fixture(scope="module")

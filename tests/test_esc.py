@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import pytest
 
 from autorefine.evaluation.esc import (
-    ESCConfig,
+    ESCSettings,
     agreement_probability,
     expected_samples,
     expected_samples_from_distribution,
@@ -49,7 +49,7 @@ class ScriptedSampler:
 
 def esc(scripts: dict[int, Sequence[str | None]], window: int, max_samples: int):
     sampler = ScriptedSampler(scripts)
-    results = run_esc(len(scripts), sampler, ESCConfig(window=window, max_samples=max_samples))
+    results = run_esc(len(scripts), sampler, ESCSettings(window=window, max_samples=max_samples))
     return results, sampler
 
 
@@ -195,7 +195,7 @@ def test_sampler_returning_the_wrong_number_of_samples_is_an_error() -> None:
         return [Trajectory("k", q, 0) for q in questions[:-1]]
 
     with pytest.raises(ValueError, match="returned 9 samples for 10 requested"):
-        run_esc(2, short, ESCConfig(window=5, max_samples=10))
+        run_esc(2, short, ESCSettings(window=5, max_samples=10))
 
 
 def test_run_sc_draws_the_full_budget_in_one_call_and_never_stops_early() -> None:
@@ -213,7 +213,7 @@ def test_run_sc_draws_the_full_budget_in_one_call_and_never_stops_early() -> Non
 
 def test_esc_samples_are_a_prefix_of_sc_samples_on_the_same_stream() -> None:
     scripts = {0: ["k"] * 5 + ["b"] * 35, 1: ["k", "b"] * 20}
-    [e0, e1] = run_esc(2, ScriptedSampler(scripts), ESCConfig())
+    [e0, e1] = run_esc(2, ScriptedSampler(scripts), ESCSettings())
     [s0, s1] = run_sc(2, ScriptedSampler(scripts), 40)
     assert s0.samples[: e0.samples_used] == e0.samples
     assert s1.samples == e1.samples
@@ -231,12 +231,12 @@ def test_esc_samples_are_a_prefix_of_sc_samples_on_the_same_stream() -> None:
 )
 def test_config_validation_names_the_field(kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field):
-        ESCConfig(**kwargs)
+        ESCSettings(**kwargs)
 
 
 def test_config_defaults_follow_the_paper() -> None:
-    assert ESCConfig() == ESCConfig(window=5, max_samples=40, temperature=0.7)
-    ESCConfig(window=1, max_samples=1)  # smallest valid budget
+    assert ESCSettings() == ESCSettings(window=5, max_samples=40, temperature=0.7)
+    ESCSettings(window=1, max_samples=1)  # smallest valid budget
 
 
 def test_run_sc_and_expected_samples_validate_the_budget() -> None:
@@ -327,7 +327,7 @@ def test_expected_samples_matches_monte_carlo_simulation_of_run_esc(
 ) -> None:
     trials = 4000
     sampler = RandomSampler(["Paris", "Lyon", None], weights, seed=1234)
-    results = run_esc(trials, sampler, ESCConfig(window=window, max_samples=budget))
+    results = run_esc(trials, sampler, ESCSettings(window=window, max_samples=budget))
     used = [r.samples_used for r in results]
     assert sampler.count == sum(used)
     mean = sum(used) / trials

@@ -23,25 +23,26 @@ from autorefine.evaluation.benchmark import (
     evaluate_benchmarks,
 )
 from autorefine.evaluation.datasets import BENCHMARKS, parse_dataset_specs, resolve_question_file
-from autorefine.evaluation.esc import ESCConfig, normalized, run_esc
+from autorefine.evaluation.esc import ESCSettings, normalized, run_esc
 from autorefine.evaluation.policy import EvaluationError, find_run_config, resolve_rollout, training_defaults
+from autorefine.evaluation.predictions import Prediction, aggregate
 from autorefine.evaluation.report import group_averages, markdown_table, write_csv
 from autorefine.evaluation.runner import GREEDY_DECODING, Decoding, voted_prediction
-from autorefine.evaluation.scoring import Prediction, aggregate, score_trajectory
 from autorefine.modeling import load_policy, load_tokenizer, tiny_qwen2
 from autorefine.protocol import PromptTemplate
 from autorefine.retrieval import RetrieverClient
-from autorefine.rewards import RewardConfig
-from autorefine.rollout import AgentLoop, RolloutConfig
+from autorefine.rollout import AgentLoop, RolloutSettings
 from autorefine.rollout.hf_engine import TransformersEngine
 from autorefine.rollout.trajectory import FinishReason, Segment, Trajectory
-from tests.paths import DEMO_DIR, QWEN_TOKENIZER, SYNTHETIC_DIR
+from autorefine.scoring.reward import RewardSettings
+from autorefine.scoring.trajectory import score_trajectory
+from tests.helpers import DEMO_DIR, QWEN_TOKENIZER, SYNTHETIC_DIR
 
 WARMSTART = SYNTHETIC_DIR / "warmstart"
 HELDOUT = SYNTHETIC_DIR / "heldout.jsonl"
 TEMPLATE = SYNTHETIC_DIR / "template.txt"
 # The limits the warm start was trained with (configs/sft/synthetic-warmstart.yaml).
-SYNTHETIC_ROLLOUT = RolloutConfig(
+SYNTHETIC_ROLLOUT = RolloutSettings(
     max_turns=2, max_new_tokens=48, max_obs_tokens=160, max_completion_tokens=320, topk=3
 )
 ROLLOUT_FLAGS = [
@@ -82,10 +83,12 @@ NEW_YORK = trajectory(
 )
 
 
+def scored(t: Trajectory, golds: list[str]) -> dict[str, float]:
+    return score_trajectory(t, Question("q", "?", golds)).as_dict()
+
+
 def prediction(t: Trajectory, golds: list[str], qid: str = "q") -> Prediction:
-    return Prediction(
-        qid, "?", golds, t.answer, score_trajectory(t, golds), t.to_dict(), searches=t.num_searches
-    )
+    return Prediction(qid, "?", golds, t.answer, scored(t, golds), t.to_dict(), searches=t.num_searches)
 
 
 def test_metrics_match_hand_computation():
@@ -121,7 +124,7 @@ def test_metrics_match_hand_computation():
 
 def test_cover_em_counts_a_gold_inside_a_longer_answer():
     t = trajectory(("model", "<answer> new york city </answer>", 6))
-    scores = score_trajectory(t, ["New York"])
+    scores = scored(t, ["New York"])
     assert (scores["em"], scores["cover_em"]) == (0.0, 1.0)
     assert scores["f1"] == pytest.approx(2 * (2 / 3) * 1 / (2 / 3 + 1))  # precision 2/3, recall 1
 
@@ -133,9 +136,9 @@ def test_voted_prediction_scores_the_winner_and_sums_the_costs():
     # Window 1 (Paris, Lyon) disagrees; window 2 (Paris, Paris) agrees: 4 of 6 samples.
     samples = [CURIE, lyon, PARIS, PARIS]
     served = iter(samples)
-    config = ESCConfig(window=2, max_samples=6)
+    config = ESCSettings(window=2, max_samples=6)
     [result] = run_esc(1, lambda idx: [next(served) for _ in idx], config)
-    p = voted_prediction(Question("q1", "Capital?", ["Paris"]), result, config, RewardConfig())
+    p = voted_prediction(Question("q1", "Capital?", ["Paris"]), result, config, RewardSettings())
     assert p.prediction == "Paris" and p.scores["em"] == 1.0
     assert p.trajectory["answer"] == "Paris" and p.scores["refine_hit"] == 1.0  # the winning trajectory's
     assert p.samples == 4 and p.searches == 0 + 1 + 1 + 1
@@ -218,9 +221,9 @@ def test_training_run_config_gives_the_defaults(tmp_path):
     # `final/` has no config of its own: the newest checkpoint of its run says how it was trained.
     assert find_run_config(run / "final") == run / "checkpoint-20" / "autorefine_config.yaml"
     defaults = training_defaults(run / "final")
-    assert defaults.rollout == RolloutConfig(max_turns=2, topk=4) and defaults.reward.refine_bonus == 0.3
+    assert defaults.rollout == RolloutSettings(max_turns=2, topk=4) and defaults.reward.refine_bonus == 0.3
     rollout, template = resolve_rollout(defaults, {"max_turns": None, "max_new_tokens": 64}, None)
-    assert rollout == RolloutConfig(max_turns=2, topk=4, max_new_tokens=64)
+    assert rollout == RolloutSettings(max_turns=2, topk=4, max_new_tokens=64)
     assert template.source == str(TEMPLATE)
     assert training_defaults(tmp_path / "elsewhere").source is None
 
@@ -337,7 +340,7 @@ def test_greedy_evaluation_resumed_after_an_interruption_is_identical(
 
 
 def test_esc_and_sc_end_to_end(tmp_path, warmstart_engine, synthetic_client):
-    config = ESCConfig(window=3, max_samples=6, temperature=0.7)
+    config = ESCSettings(window=3, max_samples=6, temperature=0.7)
     engine = CountingEngine(warmstart_engine)
     esc = evaluate(
         engine, synthetic_client, tmp_path / "esc", Decoding("esc", config, seed=1), limit=5, batch_size=5
@@ -368,7 +371,7 @@ def test_esc_and_sc_end_to_end(tmp_path, warmstart_engine, synthetic_client):
 
 
 def test_esc_resumed_after_an_interruption_is_identical(tmp_path, warmstart_engine, synthetic_client):
-    decoding = Decoding("esc", ESCConfig(window=2, max_samples=4), seed=3)
+    decoding = Decoding("esc", ESCSettings(window=2, max_samples=4), seed=3)
     engine = CountingEngine(warmstart_engine)
     full = evaluate(engine, synthetic_client, tmp_path / "full", decoding, limit=6, batch_size=2)
     # Stopped at its very last model call, the run has written the first two of its three batches.
@@ -537,7 +540,7 @@ def test_a_resumed_evaluation_refuses_another_engine_or_dtype(tmp_path, warmstar
 def test_sampled_decoding_shows_progress_in_samples_drawn(
     tmp_path, warmstart_engine, synthetic_client, capsys
 ):
-    decoding = Decoding("esc", ESCConfig(window=2, max_samples=4), seed=3)
+    decoding = Decoding("esc", ESCSettings(window=2, max_samples=4), seed=3)
     evaluate_benchmarks(
         loop_of(warmstart_engine, synthetic_client),
         {"synthetic": HELDOUT},

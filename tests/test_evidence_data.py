@@ -22,7 +22,7 @@ from autorefine.data import (
     read_questions,
     supporting_facts_evidence,
 )
-from tests.paths import DEMO_DIR
+from tests.helpers import DEMO_DIR
 
 
 def write_rows(path, rows):

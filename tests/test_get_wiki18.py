@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from retriever_server.manifest import read_manifest
-from tests.paths import REPO_ROOT
+from tests.helpers import REPO_ROOT
 
 SCRIPT = REPO_ROOT / "scripts" / "get_wiki18.sh"
 # No hf / huggingface-cli / retriever-server on this PATH: what --dry-run prints must not depend on them.

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.paths import REPO_ROOT
+from tests.helpers import REPO_ROOT
 
 
 def smoke_module(monkeypatch):

@@ -13,9 +13,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from autorefine.config import GRPORunConfig, GuardRule, GuardSettings, load_config
-from autorefine.training.guardrails import Alarm, Guard, check_guard, send_alert
-from autorefine.training.trainer_args import RunError
+from autorefine.config import GRPORunConfig
+from autorefine.settings import load_config
+from autorefine.training.arguments import RunError
+from autorefine.training.guard import Alarm, Guard, GuardRule, GuardSettings, check_guard
+from autorefine.training.guardrails import send_alert
 
 DEFAULTS = GuardSettings()
 
@@ -128,7 +130,7 @@ def test_rules_off_are_not_evaluated():
 
 
 def test_bad_rules_are_refused_with_the_key():
-    from autorefine.config import ConfigError
+    from autorefine.settings import ConfigError
 
     with pytest.raises(
         ConfigError, match=re.escape("guard.entropy_fall: a fall_factor threshold is a factor > 1")
@@ -193,20 +195,22 @@ def _config(*overrides: str) -> GRPORunConfig:
     ],
 )
 def test_acting_rules_that_cannot_work_are_refused_before_anything_loads(overrides, message):
-    from autorefine.training.grpo import make_grpo_args
+    from autorefine.training.grpo.trainer import make_grpo_args
 
     config = _config(*overrides)
     with pytest.raises(RunError, match=re.escape(message)):
-        check_guard(config, make_grpo_args(config))
-    assert check_guard(_config(), make_grpo_args(_config())) == _config().guard  # the shipped preset passes
+        check_guard(config.guard, config.heldout, make_grpo_args(config))
+    assert (
+        check_guard(_config().guard, _config().heldout, make_grpo_args(_config())) == _config().guard
+    )  # the shipped preset passes
 
 
 def test_warn_rules_that_cannot_work_are_switched_off_with_a_notice(caplog):
-    from autorefine.training.grpo import make_grpo_args
+    from autorefine.training.grpo.trainer import make_grpo_args
 
     config = _config("heldout.every=0", "guard.entropy_fall.signal=kl")
     with caplog.at_level(logging.WARNING):
-        settings = check_guard(config, make_grpo_args(config))
+        settings = check_guard(config.guard, config.heldout, make_grpo_args(config))
     assert set(config.guard.rules) - set(settings.rules) == {"heldout_drop", "entropy_fall"}
     assert "guard.heldout_drop (signal heldout/em) is not evaluated: needs held-out evaluation" in caplog.text
     assert (
@@ -237,8 +241,9 @@ class WeightsAfterGuard(TrainerCallback):
 def test_rollback_restores_best_weights_lowers_lr_then_stop_leaves_a_resumable_checkpoint(
     synthetic_bm25_server, tmp_path
 ):
-    from autorefine.training.grpo import build_trainer, latest_checkpoint, run_grpo
-    from tests.test_training import tiny_config
+    from autorefine.training.checkpoints import latest_checkpoint
+    from autorefine.training.grpo.trainer import build_trainer, run_grpo
+    from tests.helpers import tiny_grpo_config as tiny_config
 
     # A rule that fires on every step (every trajectory takes > 0 turns): step 1 rolls back, step 2 would roll
     # back again but max_rollbacks is 1, so it stops the run.
@@ -298,9 +303,9 @@ def test_rollback_restores_best_weights_lowers_lr_then_stop_leaves_a_resumable_c
 
 
 def test_dropped_flat_groups_leave_the_loss(synthetic_bm25_server, tmp_path):
-    from autorefine.rewards import trajectory_reward
-    from autorefine.training.grpo import build_trainer
-    from tests.test_training import tiny_config
+    from autorefine.scoring.reward import trajectory_reward
+    from autorefine.training.grpo.trainer import build_trainer
+    from tests.helpers import tiny_grpo_config as tiny_config
 
     config = tiny_config(
         synthetic_bm25_server,
@@ -339,7 +344,7 @@ def test_dropped_flat_groups_leave_the_loss(synthetic_bm25_server, tmp_path):
 
 
 def test_extra_rules_by_name():
-    from autorefine.config import ConfigError
+    from autorefine.settings import ConfigError
 
     settings = load_config(
         GRPORunConfig,

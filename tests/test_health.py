@@ -16,9 +16,10 @@ from autorefine.training.health import (
     means,
     merge_tallies,
     question_source,
+    rollout_means,
     trajectory_tally,
 )
-from tests.paths import QWEN_TOKENIZER
+from tests.helpers import QWEN_TOKENIZER
 
 DOCS = "\n\n<documents>\nDoc 1(Title: Bigu) The home city of Bigu is Pemere.\n</documents>\n\n"
 
@@ -91,10 +92,15 @@ def search_and_answer(tokenizer) -> Built:
     )
 
 
+def signals(trajectories, ids, kinds):
+    """Every health signal of one batch: the tallied ones and the per-trajectory means."""
+    return {**means(trajectory_tally(trajectories, ids, kinds)), **rollout_means(trajectories)}
+
+
 def test_entropy_per_block_kind(tokenizer, kinds):
     built = search_and_answer(tokenizer)
     t = built.end(FinishReason.ANSWER)
-    values = means(trajectory_tally([t], ["nq-1"], kinds))
+    values = signals([t], ["nq-1"], kinds)
     assert values["health/entropy/think"] == pytest.approx(1.0)
     assert values["health/entropy/search"] == pytest.approx(2.0)
     assert values["health/entropy/refine"] == pytest.approx(0.5)
@@ -118,7 +124,7 @@ def test_token_kinds_label_every_model_token_and_no_environment_token(tokenizer,
 def test_text_outside_complete_blocks_is_other(tokenizer, kinds):
     # A think block cut by the length cap never closes: its tokens are no think block.
     t = Built(tokenizer).model(("<think> and so on and so on", 0.7)).end(FinishReason.LENGTH)
-    values = means(trajectory_tally([t], ["x"], kinds))
+    values = signals([t], ["x"], kinds)
     assert values["health/entropy/other"] == pytest.approx(0.7)
     assert "health/entropy/think" not in values
 
@@ -129,7 +135,7 @@ def test_tags_inside_model_written_documents_are_no_blocks(tokenizer, kinds):
         .model(("<documents> <answer> x </answer> </documents>", 0.4))
         .end(FinishReason.NO_ACTION)
     )
-    values = means(trajectory_tally([t], ["x"], kinds))
+    values = signals([t], ["x"], kinds)
     assert "health/entropy/answer" not in values and values["health/entropy/other"] == pytest.approx(0.4)
 
 
@@ -137,7 +143,7 @@ def test_engine_without_entropies_logs_no_entropy(tokenizer, kinds):
     # vLLM gives no whole-distribution entropy: every entropy is NaN and no entropy signal appears.
     t = search_and_answer(tokenizer).end(FinishReason.ANSWER)
     t.entropies = [math.nan] * len(t.completion_ids)
-    values = means(trajectory_tally([t], ["x"], kinds))
+    values = signals([t], ["x"], kinds)
     assert not [k for k in values if k.startswith("health/entropy/")]
     assert values["rollout/searches"] == 1
 
@@ -156,7 +162,7 @@ def test_rollout_signals_over_a_batch(tokenizer, kinds):
         .end(FinishReason.ANSWER)
     )  # 4 turns, 1 corrective message, 2 searches of which the second repeats the first
     capped = Built(tokenizer).model(("<think> and on", 1.0)).end(FinishReason.LENGTH)  # 1 turn, no answer
-    values = means(trajectory_tally([answered, corrected, capped], ["nq-7", "hotpotqa-3", "nq-9"], kinds))
+    values = signals([answered, corrected, capped], ["nq-7", "hotpotqa-3", "nq-9"], kinds)
     assert values["health/corrective_rate"] == pytest.approx(1 / 7)  # corrective messages / model turns
     assert values["health/repeated_queries"] == pytest.approx(1 / 3)
     assert values["health/searches/nq"] == pytest.approx((1 + 0) / 2)
@@ -198,8 +204,8 @@ def test_flat_groups_are_those_with_all_equal_rewards():
 
 
 def test_health_signals_are_logged_every_step(synthetic_bm25_server, tmp_path):
-    from autorefine.training.grpo import build_trainer
-    from tests.test_training import tiny_config
+    from autorefine.training.grpo.trainer import build_trainer
+    from tests.helpers import tiny_grpo_config as tiny_config
 
     config = tiny_config(
         synthetic_bm25_server,

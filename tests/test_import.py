@@ -18,7 +18,7 @@ from retriever_server.app import Retriever, ServeConfig, plan_serving
 from retriever_server.build import BuildError
 from retriever_server.imports import import_faiss_index, open_foreign_index
 from retriever_server.manifest import ManifestMismatch, read_manifest
-from tests.paths import HOTPOTQA_DEV, REPO_ROOT
+from tests.helpers import HOTPOTQA_DEV, REPO_ROOT
 
 QUESTIONS = [json.loads(line)["question"] for line in HOTPOTQA_DEV.read_text("utf-8").splitlines()][:40]
 PROBES = ["who was a lobbyist for Genentech", "Algonkin vocabulary", "football club", *QUESTIONS[:5]]

@@ -14,20 +14,21 @@ import statistics
 import pytest
 import torch
 
-from autorefine.config import GRPORunConfig, load_config
+from autorefine.config import GRPORunConfig
 from autorefine.data import read_questions
 from autorefine.modeling import load_policy, load_tokenizer
 from autorefine.protocol import PromptTemplate
 from autorefine.retrieval import RetrieverClient
-from autorefine.rollout import AgentLoop, RolloutConfig, SamplingParams
+from autorefine.rollout import AgentLoop, RolloutSettings, SamplingParams
 from autorefine.rollout.vllm_engine import VLLMEngine
-from autorefine.training.grpo import make_grpo_args
-from autorefine.training.trainer_args import RunError
+from autorefine.settings import load_config
+from autorefine.training.arguments import RunError
+from autorefine.training.grpo.trainer import make_grpo_args
 from tests import fake_vllm
-from tests.paths import REPO_ROOT, SYNTHETIC_DIR
+from tests.helpers import REPO_ROOT, SYNTHETIC_DIR
 
 WARM = SYNTHETIC_DIR / "warmstart"
-ROLLOUT = RolloutConfig(max_turns=2, max_new_tokens=48, max_obs_tokens=160, max_completion_tokens=320)
+ROLLOUT = RolloutSettings(max_turns=2, max_new_tokens=48, max_obs_tokens=160, max_completion_tokens=320)
 
 
 def log_ratios(url: str, top_p: float) -> list[torch.Tensor]:

@@ -9,7 +9,7 @@ from rich.text import Text
 from autorefine.cli import main
 from autorefine.inference import BLOCK_STYLES, render_segments
 from autorefine.rollout.trajectory import Segment
-from tests.paths import SYNTHETIC_DIR
+from tests.helpers import SYNTHETIC_DIR
 
 SEGMENTS = [
     Segment("model", "<think> who is she </think>\n<search> Bigu Bolvou home city </search>", 0, 20),

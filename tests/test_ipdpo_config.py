@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from autorefine.config import ConfigError, IPDPORunConfig, load_config
-from autorefine.training.dpo import make_dpo_args
-from autorefine.training.ipdpo import IPDPORun
-from autorefine.training.trainer_args import RunError
-from tests.paths import REPO_ROOT
+from autorefine.config import IPDPORunConfig
+from autorefine.settings import ConfigError, load_config
+from autorefine.training.arguments import RunError
+from autorefine.training.ipdpo.dpo import make_dpo_args
+from autorefine.training.ipdpo.rounds import IPDPORun
+from tests.helpers import REPO_ROOT
 
 PRESETS = sorted((REPO_ROOT / "configs" / "ipdpo").glob("*.yaml"))
 

@@ -3,45 +3,29 @@ but add nothing to the log-ratios or the NLL term; over-long pairs are dropped, 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-from autorefine.config import IPDPORunConfig, load_config
-from autorefine.modeling import load_policy, load_tokenizer, tiny_qwen2
-from autorefine.training.dpo import build_dpo_trainer, make_dpo_args, merge_adapter
-from autorefine.training.dpo_data import MaskedPreferenceCollator, dpo_example, pairs_dataset
-from autorefine.training.trainer_args import RunError
-from tests.paths import SYNTHETIC_DIR
-
-TOKENIZER = load_tokenizer(SYNTHETIC_DIR / "tokenizer")
-
-
-def ids(text: str) -> list[int]:
-    return TOKENIZER.encode(text, add_special_tokens=False)
-
-
-def side(*parts: tuple[str, str]) -> dict:
-    """A trajectory row from (kind, text) parts: kind 'model' is sampled (mask 1), anything else inserted."""
-    completion, mask = [], []
-    for kind, text in parts:
-        tokens = ids(text)
-        completion += tokens
-        mask += [1 if kind == "model" else 0] * len(tokens)
-    return {"prompt_ids": ids("Search, then answer.\nQuestion: What is the home city of Bigu Boslar?\n"),
-            "completion_ids": completion, "env_mask": mask}  # fmt: skip
-
-
-SEARCH = ("model", "<think> I will search. </think>\n<search> Bigu Boslar </search>")
-DOCS = (
-    "documents",
-    "\n<documents>\nDoc 1(Title: Bigu Boslar) The home city of Bigu Boslar is Tewick.\n</documents>\n",
+from autorefine.modeling import load_policy, tiny_qwen2
+from autorefine.training.arguments import RunError
+from autorefine.training.checkpoints import merge_adapter
+from autorefine.training.ipdpo.collator import MaskedPreferenceCollator, dpo_example, pairs_dataset
+from tests.helpers import (
+    DOCS,
+    RIGHT,
+    SEARCH,
+    WRONG,
+    dpo_config,
+    dpo_trainer_for,
+    masked_logp,
+    side,
+    synthetic_tokenizer,
 )
-RIGHT = ("model", "<refine> The home city of Bigu Boslar is Tewick. </refine>\n<answer> Tewick </answer>")
-WRONG = ("model", "<refine> Nothing useful. </refine>\n<answer> Pemere </answer>")
+
+TOKENIZER = synthetic_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -55,49 +39,8 @@ def policy_dir(tmp_path_factory) -> Path:
     return out
 
 
-def write_pairs(path: Path, pairs: list[tuple[dict, dict]]) -> Path:
-    path.write_text("".join(json.dumps({"id": f"q{i}", "type": "wrong", "chosen": c, "rejected": r}) + "\n"
-                            for i, (c, r) in enumerate(pairs)))  # fmt: skip
-    return path
-
-
-def config_for(out: Path, *overrides: str) -> IPDPORunConfig:
-    return load_config(
-        IPDPORunConfig,
-        None,
-        [
-            f"trainer.output_dir={out}",
-            "trainer.use_cpu=true",
-            "trainer.report_to=[]",
-            "trainer.save_strategy=no",
-            "trainer.activation_checkpointing=false",
-            "trainer.per_device_train_batch_size=1",
-            "trainer.logging_steps=1",
-            "trainer.max_length=512",
-            "nll_weight=0",
-            *overrides,
-        ],
-    )
-
-
-def trainer_for(tmp_path: Path, policy: Path, pairs: list[tuple[dict, dict]], *overrides: str):
-    config = config_for(tmp_path, *overrides)
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    pairs_file = write_pairs(tmp_path / "pairs.jsonl", pairs)
-    return build_dpo_trainer(config, make_dpo_args(config, tmp_path / "dpo"), str(policy), pairs_file)
-
-
-def masked_logp(model, row: dict, only_model_tokens: bool = True) -> float:
-    """Sum of log p(token | prefix) over the completion's model tokens (or all of them), by hand."""
-    sequence = torch.tensor([row["prompt_ids"] + row["completion_ids"]])
-    with torch.no_grad():
-        logps = torch.log_softmax(model(sequence).logits[0, :-1].float(), -1)
-    start = len(row["prompt_ids"])
-    total = 0.0
-    for j, (token, keep) in enumerate(zip(row["completion_ids"], row["env_mask"], strict=True)):
-        if keep or not only_model_tokens:
-            total += logps[start + j - 1, token].item()
-    return total
+trainer_for = dpo_trainer_for
+config_for = dpo_config
 
 
 def test_masked_logprob_sums_equal_a_hand_sum_over_model_tokens(tmp_path, policy_dir):
@@ -233,7 +176,7 @@ def test_lora_trains_against_the_adapter_free_policy_and_merges_into_a_plain_fol
     assert accuracies[-1] == 1.0
     trainer.save_model(str(tmp_path / "adapter"))
     config = config_for(tmp_path, *lora)
-    merge_adapter(config, str(policy_dir), tmp_path / "adapter", tmp_path / "merged")
+    merge_adapter(str(policy_dir), tmp_path / "adapter", tmp_path / "merged", dtype=config.model.dtype)
     assert not (tmp_path / "adapter").exists()
     merged = load_policy(tmp_path / "merged", dtype="float32").eval()
     base = load_policy(policy_dir, dtype="float32").eval()

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from autorefine.modeling import load_policy
-from autorefine.training.ipdpo import train_ipdpo
-from tests.test_ipdpo_dpo import DOCS, RIGHT, SEARCH, WRONG, masked_logp, side, trainer_for
-from tests.test_ipdpo_rounds import tiny
+from autorefine.training.ipdpo.rounds import train_ipdpo
+from tests.helpers import DOCS, RIGHT, SEARCH, WRONG, masked_logp, side, synthetic_tokenizer
+from tests.helpers import dpo_trainer_for as trainer_for
+from tests.helpers import tiny_ipdpo_config as tiny
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -21,7 +22,8 @@ GPU = ("trainer.use_cpu=false", "trainer.bf16=true", "model.dtype=bfloat16")
 @pytest.fixture(scope="module")
 def bf16_policy_dir(tmp_path_factory):
     from autorefine.modeling import tiny_qwen2
-    from tests.test_ipdpo_dpo import TOKENIZER
+
+    TOKENIZER = synthetic_tokenizer()
 
     out = tmp_path_factory.mktemp("policy-bf16")
     model = tiny_qwen2(TOKENIZER, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, seed=1)

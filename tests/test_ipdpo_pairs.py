@@ -10,11 +10,12 @@ import pytest
 from autorefine.cli import main
 from autorefine.data import Question
 from autorefine.modeling import load_tokenizer
-from autorefine.process_score import LexicalMatcher, score_trajectories
 from autorefine.protocol import PromptTemplate
 from autorefine.retrieval import RetrieverClient
-from autorefine.rollout import AgentLoop, RolloutConfig, SamplingParams
-from autorefine.training.pairs import (
+from autorefine.rollout import AgentLoop, RolloutSettings, SamplingParams
+from autorefine.scoring.process import LexicalMatcher
+from autorefine.scoring.trajectory import score_trajectories
+from autorefine.training.ipdpo.pairs import (
     ALL_TIED,
     NO_NEGATIVE,
     NO_SAMPLE_CLEARS,
@@ -25,9 +26,8 @@ from autorefine.training.pairs import (
     select_pairs,
     too_few_pairs_message,
 )
-from autorefine.training.sampling import sample_row, trajectory_from_row
-from tests.paths import SYNTHETIC_DIR
-from tests.scripted import ScriptedEngine, Turn
+from autorefine.training.ipdpo.sampling import sample_row, trajectory_from_row
+from tests.helpers import SYNTHETIC_DIR, ScriptedEngine, Turn
 
 QUESTION = Question("synthetic-1", "What is the home city of Bigu Boslar?", ["Tewick"])
 SEARCH = "<think> I will search for the missing facts. </think>\n<search> What is the home city of Bigu Boslar? </search>"
@@ -49,7 +49,7 @@ def play(url: str, script: list[Turn]):
     """One trajectory of a scripted policy through the real agent loop and retriever."""
     tokenizer = load_tokenizer(SYNTHETIC_DIR / "tokenizer")
     template = PromptTemplate.load(SYNTHETIC_DIR / "template.txt")
-    config = RolloutConfig(max_turns=2, max_new_tokens=48, max_obs_tokens=160, max_completion_tokens=320)
+    config = RolloutSettings(max_turns=2, max_new_tokens=48, max_obs_tokens=160, max_completion_tokens=320)
     with RetrieverClient(url) as client:
         probe = AgentLoop(ScriptedEngine(tokenizer, {}), client, config, template)
         prompt = tuple(probe.prompt_ids(QUESTION.question))

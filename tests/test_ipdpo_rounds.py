@@ -13,41 +13,20 @@ from pathlib import Path
 
 import pytest
 
-from autorefine.config import ConfigError, IPDPORunConfig, load_config
 from autorefine.evaluation.policy import training_defaults
 from autorefine.modeling import load_policy, load_tokenizer
 from autorefine.retrieval import RetrieverClient
-from autorefine.retriever_process import stop
-from autorefine.training.ipdpo import train_ipdpo
-from autorefine.training.pairs import PairError, read_pairs
-from autorefine.training.trainer_args import RunError
-from tests.paths import REPO_ROOT, SYNTHETIC_DIR
+from autorefine.settings import ConfigError
+from autorefine.training.arguments import RunError
+from autorefine.training.ipdpo.pairs import PairError, read_pairs
+from autorefine.training.ipdpo.rounds import train_ipdpo
+from testbed.retriever import stop
+from tests.helpers import REPO_ROOT, SYNTHETIC_DIR, tiny_ipdpo_config
 
 TINY_CPU = REPO_ROOT / "configs" / "ipdpo" / "tiny-cpu.yaml"
 
 
-def tiny(url: str, out: Path, *overrides: str) -> IPDPORunConfig:
-    """The tiny-cpu preset at test size: 8 questions × 4 samples, 16 held-out questions, one round."""
-    return load_config(
-        IPDPORunConfig,
-        TINY_CPU,
-        [
-            f"retriever.url={url}",
-            f"trainer.output_dir={out}",
-            "rounds=1",
-            "sampling.questions_per_round=8",
-            "sampling.samples_per_question=4",
-            "sampling.batch_questions=4",
-            "sampling.temperature=0.3",
-            "heldout.limit=16",
-            "heldout.batch_size=16",
-            "pairs.min_pairs=1",
-            "logging.pair_accuracy_pairs=8",
-            "trainer.per_device_train_batch_size=4",
-            "trainer.logging_steps=1",
-            *overrides,
-        ],
-    )
+tiny = tiny_ipdpo_config
 
 
 class CountingSearcher:

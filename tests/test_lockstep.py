@@ -19,16 +19,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from autorefine.data import read_questions
-from autorefine.rollout import AgentLoop, RolloutConfig
-from tests.paths import QWEN_TOKENIZER, SYNTHETIC_DIR
-from tests.scripted import ScriptedEngine, Turn
+from autorefine.rollout import AgentLoop, RolloutSettings
+from tests.helpers import QWEN_TOKENIZER, SYNTHETIC_DIR, ScriptedEngine, Turn
 
 WORLD = 2
 
 
 def _spawn(target, tmp_path: Path, *args) -> list[dict]:
     """Run `target(rank, port, out_dir, *args)` in 2 gloo processes; each writes rank-R.json."""
-    from autorefine.retriever_process import free_port
+    from testbed.retriever import free_port
 
     mp.spawn(target, args=(free_port(), str(tmp_path), *args), nprocs=WORLD, join=True)
     return [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(WORLD)]
@@ -52,7 +51,8 @@ class RankSearcher:
         self.rank, self.fail_rank = rank, fail_rank
 
     def search(self, queries, topk=3):
-        from autorefine.retrieval import Document, RetrieverUnavailableError
+        from autorefine.protocol import Document
+        from autorefine.retrieval import RetrieverUnavailableError
 
         if self.rank == self.fail_rank:
             raise RetrieverUnavailableError("retriever at http://127.0.0.1:1 unreachable (rank-local outage)")
@@ -67,7 +67,7 @@ def _failure_worker(rank: int, port: int, out: str) -> None:
 
     _init(rank, port)
     tokenizer = load_tokenizer(QWEN_TOKENIZER)
-    config = RolloutConfig(max_turns=2, max_new_tokens=16, max_completion_tokens=300)
+    config = RolloutSettings(max_turns=2, max_new_tokens=16, max_completion_tokens=300)
     prompt = tuple(AgentLoop(ScriptedEngine(tokenizer, {}), None, config).prompt_ids("q"))
     # rank 0 answers at once, rank 1 searches first (and its retriever is down): uneven turns, one failure
     turns = [Turn("<answer> a </answer>")] if rank == 0 else [Turn("<search> q </search>"), Turn("x")]
@@ -126,7 +126,9 @@ def _fsdp_worker(rank: int, port: int, out: str, url: str, limit: int, batch_siz
             return generate(prompts, *rest)
 
         engine.generate = counting
-        config = RolloutConfig(max_turns=2, max_new_tokens=48, max_obs_tokens=160, max_completion_tokens=320)
+        config = RolloutSettings(
+            max_turns=2, max_new_tokens=48, max_obs_tokens=160, max_completion_tokens=320
+        )
         questions = read_questions(SYNTHETIC_DIR / "heldout.jsonl", limit=limit)
         with RetrieverClient(url) as client:
             loop = AgentLoop(engine, client, config, PromptTemplate.load(SYNTHETIC_DIR / "template.txt"))
@@ -158,7 +160,7 @@ def test_fsdp2_sharded_policy_generates_in_lockstep_with_uneven_shards(synthetic
     assert reports[0]["calls"]["without"] == 0
 
     # the sharded, lockstep answers are those of one unsharded process
-    config = RolloutConfig(max_turns=2, max_new_tokens=48, max_obs_tokens=160, max_completion_tokens=320)
+    config = RolloutSettings(max_turns=2, max_new_tokens=48, max_obs_tokens=160, max_completion_tokens=320)
     model = load_policy(SYNTHETIC_DIR / "warmstart", dtype="float32").eval()
     engine = TransformersEngine(model, load_tokenizer(SYNTHETIC_DIR / "warmstart"))
     with RetrieverClient(synthetic_bm25_server) as client:

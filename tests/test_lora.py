@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from autorefine.config import ConfigError, GRPORunConfig, LoraSettings, load_config
-from autorefine.modeling import linear_module_names, load_tokenizer, lora_config, tiny_qwen2
-from tests.paths import QWEN_TOKENIZER
+from autorefine.config import GRPORunConfig
+from autorefine.modeling import LoraSettings, linear_module_names, load_tokenizer, lora_config, tiny_qwen2
+from autorefine.settings import ConfigError, load_config
+from tests.helpers import QWEN_TOKENIZER
 
 PROJECTIONS = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
 
@@ -35,10 +36,15 @@ def tiny_gpt2():
     ids=["qwen2", "llama", "gpt2"],
 )
 def test_auto_finds_the_projections_of_the_decoder_layers(build, expected):
+    from peft import get_peft_model
+
     model = build()
     assert linear_module_names(model) == expected
     config = lora_config(LoraSettings(enabled=True), model)
-    assert sorted(config.target_modules) == expected
+    assert config.target_modules == "all-linear"  # peft's own choice, as for DPO
+    wrapped = get_peft_model(model, config)  # peft resolves "all-linear" to the model's projections
+    resolved = {name.rsplit(".", 1)[-1] for name in wrapped.peft_config["default"].target_modules}
+    assert sorted(resolved) == expected
 
 
 def test_peft_adapts_exactly_those_layers_and_not_the_head():

@@ -11,7 +11,7 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from tests.paths import REPO_ROOT
+from tests.helpers import REPO_ROOT
 
 
 def train_grpo_on_two_processes(port: int, *overrides: str) -> subprocess.CompletedProcess[str]:

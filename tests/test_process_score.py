@@ -15,23 +15,14 @@ import sys
 
 import pytest
 
-from autorefine.data import Question
+from autorefine.data import Evidence, Question, question_evidence
 from autorefine.modeling import load_tokenizer
-from autorefine.process_score import (
-    ChannelWeights,
-    EmbeddingMatcher,
-    Evidence,
-    LexicalMatcher,
-    build_matcher,
-    question_evidence,
-    score_trajectories,
-    score_trajectory,
-)
 from autorefine.retrieval import RetrieverClient
-from autorefine.rollout import AgentLoop, RolloutConfig, SamplingParams
+from autorefine.rollout import AgentLoop, RolloutSettings, SamplingParams
 from autorefine.rollout.trajectory import Trajectory
-from tests.paths import QWEN_TOKENIZER, REPO_ROOT
-from tests.scripted import ScriptedEngine, Turn
+from autorefine.scoring.process import ChannelWeights, EmbeddingMatcher, LexicalMatcher, build_matcher
+from autorefine.scoring.trajectory import score_trajectories, score_trajectory
+from tests.helpers import QWEN_TOKENIZER, REPO_ROOT, ScriptedEngine, Turn
 
 EMPLOYER = Evidence("Ada Lovelace", "Ada Lovelace works for Babbage Engines.", "Babbage Engines")
 HOME_CITY = Evidence("Babbage Engines", "The home city of Babbage Engines is London.", "London")
@@ -103,7 +94,7 @@ def servers(tmp_path_factory, start_retriever):
 def play(url: str, scripts: dict[str, list[Turn]], question: Question) -> dict[str, Trajectory]:
     """Each script played through the real agent loop (one passage per search) against the server at `url`."""
     tokenizer = load_tokenizer(QWEN_TOKENIZER)
-    config = RolloutConfig(
+    config = RolloutSettings(
         max_turns=4, max_new_tokens=64, max_obs_tokens=200, max_completion_tokens=2000, topk=1
     )
     with RetrieverClient(url) as client:
@@ -290,18 +281,18 @@ def test_embedding_matcher_orders_the_table_like_the_lexical_one_in_one_encoder_
 
 
 def test_importing_the_process_score_loads_no_torch():
-    code = "import sys, autorefine.process_score; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, autorefine.scoring.process; assert 'torch' not in sys.modules, 'torch imported'"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT)
     assert result.returncode == 0, result.stderr
 
 
 def test_evaluation_reports_the_process_score_of_each_prediction(servers):
+    from autorefine.evaluation.predictions import aggregate
     from autorefine.evaluation.report import markdown_table
     from autorefine.evaluation.runner import predict_batch
-    from autorefine.evaluation.scoring import aggregate
 
     tokenizer = load_tokenizer(QWEN_TOKENIZER)
-    config = RolloutConfig(
+    config = RolloutSettings(
         max_turns=4, max_new_tokens=64, max_obs_tokens=200, max_completion_tokens=2000, topk=1
     )
     once = [

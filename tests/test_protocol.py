@@ -13,6 +13,7 @@ from autorefine.protocol import (
     DOCUMENTS_CLOSE,
     DOCUMENTS_OPEN,
     Action,
+    Document,
     PromptTemplate,
     block_sequence,
     block_spans,
@@ -25,9 +26,9 @@ from autorefine.protocol import (
     split_title,
     strip_documents,
 )
-from autorefine.retrieval import Document
+from tests.helpers import QWEN_TOKENIZER
 
-TOKENIZER_DIR = Path(__file__).parent / "fixtures" / "qwen2.5-tokenizer"
+TOKENIZER_DIR = QWEN_TOKENIZER
 
 S, A = "search", "answer"
 

@@ -16,10 +16,11 @@ from typing import Any
 
 import pytest
 
+from autorefine.api_key import API_KEY_ENV
 from autorefine.cli import main
 from autorefine.evaluation.benchmark import PREDICTIONS_FILE, PredictionsFile
-from autorefine.retrieval import API_KEY_ENV, RetrieverClient
-from tests.paths import REPO_ROOT, SYNTHETIC_DIR
+from autorefine.retrieval import RetrieverClient
+from tests.helpers import REPO_ROOT, SYNTHETIC_DIR
 
 WARMSTART = SYNTHETIC_DIR / "warmstart"
 HELDOUT = SYNTHETIC_DIR / "heldout.jsonl"

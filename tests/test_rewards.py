@@ -4,18 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from autorefine.rewards import (
-    RewardBreakdown,
-    RewardConfig,
-    cover_exact_match,
-    exact_match,
-    f1_score,
-    follows_format,
-    normalize_answer,
-    refine_hit,
-    score_model_text,
-)
 from autorefine.rollout.trajectory import Segment, Trajectory
+from autorefine.scoring.answers import cover_exact_match, exact_match, f1_score, normalize_answer, refine_hit
+from autorefine.scoring.reward import RewardBreakdown, RewardSettings, follows_format, score_model_text
 
 
 @pytest.mark.parametrize(
@@ -189,10 +180,10 @@ def _bd(reward, outcome, em, f1, cover_em, hit, has_answer, fmt) -> dict[str, fl
 
 
 ZERO = _bd(0, 0, 0, 0, 0, 0, 0, 0)
-F1 = RewardConfig()
-EM = RewardConfig(outcome_metric="em")
-COVER = RewardConfig(outcome_metric="cover_em")
-FMT = RewardConfig(format_weight=0.5)
+F1 = RewardSettings()
+EM = RewardSettings(outcome_metric="em")
+COVER = RewardSettings(outcome_metric="cover_em")
+FMT = RewardSettings(format_weight=0.5)
 MISS = "<refine>Lyon is a city.</refine>"
 
 # (id, model text, golds, config, expected breakdown)
@@ -229,8 +220,8 @@ SCORE_CASES = [
     ("em-correct", THINK + "<answer>paris.</answer>", "Paris", EM, _bd(1, 1, 1, 1, 1, 0, 1, 1)),
     ("cover-em-partial-is-full", THINK + "<answer>the city of Paris</answer>", "Paris", COVER, _bd(1, 1, 0, 0.5, 1, 0, 1, 1)),
     ("cover-em-miss-gets-bonus", THINK + SEARCH + REFINE + "<answer>Lyon</answer>", "Paris", COVER, _bd(0.1, 0, 0, 0, 0, 1, 1, 1)),
-    ("custom-bonus", THINK + SEARCH + REFINE + "<answer>London</answer>", "Paris", RewardConfig(refine_bonus=0.25), _bd(0.25, 0, 0, 0, 0, 1, 1, 1)),
-    ("zero-bonus", THINK + SEARCH + REFINE + "<answer>London</answer>", "Paris", RewardConfig(refine_bonus=0.0), _bd(0, 0, 0, 0, 0, 1, 1, 1)),
+    ("custom-bonus", THINK + SEARCH + REFINE + "<answer>London</answer>", "Paris", RewardSettings(refine_bonus=0.25), _bd(0.25, 0, 0, 0, 0, 1, 1, 1)),
+    ("zero-bonus", THINK + SEARCH + REFINE + "<answer>London</answer>", "Paris", RewardSettings(refine_bonus=0.0), _bd(0, 0, 0, 0, 0, 1, 1, 1)),
     # format reward: reward + 0.5 * format
     ("format-on-correct", THINK + SEARCH + REFINE + "<answer>Paris</answer>", "Paris", FMT, _bd(1.5, 1, 1, 1, 1, 1, 1, 1)),
     ("format-on-partial", THINK + "<answer>Barack Obama</answer>", "Barack Hussein Obama", FMT, _bd(1.3, 0.8, 0, 0.8, 0, 0, 1, 1)),
@@ -244,21 +235,21 @@ SCORE_CASES = [
 @pytest.mark.parametrize(
     ("text", "golds", "config", "expected"), [pytest.param(t, g, c, e, id=i) for i, t, g, c, e in SCORE_CASES]
 )
-def test_score_model_text(text: str, golds, config: RewardConfig, expected: dict[str, float]) -> None:
+def test_score_model_text(text: str, golds, config: RewardSettings, expected: dict[str, float]) -> None:
     result = score_model_text(text, golds, config)
     assert isinstance(result, RewardBreakdown)
     assert result.as_dict() == pytest.approx(expected)
 
 
 def test_default_config_is_the_paper() -> None:
-    assert RewardConfig() == RewardConfig(outcome_metric="f1", refine_bonus=0.1, format_weight=0.0)
+    assert RewardSettings() == RewardSettings(outcome_metric="f1", refine_bonus=0.1, format_weight=0.0)
     text = THINK + SEARCH + REFINE + "<answer>London</answer>"
     assert score_model_text(text, "Paris").reward == pytest.approx(0.1)
 
 
 def test_unknown_outcome_metric_rejected() -> None:
     with pytest.raises(ValueError, match="outcome_metric"):
-        RewardConfig(outcome_metric="accuracy")  # type: ignore[arg-type]
+        RewardSettings(outcome_metric="accuracy")  # type: ignore[arg-type]
 
 
 def _trajectory(documents: str) -> Trajectory:

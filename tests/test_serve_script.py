@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from autorefine.retrieval import RetrieverClient
-from tests.paths import REPO_ROOT
+from tests.helpers import REPO_ROOT
 
 SCRIPT = REPO_ROOT / "scripts" / "serve_retriever.sh"
 BARE_PATH = "/usr/bin:/bin"  # no retriever-server, no nvidia-smi

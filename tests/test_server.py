@@ -21,12 +21,12 @@ import numpy as np
 import pytest
 import uvicorn
 
-from autorefine.retriever_process import serve_command
 from retriever_server.app import Retriever, ServeConfig, create_app, plan_serving
 from retriever_server.build import build_index
 from retriever_server.encoders import DenseEncoder
 from retriever_server.indexes import FaissIndex
 from retriever_server.manifest import ManifestMismatch, check_encoder, read_manifest
+from testbed.retriever import serve_command
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_CORPUS = REPO_ROOT / "data" / "demo" / "corpus.jsonl"
@@ -596,7 +596,7 @@ def test_sigterm_to_a_job_stops_the_retriever_it_started(demo_bm25_index: Path, 
     # What a scheduler's time limit or `kill` does to a demo or benchmark: the server must not outlive it.
     script = (
         "import os, sys, time\n"
-        "from autorefine.retriever_process import running_retriever\n"
+        "from testbed.retriever import running_retriever\n"
         f"with running_retriever({str(demo_bm25_index)!r}) as url:\n"
         "    import psutil\n"
         "    server = [c.pid for c in psutil.Process().children()]\n"

@@ -9,22 +9,19 @@ import json
 import pytest
 
 from autorefine import protocol
-from autorefine.config import SFTRunConfig, load_config
+from autorefine.config import SFTRunConfig
 from autorefine.data import question_evidence, read_questions
 from autorefine.modeling import load_policy, load_tokenizer
-from autorefine.process_score import LexicalMatcher, score_trajectories
 from autorefine.protocol import PromptTemplate
 from autorefine.retrieval import RetrieverClient
 from autorefine.rollout import AgentLoop, FinishReason, SamplingParams
 from autorefine.rollout.hf_engine import TransformersEngine
-from autorefine.synthetic_multihop import (
-    hop_report,
-    load_world,
-    warmstart_plans,
-    write_multihop_task,
-)
-from autorefine.training.traces import TracePlan, build_gold_traces, planned_turns
-from tests.paths import MULTIHOP_DIR, REPO_ROOT, SYNTHETIC_DIR
+from autorefine.scoring.process import LexicalMatcher
+from autorefine.scoring.trajectory import score_trajectories
+from autorefine.settings import load_config
+from autorefine.training.sft.traces import TracePlan, build_gold_traces, planned_turns
+from testbed.synthetic_multihop import hop_report, load_world, warmstart_plans, write_multihop_task
+from tests.helpers import MULTIHOP_DIR, REPO_ROOT, SYNTHETIC_DIR
 
 PRESET = REPO_ROOT / "configs" / "sft" / "multihop-warmstart.yaml"
 WARMSTART = MULTIHOP_DIR / "warmstart"

@@ -10,37 +10,23 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from autorefine.config import GRPORunConfig, SFTRunConfig, load_config
+from autorefine.config import GRPORunConfig, SFTRunConfig
 from autorefine.modeling import load_policy, load_tokenizer
 from autorefine.protocol import PromptTemplate
 from autorefine.retrieval import RetrieverClient, RetrieverUnavailableError
 from autorefine.rollout import AgentLoop, SamplingParams
 from autorefine.rollout.hf_engine import TransformersEngine
-from autorefine.training.grpo import build_trainer, latest_checkpoint, run_grpo
-from autorefine.training.sft import sft_example
-from autorefine.training.trainer_args import RunError
-from tests.paths import REPO_ROOT, SYNTHETIC_DIR
+from autorefine.settings import load_config
+from autorefine.training.arguments import RunError
+from autorefine.training.checkpoints import latest_checkpoint
+from autorefine.training.grpo.trainer import build_trainer, run_grpo
+from autorefine.training.sft.trainer import sft_example
+from tests.helpers import REPO_ROOT, SYNTHETIC_DIR, tiny_grpo_config
 
 TINY_CPU = REPO_ROOT / "configs" / "grpo" / "tiny-cpu.yaml"
 
 
-def tiny_config(url: str, out: Path, *overrides: str) -> GRPORunConfig:
-    """The tiny-cpu preset, small and quiet: 4 questions × 8 samples per step, no W&B, no checkpoints."""
-    return load_config(
-        GRPORunConfig,
-        TINY_CPU,
-        [
-            f"retriever.url={url}",
-            f"trainer.output_dir={out}",
-            "trainer.report_to=[]",
-            "trainer.save_strategy=no",
-            "trainer.per_device_train_batch_size=32",
-            "trainer.max_steps=2",
-            "heldout.every=0",
-            "logging.sample_table_every=0",
-            *overrides,
-        ],
-    )
+tiny_config = tiny_grpo_config
 
 
 # --- masking: documents are attended to but never trained on ---------------------------------------------
@@ -218,7 +204,7 @@ def test_a_resumed_run_keeps_a_better_best_policy(synthetic_bm25_server, tmp_pat
 
 
 def test_unreachable_retriever_fails_before_loading_the_model(tmp_path, free_port, monkeypatch):
-    import autorefine.training.grpo as grpo
+    import autorefine.training.grpo.trainer as grpo
 
     def must_not_load(*args, **kwargs):
         raise AssertionError("the model was loaded although the retriever is down")
@@ -277,7 +263,7 @@ def test_sft_labels_keep_only_model_tokens():
 
 
 def test_sft_on_gold_traces_then_traces_file(synthetic_bm25_server, tmp_path):
-    from autorefine.training.sft import build_trainer as build_sft
+    from autorefine.training.sft.trainer import build_trainer as build_sft
 
     base = [
         f"retriever.url={synthetic_bm25_server}",
@@ -393,7 +379,7 @@ def test_a_gpu_preset_on_a_machine_without_gpu_stops_with_one_line(capsys):
 
 
 def test_sft_on_saved_rollouts_keeps_whole_trajectories(tmp_path):
-    from autorefine.training.sft import build_trainer as build_sft
+    from autorefine.training.sft.trainer import build_trainer as build_sft
 
     rows = tmp_path / "rollouts.jsonl"
     long = {
@@ -420,3 +406,12 @@ def test_sft_on_saved_rollouts_keeps_whole_trajectories(tmp_path):
                 [*base, "trainer.max_length=1024"],
             )
         )
+
+
+def test_latest_checkpoint_skips_folders_that_are_no_checkpoint(tmp_path):
+    for name in ("checkpoint-2", "checkpoint-10", "checkpoint-x", "checkpoint-9-old"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "checkpoint-11").write_text("a file, not a checkpoint folder")
+    # A stray `checkpoint-x` (a copy, a renamed folder) used to crash `--resume latest` with a ValueError.
+    assert latest_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")
+    assert latest_checkpoint(tmp_path / "missing") is None

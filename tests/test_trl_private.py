@@ -15,13 +15,18 @@ from transformers import Trainer
 from trl import GRPOConfig, GRPOTrainer
 
 from autorefine.modeling import load_tokenizer, tiny_qwen2
-from autorefine.training.trl_private import (
+from autorefine.trl_private import (
     after_scoring,
+    colocated_vllm,
     discard_generation_buffer,
+    gathered_rewards,
+    latest_metric,
     load_weights,
+    preference_collator,
+    push_weights_to_vllm,
     record_metric,
 )
-from tests.paths import SYNTHETIC_DIR
+from tests.helpers import SYNTHETIC_DIR
 
 
 def test_trainer_save_checkpoint_takes_model_and_trial():
@@ -55,8 +60,8 @@ def test_grpo_trainer_queues_metrics_in_a_per_mode_dict_of_lists(tmp_path):
 def test_dpo_trainer_prepares_every_dataset_through_prepare_dataset(tmp_path):
     from trl import DPOConfig, DPOTrainer
 
-    from autorefine.training.dpo_data import MaskedPreferenceCollator
-    from autorefine.training.trl_private import pretokenized_dpo_trainer
+    from autorefine.training.ipdpo.collator import MaskedPreferenceCollator
+    from autorefine.trl_private import pretokenized_dpo_trainer
 
     params = inspect.signature(DPOTrainer._prepare_dataset).parameters
     assert list(params) == ["self", "dataset", "processing_class", "args", "dataset_name"], (
@@ -132,3 +137,77 @@ def test_scored_batch_carries_the_masks_and_token_count_the_loss_reads(tmp_path)
     assert batch["tool_mask"].tolist() == [[1, 0, 1, 1]] * 2, "TRL changed how env_mask reaches the loss"
     assert int(batch["num_items_in_batch"]) == 6
     assert batch["advantages"].shape == (2,)
+
+
+def test_the_scored_batch_hook_sees_trls_gathered_rewards_and_flat_share(tmp_path):
+    # `gathered_rewards` reads TRL's `_logs["rewards"]`, `latest_metric` its `_metrics`: both as TRL left them
+    # for the batch it just scored (the `ScoredBatch` event is built from them).
+    rewards = {"a": 1.0, "b": 1.0}
+
+    def rollout(prompts, trainer):
+        n = len(prompts)
+        return {"prompt_ids": [[5, 6]] * n, "completion_ids": [[7, 8, 9, 2]] * n, "logprobs": None}
+
+    trainer = tiny_grpo_trainer(tmp_path, rollout_func=rollout)
+    trainer.reward_funcs = [lambda prompts, **kw: [rewards[p] for p in prompts]]
+    seen = []
+
+    def hook(inputs, batch):
+        seen.append((gathered_rewards(trainer, trainer.reward_func_names, trainer.reward_weights.tolist()),
+                     latest_metric(trainer, "frac_reward_zero_std")))  # fmt: skip
+        return batch
+
+    after_scoring(trainer, hook)
+    trainer.train()
+    [(gathered, flat)] = seen
+    assert gathered == [1.0, 1.0] and flat == 1.0  # one group of two equal rewards: flat
+
+
+def test_colocated_vllm_and_weight_push_reach_trls_generation_helper():
+    # TRL keeps its vLLM engine in `vllm_generation` (llm, tp_group, sync_weights); our fakes mirror that.
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    assert "sync_weights" in vars(VLLMGeneration), "TRL renamed VLLMGeneration.sync_weights"
+    assert "self.llm" in inspect.getsource(VLLMGeneration), "TRL no longer keeps the colocated engine in .llm"
+    assert "vllm_generation" in inspect.getsource(GRPOTrainer.__init__), "GRPOTrainer.vllm_generation is gone"
+
+    class Generation:
+        llm, tp_group = "LLM", "GROUP"
+        synced = 0
+
+        def sync_weights(self):
+            self.synced += 1
+
+    class Trainer:
+        vllm_generation = Generation()
+
+    assert colocated_vllm(Trainer()) == ("LLM", "GROUP")
+    push_weights_to_vllm(Trainer())
+    assert Trainer.vllm_generation.synced == 1
+
+
+def test_preference_collator_is_trls_dpo_collator():
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    assert preference_collator() is DataCollatorForPreference
+
+
+def test_the_reserved_kv_cache_layer_relies_on_dynamic_layers_contract():
+    # `hf_engine._ReservedLayer` subclasses transformers' DynamicLayer (see trl_private's docstring).
+    from transformers.cache_utils import DynamicLayer
+
+    from autorefine.rollout.hf_engine import _ReservedLayer
+
+    for name in ("update", "lazy_initialization", "get_seq_length", "batch_select_indices"):
+        assert callable(getattr(DynamicLayer, name, None)), f"transformers removed DynamicLayer.{name}"
+    layer = _ReservedLayer()
+    layer.reserve = 4
+    k = torch.randn(1, 2, 3, 8)
+    keys, values = layer.update(k, k.clone())
+    assert torch.equal(values, k)
+    assert keys.shape == (1, 2, 3, 8) and layer.get_seq_length() == 3
+    more = torch.randn(1, 2, 1, 8)
+    keys, _ = layer.update(more, more.clone())
+    assert keys.shape == (1, 2, 4, 8) and torch.equal(keys[..., 3:, :], more)
+    layer.batch_select_indices(torch.tensor([0]))
+    assert layer.get_seq_length() == 4

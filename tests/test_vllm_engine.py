@@ -18,14 +18,14 @@ from autorefine.data import read_questions
 from autorefine.modeling import load_policy, load_tokenizer
 from autorefine.protocol import PromptTemplate
 from autorefine.retrieval import RetrieverClient
-from autorefine.rollout import AgentLoop, RolloutConfig, SamplingParams
+from autorefine.rollout import AgentLoop, RolloutSettings, SamplingParams
 from autorefine.rollout.hf_engine import TransformersEngine
 from autorefine.rollout.vllm_engine import VLLMEngine
 from tests import fake_vllm
-from tests.paths import SYNTHETIC_DIR
+from tests.helpers import SYNTHETIC_DIR
 
 WARM = SYNTHETIC_DIR / "warmstart"
-ROLLOUT = RolloutConfig(max_turns=2, max_new_tokens=48, max_obs_tokens=160, max_completion_tokens=320)
+ROLLOUT = RolloutSettings(max_turns=2, max_new_tokens=48, max_obs_tokens=160, max_completion_tokens=320)
 GREEDY = SamplingParams(temperature=0)
 
 
@@ -46,7 +46,7 @@ def vllm_installed(monkeypatch):
 
 @pytest.fixture(scope="module")
 def server():
-    from autorefine.retriever_process import free_port
+    from testbed.retriever import free_port
 
     with fake_vllm.FakeVLLMServer(str(WARM), free_port()) as running:
         yield running
@@ -115,7 +115,7 @@ def test_generation_config_eos_ids_end_a_turn_in_every_engine(vllm_installed, tm
 
 
 def _port() -> int:
-    from autorefine.retriever_process import free_port
+    from testbed.retriever import free_port
 
     return free_port()
 
@@ -179,10 +179,11 @@ def test_sampling_settings_act_alike_in_both_engines(params, vllm_installed, tok
 
 
 def test_vllm_settings_that_cannot_reach_the_rollouts_are_refused():
-    from autorefine.config import GRPORunConfig, load_config
-    from autorefine.training.grpo import make_grpo_args
-    from autorefine.training.trainer_args import RunError
-    from tests.paths import REPO_ROOT
+    from autorefine.config import GRPORunConfig
+    from autorefine.settings import load_config
+    from autorefine.training.arguments import RunError
+    from autorefine.training.grpo.trainer import make_grpo_args
+    from tests.helpers import REPO_ROOT
 
     def args(*overrides):
         return make_grpo_args(

@@ -26,13 +26,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from autorefine.data import Question, file_sha256, read_questions
+from autorefine.data import Question, read_questions
 from autorefine.evaluation.policy import EvaluationError
+from autorefine.evaluation.predictions import Prediction, aggregate
 from autorefine.evaluation.report import group_averages, markdown_table, write_csv
 from autorefine.evaluation.runner import GREEDY_DECODING, Decoding, predict_batch
-from autorefine.evaluation.scoring import Prediction, aggregate
-from autorefine.rewards import RewardConfig
+from autorefine.files import file_sha256
 from autorefine.rollout.agent import AgentLoop
+from autorefine.scoring.reward import RewardSettings
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +144,7 @@ def evaluate_benchmarks(
     *,
     limit: int | None = None,
     batch_size: int = 32,
-    reward_config: RewardConfig = RewardConfig(),
+    reward: RewardSettings = RewardSettings(),
     record: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -162,7 +163,7 @@ def evaluate_benchmarks(
         "rollout": dataclasses.asdict(loop.config),
         "template": loop.template.source,
         "template_sha256": hashlib.sha256(loop.template.text.encode("utf-8")).hexdigest(),
-        "reward": dataclasses.asdict(reward_config),
+        "reward": dataclasses.asdict(reward),
         "limit": limit,
         "batch_size": batch_size,
     }
@@ -197,7 +198,7 @@ def evaluate_benchmarks(
             at_start = bar.n
             # The whole batch is redone, also when an interruption kept part of it: same batch, same result.
             predictions = predict_batch(
-                loop, batch, decoding, reward_config, on_samples=bar.update if per_question > 1 else None
+                loop, batch, decoding, reward, on_samples=bar.update if per_question > 1 else None
             )
             store.append(name, [p for p in predictions if not store.has(name, p.id)])
             drawn += sum(p.samples for p in predictions)

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
-from autorefine.rewards import normalize_answer
+from autorefine.scoring.answers import normalize_answer
 
 
 class Sample(Protocol):
@@ -41,7 +41,7 @@ Sampler = Callable[[list[int]], Sequence[S]]
 
 
 @dataclass(frozen=True)
-class ESCConfig:
+class ESCSettings:
     """Window size `w`, sample budget `L` per question, and the temperature the caller should sample at."""
 
     window: int = 5
@@ -131,7 +131,7 @@ def _check_num_questions(num_questions: int) -> None:
         raise ValueError(f"num_questions must be >= 0, got {num_questions}")
 
 
-def run_esc(num_questions: int, sample: Sampler[S], config: ESCConfig) -> list[ESCResult[S]]:
+def run_esc(num_questions: int, sample: Sampler[S], config: ESCSettings) -> list[ESCResult[S]]:
     """Early-stopping self-consistency over questions 0..num_questions-1, windows of all questions batched."""
     _check_num_questions(num_questions)
     drawn: list[list[S]] = [[] for _ in range(num_questions)]

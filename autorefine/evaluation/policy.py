@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from autorefine.config import RUN_CONFIG_FILE, ConfigError, RetrieverSettings, build, parse_yaml
 from autorefine.protocol import NO_RETRIEVAL_TEMPLATE_NAME, PromptTemplate
-from autorefine.rewards import RewardConfig
-from autorefine.rollout.agent import AgentLoop, RolloutConfig
+from autorefine.retrieval import RetrieverSettings
+from autorefine.rollout.agent import AgentLoop, RolloutSettings
+from autorefine.scoring.reward import RewardSettings
+from autorefine.settings import RUN_CONFIG_FILE, ConfigError, build, parse_yaml
 
 logger = logging.getLogger(__name__)
 
@@ -29,9 +30,9 @@ class EvaluationError(RuntimeError):
 class TrainingDefaults:
     """Rollout limits, prompt template and reward of the run that made a checkpoint (package defaults if unknown)."""
 
-    rollout: RolloutConfig = RolloutConfig()
+    rollout: RolloutSettings = RolloutSettings()
     template: str | None = None  # template file; None: the packaged template
-    reward: RewardConfig = RewardConfig()
+    reward: RewardSettings = RewardSettings()
     source: str | None = None  # the autorefine_config.yaml they were read from
 
 
@@ -69,9 +70,9 @@ def training_defaults(model: str | Path) -> TrainingDefaults:
     if template is not None and not isinstance(template, str):
         raise ConfigError(f"{path}: template must be a file path, got {template!r}")
     return TrainingDefaults(
-        rollout=build(RolloutConfig, _known(RolloutConfig, data.get("rollout")), "rollout"),
+        rollout=build(RolloutSettings, _known(RolloutSettings, data.get("rollout")), "rollout"),
         template=template,
-        reward=build(RewardConfig, _known(RewardConfig, data.get("reward")), "reward"),
+        reward=build(RewardSettings, _known(RewardSettings, data.get("reward")), "reward"),
         source=str(path),
     )
 
@@ -89,7 +90,7 @@ def resolve_rollout(
     overrides: dict[str, int | None],
     template: str | None,
     no_retrieval: bool = False,
-) -> tuple[RolloutConfig, PromptTemplate]:
+) -> tuple[RolloutSettings, PromptTemplate]:
     """Rollout limits and template: the training defaults with every non-None override applied.
 
     Without retrieval the loop allows no search (`max_turns` 0: one answering turn) and the default prompt is
@@ -156,7 +157,7 @@ class LoadedPolicy:
     """An agent loop ready to answer, the reward to score with, and what was loaded (for metrics.json)."""
 
     loop: AgentLoop
-    reward: RewardConfig
+    reward: RewardSettings
     record: dict[str, Any]
 
 

@@ -8,22 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from autorefine.evaluation.datasets import GROUPS
+from autorefine.scoring.metrics import column_metrics
 
-# (metric key, column header, kind): "pct" shows a rate ×100, "num2"/"num0" a mean with 2/0 decimals.
-COLUMNS: tuple[tuple[str, str, str], ...] = (
-    ("count", "n", "int"),
-    ("em", "EM", "pct"),
-    ("f1", "F1", "pct"),
-    ("cover_em", "cover-EM", "pct"),
-    ("format", "valid format", "pct"),
-    ("process", "process", "num2"),
-    ("searches", "searches/q", "num2"),
+# Columns of aggregate-level numbers (per question, not per trajectory), after the metric columns.
+SUMMARY_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("samples", "samples/q", "num2"),
     ("saving", "saved vs L", "pct"),
-    ("retrieval_success", "retrieval success", "pct"),
-    ("refine_hit", "refine hit", "pct"),
-    ("model_tokens", "model tokens", "num0"),
-    ("document_tokens", "doc tokens", "num0"),
     ("compression", "docs/refine words", "num1"),
     ("finish_answer", "answered", "pct"),
     ("finish_max_turns", "max turns", "pct"),
@@ -32,6 +22,14 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
 )
 # Shown only for self-consistency runs (their rows have a `saving`); greedy draws one sample per question.
 VOTING_ONLY = {"samples", "saving"}
+
+
+def columns() -> list[tuple[str, str, str]]:
+    """(metric key, column header, style) of every table column: n, each metric column, then the summaries."""
+    metrics = [(m.name, m.column or m.name, m.style) for m in column_metrics()]
+    return [("count", "n", "int"), *metrics, *SUMMARY_COLUMNS]
+
+
 GROUP_LABELS = {"single_hop": "single-hop avg", "multi_hop": "multi-hop avg", "overall": "overall avg"}
 
 
@@ -61,7 +59,7 @@ def table_rows(metrics: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
 
 def _columns(rows: Sequence[tuple[str, dict[str, Any]]]) -> list[tuple[str, str, str]]:
     voting = any("saving" in m for _, m in rows)
-    return [c for c in COLUMNS if voting or c[0] not in VOTING_ONLY]
+    return [c for c in columns() if voting or c[0] not in VOTING_ONLY]
 
 
 def _cell(value: Any, kind: str) -> str:

@@ -7,12 +7,14 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from autorefine.data import Question
-from autorefine.evaluation.esc import ESCConfig, ESCResult, expected_samples, run_esc, run_sc
-from autorefine.evaluation.scoring import Prediction, process_scores, score_trajectory
-from autorefine.rewards import RewardConfig
+from autorefine.evaluation.esc import ESCResult, ESCSettings, expected_samples, run_esc, run_sc
+from autorefine.evaluation.predictions import Prediction
 from autorefine.rollout.agent import AgentLoop
 from autorefine.rollout.engine import SamplingParams
 from autorefine.rollout.trajectory import Trajectory
+from autorefine.scoring.metrics import METRICS
+from autorefine.scoring.reward import RewardSettings
+from autorefine.scoring.trajectory import score_trajectories
 
 GREEDY = SamplingParams(temperature=0.0)
 
@@ -26,7 +28,7 @@ class Decoding:
 
     mode: DecodingMode = "greedy"
     # sc draws `esc.max_samples` trajectories; esc draws windows of `esc.window` up to that budget.
-    esc: ESCConfig = field(default_factory=ESCConfig)
+    esc: ESCSettings = field(default_factory=ESCSettings)
     top_p: float = 1.0
     seed: int = 0
 
@@ -46,53 +48,46 @@ class Decoding:
 GREEDY_DECODING = Decoding()
 
 
-def _prediction(
-    question: Question, trajectory: Trajectory, reward_config: RewardConfig, process: dict[str, float]
-) -> Prediction:
-    return Prediction(
-        id=question.id,
-        question=question.question,
-        golden_answers=question.golden_answers,
-        prediction=trajectory.answer,
-        scores={**score_trajectory(trajectory, question.golden_answers, reward_config), **process},
-        trajectory=trajectory.to_dict(),
-        searches=trajectory.num_searches,
-    )
-
-
 def _predictions(
-    questions: Sequence[Question], trajectories: Sequence[Trajectory], reward_config: RewardConfig
+    questions: Sequence[Question], trajectories: Sequence[Trajectory], reward: RewardSettings
 ) -> list[Prediction]:
-    processes = process_scores(trajectories, questions, reward_config)
+    scores = score_trajectories(trajectories, questions, reward=reward)
     return [
-        _prediction(q, t, reward_config, p)
-        for q, t, p in zip(questions, trajectories, processes, strict=True)
+        Prediction(
+            id=q.id,
+            question=q.question,
+            golden_answers=q.golden_answers,
+            prediction=t.answer,
+            scores=s.as_dict(),
+            trajectory=t.to_dict(),
+            searches=t.num_searches,
+        )
+        for q, t, s in zip(questions, trajectories, scores, strict=True)
     ]
 
 
 def voted_prediction(
-    question: Question, result: ESCResult[Trajectory], config: ESCConfig, reward_config: RewardConfig
+    question: Question, result: ESCResult[Trajectory], settings: ESCSettings, reward: RewardSettings
 ) -> Prediction:
     """One question's SC/ESC outcome: scores of the winning trajectory, costs summed over every sample."""
     samples = result.samples
     # The shown trajectory is the first whose answer is the returned one, so its EM/F1 are the vote's.
-    shown = next((t for t in samples if t.answer == result.answer), samples[0])
-    scores = score_trajectory(shown, question.golden_answers, reward_config)
-    scores.update(process_scores([shown], [question], reward_config)[0])
-    searches = sum(t.num_searches for t in samples)
-    scores["searches"] = float(searches)
-    scores["model_tokens"] = float(sum(t.num_model_tokens for t in samples))
-    scores["document_tokens"] = float(sum(t.tokens_of("documents") for t in samples))
-    first_window = [t.answer for t in samples[: config.window]]
+    shown = next((i for i, t in enumerate(samples) if t.answer == result.answer), 0)
+    every = score_trajectories(samples, [question] * len(samples), reward=reward)
+    scores = every[shown].as_dict()
+    for metric in METRICS:
+        if metric.cost:
+            scores[metric.name] = sum(s[metric.name] for s in every)
+    first_window = [t.answer for t in samples[: settings.window]]
     return Prediction(
         id=question.id,
         question=question.question,
         golden_answers=question.golden_answers,
         prediction=result.answer,
         scores=scores,
-        trajectory=shown.to_dict(),
+        trajectory=samples[shown].to_dict(),
         samples=result.samples_used,
-        searches=searches,
+        searches=sum(t.num_searches for t in samples),
         extra={
             "votes": result.votes,
             "stopped_early": result.stopped_early,
@@ -101,7 +96,7 @@ def voted_prediction(
             "answers": [t.answer for t in samples],
             "sample_searches": [t.num_searches for t in samples],
             "expected_samples_first_window": expected_samples(
-                first_window, config.window, config.max_samples
+                first_window, settings.window, settings.max_samples
             ),
         },
     )
@@ -111,7 +106,7 @@ def predict_batch(
     loop: AgentLoop,
     questions: Sequence[Question],
     decoding: Decoding = GREEDY_DECODING,
-    reward_config: RewardConfig = RewardConfig(),
+    reward: RewardSettings = RewardSettings(),
     on_samples: Callable[[int], object] | None = None,
 ) -> list[Prediction]:
     """Predictions for one batch of questions; every model call carries the whole batch (ESC: its windows).
@@ -121,7 +116,7 @@ def predict_batch(
     """
     if decoding.mode == "greedy":
         trajectories = loop.run([q.question for q in questions], GREEDY)
-        return _predictions(questions, trajectories, reward_config)
+        return _predictions(questions, trajectories, reward)
     if not questions:
         return []
 
@@ -136,7 +131,7 @@ def predict_batch(
         results = run_esc(len(questions), sample, config)
     else:
         results = run_sc(len(questions), sample, config.max_samples)
-    return [voted_prediction(q, r, config, reward_config) for q, r in zip(questions, results, strict=True)]
+    return [voted_prediction(q, r, config, reward) for q, r in zip(questions, results, strict=True)]
 
 
 def predict_batches(
@@ -145,13 +140,13 @@ def predict_batches(
     params: SamplingParams = GREEDY,
     *,
     batch_size: int = 32,
-    reward_config: RewardConfig = RewardConfig(),
+    reward: RewardSettings = RewardSettings(),
 ) -> Iterator[list[Prediction]]:
     """One trajectory per question (the last partial batch included), one batch at a time, in input order."""
     for start in range(0, len(questions), batch_size):
         batch = questions[start : start + batch_size]
         trajectories = loop.run([q.question for q in batch], params)
-        yield _predictions(batch, trajectories, reward_config)
+        yield _predictions(batch, trajectories, reward)
 
 
 def predict(
@@ -160,14 +155,12 @@ def predict(
     params: SamplingParams = GREEDY,
     *,
     batch_size: int = 32,
-    reward_config: RewardConfig = RewardConfig(),
+    reward: RewardSettings = RewardSettings(),
 ) -> list[Prediction]:
     """All predictions at once."""
     return [
         p
-        for batch in predict_batches(
-            loop, questions, params, batch_size=batch_size, reward_config=reward_config
-        )
+        for batch in predict_batches(loop, questions, params, batch_size=batch_size, reward=reward)
         for p in batch
     ]
 

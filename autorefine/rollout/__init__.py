@@ -1,6 +1,6 @@
 """Search-augmented rollouts: the agent loop, its generation engines and the trajectories they produce."""
 
-from autorefine.rollout.agent import AgentLoop, RolloutConfig, RolloutTimings, Searcher
+from autorefine.rollout.agent import AgentLoop, RolloutSettings, RolloutTimings, Searcher
 from autorefine.rollout.engine import Generation, GenerationEngine, SamplingParams
 from autorefine.rollout.trajectory import FinishReason, Segment, Trajectory
 
@@ -9,7 +9,7 @@ __all__ = [
     "FinishReason",
     "Generation",
     "GenerationEngine",
-    "RolloutConfig",
+    "RolloutSettings",
     "RolloutTimings",
     "SamplingParams",
     "Searcher",

@@ -23,7 +23,7 @@ from autorefine.rollout.engine import Generation, GenerationEngine, SamplingPara
 from autorefine.rollout.trajectory import FinishReason, Segment, SegmentKind, Trajectory
 
 if TYPE_CHECKING:
-    from autorefine.retrieval import Document
+    from autorefine.protocol import Document
 
 
 class Searcher(Protocol):
@@ -35,8 +35,8 @@ class Searcher(Protocol):
 
 
 @dataclass(frozen=True)
-class RolloutConfig:
-    """Turn and token budgets of one rollout (defaults: AutoRefine training)."""
+class RolloutSettings:
+    """Turn and token budgets of one rollout (the `rollout` section; defaults: AutoRefine training)."""
 
     max_turns: int = 5  # searches per trajectory; one more turn without search follows the last one
     max_new_tokens: int = 512  # per model turn
@@ -78,7 +78,7 @@ class AgentLoop:
         self,
         engine: GenerationEngine,
         searcher: Searcher,
-        config: RolloutConfig = RolloutConfig(),
+        config: RolloutSettings = RolloutSettings(),
         template: PromptTemplate | None = None,
     ) -> None:
         self.engine = engine

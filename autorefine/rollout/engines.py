@@ -28,6 +28,7 @@ from autorefine.rollout.engine import GenerationEngine
 from autorefine.rollout.hf_engine import TransformersEngine
 from autorefine.rollout.lockstep import Lockstep
 from autorefine.rollout.vllm_engine import VLLMEngine, require_vllm
+from autorefine.trl_private import colocated_vllm, push_weights_to_vllm
 
 if TYPE_CHECKING:
     from transformers import Trainer
@@ -52,13 +53,9 @@ class TrainerEngine:
         )
         self.engine: GenerationEngine
         if self.mode == "colocate":
-            generation = trainer.vllm_generation
+            llm, tp_group = colocated_vllm(trainer)
             self.engine = VLLMEngine(
-                tokenizer,
-                llm=generation.llm,
-                generation_eos=generation_eos,
-                tp_group=getattr(generation, "tp_group", None),
-                lockstep=self.lockstep,
+                tokenizer, llm=llm, generation_eos=generation_eos, tp_group=tp_group, lockstep=self.lockstep
             )
         elif self.mode == "server":
             url = args.vllm_server_base_url or f"http://{args.vllm_server_host}:{args.vllm_server_port}"
@@ -91,7 +88,7 @@ class TrainerEngine:
                 yield self.engine
             return
         if push_weights:
-            self.trainer.vllm_generation.sync_weights()
+            push_weights_to_vllm(self.trainer)
         if self.mode == "server" and self.lockstep is not None:
             # Only the main process pushes weights to the server; no process may send a request before it is done.
             self.trainer.accelerator.wait_for_everyone()

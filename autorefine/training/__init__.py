@@ -1,1 +1,2 @@
-"""Trainers: GRPO and SFT on TRL, their callbacks, and the gold traces of the SFT warm start."""
+"""Training methods, one package each (`grpo`, `sft`, `ipdpo`), over the pieces they share: the search rollout
+handed to TRL, rewards scored once per trajectory, held-out evaluation, checkpoints, health and the guard."""

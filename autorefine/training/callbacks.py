@@ -1,4 +1,4 @@
-"""Trainer callbacks: held-out evaluation (early stop, best checkpoint), step timing, samples, run config."""
+"""Trainer callbacks every method shares: held-out evaluation (early stop, best checkpoint), step timing, run config."""
 
 from __future__ import annotations
 
@@ -6,25 +6,38 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
 from transformers import TrainerCallback
 
-from autorefine.config import RUN_CONFIG_FILE, RunConfig
 from autorefine.data import Question, read_questions
+from autorefine.evaluation.predictions import Prediction, aggregate
 from autorefine.evaluation.runner import predict_shard
-from autorefine.evaluation.scoring import Prediction, aggregate
 from autorefine.protocol import PromptTemplate
-from autorefine.rollout.agent import AgentLoop, RolloutConfig, Searcher
+from autorefine.rollout.agent import AgentLoop, RolloutSettings, Searcher
 from autorefine.rollout.engines import TrainerEngine
-from autorefine.training.trl_private import record_metric
+from autorefine.scoring.metrics import mean_metrics
+from autorefine.settings import to_dict, write_run_config
+from autorefine.trl_private import record_metric
 
 if TYPE_CHECKING:
     from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HeldoutSettings:
+    """Periodic greedy evaluation on held-out (validation) questions during training (the `heldout` section)."""
+
+    file: str | None = None  # FlashRAG questions; None: no held-out evaluation
+    limit: int | None = None  # use only the first N questions
+    every: int = 0  # steps between evaluations (0: never); also evaluated before the first step
+    batch_size: int = 64
+    save_best: bool = True  # keep the best-reward policy in <output_dir>/best
+    stop_at_em: float | None = None  # stop training once held-out EM reaches this
 
 
 # Written next to the best policy: the held-out reward and step it was saved for, so a resumed run compares
@@ -46,7 +59,7 @@ class HeldoutEvalCallback(TrainerCallback):
         trainer: Trainer,
         questions: Sequence[Question],
         searcher: Searcher,
-        rollout: RolloutConfig,
+        rollout: RolloutSettings,
         template: PromptTemplate,
         *,
         every: int,
@@ -132,8 +145,8 @@ class HeldoutEvalCallback(TrainerCallback):
             )
             _append_jsonl(Path(args.output_dir) / "heldout.jsonl", summary)
         if log:
-            for key in ("reward", "em", "f1", "cover_em", "refine_hit", "retrieval_success", "searches"):
-                record_metric(self.trainer, f"heldout/{key}", metrics[key])
+            for metric in mean_metrics():
+                record_metric(self.trainer, f"heldout/{metric.name}", metrics[metric.name])
         if self.on_result is not None:
             self.on_result(state.global_step, metrics)
         if self.save_best and metrics["reward"] > self.best_reward:
@@ -151,13 +164,14 @@ class HeldoutEvalCallback(TrainerCallback):
 
 def add_heldout_evaluation(
     trainer: Trainer,
-    config: RunConfig,
+    heldout: HeldoutSettings,
+    rollout: RolloutSettings,
+    template: PromptTemplate,
     searcher: Searcher | None,
     engine: TrainerEngine | None = None,
     on_result: Callable[[int, dict[str, float]], None] | None = None,
 ) -> None:
-    """Attach a `HeldoutEvalCallback` (on the trainer's `engine`) when the config asks for held-out evaluation."""
-    heldout = config.heldout
+    """Attach a `HeldoutEvalCallback` (on the trainer's `engine`) when the settings ask for held-out evaluation."""
     if not heldout.file or heldout.every <= 0:
         return
     if searcher is None:
@@ -167,8 +181,8 @@ def add_heldout_evaluation(
             trainer,
             read_questions(heldout.file, limit=heldout.limit),
             searcher,
-            config.rollout,
-            PromptTemplate.load(config.template),
+            rollout,
+            template,
             every=heldout.every,
             stop_at_em=heldout.stop_at_em,
             save_best=heldout.save_best,
@@ -203,72 +217,15 @@ class StepTimerCallback(TrainerCallback):
         record_metric(self.trainer, "time/update_s", max(step - rollout, 0.0))
 
 
-class SampleTableCallback(TrainerCallback):
-    """Every `every` steps, a few sample trajectories: a W&B table when W&B is on, and samples/step-N.jsonl."""
-
-    def __init__(self, every: int, rows: int, latest: Callable[[], list[dict[str, Any]]]) -> None:
-        self.every = every
-        self.rows = rows
-        self.latest = latest
-
-    def on_step_end(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
-    ) -> None:
-        if self.every <= 0 or state.global_step % self.every != 0 or not state.is_world_process_zero:
-            return
-        samples = self.latest()[: self.rows]
-        if not samples:
-            return
-        out = Path(args.output_dir) / "samples" / f"step-{state.global_step}.jsonl"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples), encoding="utf-8")
-        if "wandb" in (args.report_to or []):
-            import wandb
-
-            if wandb.run is not None:
-                columns = ["question", "golds", "trajectory", "answer", "reward", "finish"]
-                table = wandb.Table(columns=columns, data=[[s[c] for c in columns] for s in samples])
-                wandb.log({"samples/trajectories": table}, commit=False)
-
-
-class SaveRolloutsCallback(TrainerCallback):
-    """Appends every new rollout batch of this process to <output_dir>/rollouts/rank-R.jsonl.
-
-    Rows carry exact prompt/completion ids and env masks, so `train-sft traces_file=...` can learn from them.
-    """
-
-    def __init__(self, latest: Callable[[], tuple[int, list[dict[str, Any]]]]) -> None:
-        self.latest = latest
-        self.written = 0
-
-    def on_step_end(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
-    ) -> None:
-        batch, rows = self.latest()
-        if batch == self.written or not rows:
-            return
-        self.written = batch
-        rank = args.process_index
-        out = Path(args.output_dir) / "rollouts" / f"rank-{rank}.jsonl"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with out.open("a", encoding="utf-8") as f:
-            for row in rows:
-                f.write(
-                    json.dumps({"step": state.global_step, "rank": rank, **row}, ensure_ascii=False) + "\n"
-                )
-
-
 class SaveRunConfigCallback(TrainerCallback):
     """Writes the run's configuration into the run folder and every checkpoint: each says how it was made."""
 
-    def __init__(self, config: dict[str, Any]) -> None:
-        self.config = config
+    def __init__(self, config: Any) -> None:
+        self.config = to_dict(config)
 
     def _write(self, folder: Path) -> None:
         if folder.is_dir():
-            (folder / RUN_CONFIG_FILE).write_text(
-                yaml.safe_dump(self.config, sort_keys=False), encoding="utf-8"
-            )
+            write_run_config(folder, self.config)
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -282,42 +239,6 @@ class SaveRunConfigCallback(TrainerCallback):
     ) -> None:
         if state.is_world_process_zero:
             self._write(Path(args.output_dir) / f"checkpoint-{state.global_step}")
-
-
-def save_final(trainer: Trainer) -> Path:
-    """Save the policy and tokenizer to <output_dir>/final, with the run config and the whole log history.
-
-    A LoRA policy is saved twice: its adapter in `final/adapter`, and the adapter merged into the base weights
-    as a plain model folder in `final`, which evaluation, vLLM and a next training stage load like any model.
-    The merge happens in place, so the trainer's model is no longer a peft model afterwards.
-    """
-    output_dir = Path(trainer.args.output_dir)
-    final = output_dir / "final"
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
-    if _is_peft(model) and not sharded:
-        trainer.save_model(str(final / "adapter"))
-        if trainer.is_world_process_zero():
-            model.merge_and_unload().save_pretrained(str(final))
-            trainer.processing_class.save_pretrained(str(final))
-    else:
-        # Sharded LoRA weights cannot be merged on one process: `final` then holds the adapter only.
-        trainer.save_model(str(final))
-    if trainer.is_world_process_zero():
-        if (output_dir / RUN_CONFIG_FILE).is_file():
-            (final / RUN_CONFIG_FILE).write_text(
-                (output_dir / RUN_CONFIG_FILE).read_text("utf-8"), encoding="utf-8"
-            )
-        trainer.state.save_to_json(str(output_dir / "trainer_state.json"))
-    return final
-
-
-def _is_peft(model: Any) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:
-        return False
-    return isinstance(model, PeftModel)
 
 
 def _append_jsonl(path: Path, row: dict[str, Any]) -> None:

@@ -1,7 +1,6 @@
-"""Collapse detection: rules over the logged health signals, and what a fired rule does (warn, stop, rollback).
+"""Collapse detection in a running trainer: what a fired rule does (warn, stop, rollback).
 
-`Guard` is the pure part: it sees one observation of the signals per logged step and returns the rules that
-fire. `GuardCallback` feeds it the trainer's logs and the held-out results, says what fired (console, W&B alert,
+The rules and their evaluation are `autorefine.training.guard`. `GuardCallback` feeds them the trainer's logs and the held-out results, says what fired (console, W&B alert,
 `<output_dir>/guard.jsonl`) and acts: `warn` only tells; `stop` saves a full checkpoint and ends the run
 (`run_grpo` then exits with the command that resumes); `rollback` loads `<output_dir>/best` back into the
 policy, multiplies the learning rate by `rollback_lr_factor`, clears the optimizer's moments and goes on — at
@@ -13,23 +12,19 @@ decision is still taken once, on rank 0, and broadcast, so every rank acts the s
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
-import math
-import statistics
-from collections import deque
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 
-from autorefine.config import GRPORunConfig, GuardRule, GuardSettings
+from autorefine.training.arguments import RunError
+from autorefine.training.guard import Alarm, Guard, GuardSettings
 from autorefine.training.health import HealthCallback
-from autorefine.training.trainer_args import RunError
-from autorefine.training.trl_private import discard_generation_buffer, load_weights
+from autorefine.trl_private import discard_generation_buffer, load_weights
 
 if TYPE_CHECKING:
     from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments
@@ -39,116 +34,6 @@ logger = logging.getLogger(__name__)
 GUARD_LOG = "guard.jsonl"
 GUARD_STATE = "guard_state.json"
 SEVERITY = {"warn": 1, "stop": 2, "rollback": 3}
-
-
-@dataclass(frozen=True)
-class Alarm:
-    """A rule that fired: which, on what value, against what reference, at which step, and what it asks for."""
-
-    rule: str
-    signal: str
-    test: str
-    value: float
-    reference: float
-    threshold: float
-    step: int
-    action: str
-
-    @property
-    def message(self) -> str:
-        """One line a person can act on."""
-        v, ref, t = f"{self.value:.4g}", f"{self.reference:.4g}", f"{self.threshold:.4g}"
-        why = {
-            "below": f"is below {t}",
-            "above": f"is above {t}",
-            "fall_factor": f"fell below its running median {ref} ÷ {t}",
-            "rise_factor": f"rose above its running median {ref} × {t}",
-            "rise": f"rose above its running median {ref} + {t}",
-            "drop_from_best": f"is {self.reference - self.value:.4g} below its best {ref} (limit {t})",
-        }[self.test]
-        return f"step {self.step}: {self.signal} = {v} {why} [rule {self.rule} → {self.action}]"
-
-
-class Guard:
-    """Evaluates every rule on each observation; a rule fires once per episode of `patience` failing observations."""
-
-    def __init__(self, settings: GuardSettings) -> None:
-        self.settings = settings
-        self.rules = settings.rules
-        self.history: dict[str, deque[float]] = {}
-        self.best: dict[str, float] = {}
-        self.streak: dict[str, int] = dict.fromkeys(self.rules, 0)
-
-    def _reference(self, rule: GuardRule) -> float | None:
-        """What the rule compares against now, or None while it cannot judge yet."""
-        history = self.history.get(rule.signal, ())
-        if rule.test in ("below", "above"):
-            return rule.threshold
-        if rule.test == "drop_from_best":
-            return self.best.get(rule.signal)
-        if len(history) < self.settings.warmup:
-            return None
-        return statistics.median(history)
-
-    @staticmethod
-    def _fails(rule: GuardRule, value: float, reference: float) -> bool:
-        t = rule.threshold
-        if rule.test == "below":
-            return value < t
-        if rule.test == "above":
-            return value > t
-        if rule.test == "fall_factor":
-            return value < reference / t
-        if rule.test == "rise_factor":
-            return value > reference * t
-        if rule.test == "rise":
-            return value > reference + t
-        # drop_from_best: a drop of at least `t`; the tolerance keeps an exact drop (15 of 300 questions is
-        # 5 points) from depending on how best − t rounds in floats.
-        return reference - value >= t - 1e-9
-
-    def observe(self, step: int, values: Mapping[str, float]) -> list[Alarm]:
-        """Feed one observation (signals absent from `values` are not judged); returns the rules that fire now."""
-        alarms = []
-        for name, rule in self.rules.items():
-            value = values.get(rule.signal)
-            if value is None or math.isnan(value):
-                continue
-            reference = self._reference(rule)
-            if reference is None or not self._fails(rule, value, reference):
-                self.streak[name] = 0
-                continue
-            self.streak[name] += 1
-            if self.streak[name] == rule.patience:
-                alarms.append(
-                    Alarm(name, rule.signal, rule.test, value, reference, rule.threshold, step, rule.action)
-                )
-        for signal in {rule.signal for rule in self.rules.values()}:
-            value = values.get(signal)
-            if value is None or math.isnan(value):
-                continue
-            self.history.setdefault(signal, deque(maxlen=self.settings.window)).append(float(value))
-            self.best[signal] = max(self.best.get(signal, -math.inf), float(value))
-        return alarms
-
-    def forget_recent(self) -> None:
-        """After a rollback: the collapsed values leave the medians and streaks; bests stay."""
-        self.history.clear()
-        self.streak = dict.fromkeys(self.rules, 0)
-
-    def state(self) -> dict[str, Any]:
-        """JSON-ready state, saved with every checkpoint."""
-        return {
-            "history": {k: list(v) for k, v in self.history.items()},
-            "best": self.best,
-            "streak": self.streak,
-        }
-
-    def load_state(self, state: Mapping[str, Any]) -> None:
-        """Continue from a saved `state()`."""
-        self.history = {k: deque(v, maxlen=self.settings.window) for k, v in state.get("history", {}).items()}
-        self.best = dict(state.get("best", {}))
-        self.streak.update({k: v for k, v in state.get("streak", {}).items() if k in self.streak})
 
 
 def send_alert(alarm: Alarm, report_to: list[str] | None) -> None:
@@ -358,40 +243,3 @@ class Guardrails:
         self.trainer.add_callback(self.health)
         if self.guard is not None:
             self.trainer.add_callback(self.guard)
-
-
-def check_guard(config: GRPORunConfig, args: Any) -> GuardSettings:
-    """The guard settings this run can apply, checked before anything loads.
-
-    A rule that stops or rolls back on a signal this run can never log, or that has nothing to roll back to, is
-    refused with the reason; a `warn` rule on such a signal is switched off with a logged notice (the defaults
-    include `heldout_drop`, which runs without held-out evaluation cannot evaluate).
-    """
-    settings = config.guard
-    heldout_on = bool(config.heldout.file) and config.heldout.every > 0
-    refused, switched_off = [], {}
-    for name, rule in settings.rules.items():
-        where = f"guard.{name} (signal {rule.signal})"
-        unavailable = None
-        if rule.signal.startswith("health/entropy/") and args.use_vllm:
-            unavailable = (
-                "per-kind entropies come from the transformers engine; vLLM returns only top-k log-probs "
-                "(use TRL's `entropy`, all model tokens, as the signal)"
-            )
-        elif rule.signal == "kl" and args.beta == 0:
-            unavailable = "TRL logs kl only with trainer.beta > 0"
-        elif rule.signal.startswith("heldout/") and not heldout_on:
-            unavailable = "needs held-out evaluation (heldout.file and heldout.every > 0)"
-        if unavailable and rule.action == "warn":
-            logger.warning("%s is not evaluated: %s", where, unavailable)
-            switched_off[name] = dataclasses.replace(rule, action="off")
-        elif unavailable:
-            refused.append(f"{where}: {unavailable}")
-        if rule.action == "rollback" and not (heldout_on and config.heldout.save_best):
-            refused.append(
-                f"guard.{name}.action=rollback: needs a best checkpoint to return to "
-                "(heldout.file, heldout.every > 0 and heldout.save_best: true)"
-            )
-    if refused:
-        raise RunError("the guard cannot work as configured:\n- " + "\n- ".join(refused))
-    return dataclasses.replace(settings, **switched_off)

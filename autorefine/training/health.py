@@ -1,7 +1,9 @@
-"""Health signals of a GRPO run, computed from each step's trajectories and averaged over every process.
+"""Health signals of an online RL run, computed from each scored rollout batch and averaged over every process.
 
 Logged every step (console and W&B) next to TRL's own `entropy`, `kl` (with `beta > 0`), `clip_ratio/*` and
-`frac_reward_zero_std`:
+`frac_reward_zero_std`. Signals every process has the same number of (one per trajectory) are logged through
+TRL's reward-function `log_metric` (`rollout_means`); the others are summed and counted on each process and
+combined at the end of the step (`HealthCallback`):
 
 | key | meaning |
 |---|---|
@@ -9,7 +11,7 @@ Logged every step (console and W&B) next to TRL's own `entropy`, `kl` (with `bet
 | `health/corrective_rate` | model turns answered with a corrective message (no usable action) / model turns |
 | `health/repeated_queries` | searches per trajectory that repeat an earlier query of the same trajectory |
 | `health/searches/<source>` | searches per trajectory for questions of one source (the id prefix `prepare-data` adds) |
-| `health/flat_groups` | fraction of GRPO groups whose rewards are all equal (no learning signal) |
+| `health/flat_groups` | fraction of GRPO groups whose rewards are all equal (no learning signal): TRL's `frac_reward_zero_std` |
 | `health/answer_words` | words in the accepted answer, over trajectories that gave one |
 | `health/reward_gap` | this step's training reward minus the latest held-out EM |
 | `rollout/*` | searches, turns, model/document tokens, refine/document words, `finish_<reason>` rates |
@@ -25,17 +27,18 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 
 from autorefine.protocol import ANSWER, REFINE, SEARCH, THINK, block_spans
 from autorefine.rollout.trajectory import FinishReason, Trajectory
-from autorefine.training.trl_private import record_metric
+from autorefine.trl_private import latest_metric, record_metric
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase, Trainer, TrainerControl, TrainerState, TrainingArguments
+
+    from autorefine.training.rewards import ScoredBatch
 
 ENTROPY_KINDS = (THINK, SEARCH, REFINE, ANSWER, "other")
 NO_SOURCE = "unprefixed"
@@ -99,30 +102,47 @@ def _add(tally: Tally, key: str, value: float, count: float = 1.0) -> None:
     entry[1] += count
 
 
+def rollout_means(trajectories: Sequence[Trajectory]) -> dict[str, float]:
+    """Per-trajectory means of one batch: searches, turns, tokens, words, finish reasons, repeated queries."""
+    n = len(trajectories)
+    if not n:
+        return {}
+    sums: dict[str, float] = {}
+    for t in trajectories:
+        values = {
+            "rollout/searches": t.num_searches,
+            "rollout/turns": t.num_turns,
+            "rollout/model_tokens": t.num_model_tokens,
+            "rollout/document_tokens": t.tokens_of("documents"),
+            "rollout/refine_words": sum(len(x.split()) for x in t.refine_texts),
+            "rollout/document_words": len(t.documents_text.split()),
+            "health/repeated_queries": repeated_queries(t.queries),
+            **{f"rollout/finish_{r.value}": float(t.finish_reason == r) for r in FinishReason},
+        }
+        for key, value in values.items():
+            sums[key] = sums.get(key, 0.0) + float(value)
+    return {key: total / n for key, total in sums.items()}
+
+
+def repeated_queries(queries: Sequence[str]) -> int:
+    """Searches that repeat an earlier query of the same trajectory (case and spacing ignored)."""
+    seen: set[str] = set()
+    repeats = 0
+    for query in queries:
+        normalized = _normalized_query(query)
+        repeats += normalized in seen
+        seen.add(normalized)
+    return repeats
+
+
 def trajectory_tally(
     trajectories: Sequence[Trajectory], question_ids: Sequence[str], kinds: TokenKinds
 ) -> Tally:
-    """Sums and counts of every per-trajectory signal of one batch (this process's share)."""
+    """Sums and counts of the signals whose counts differ between processes (this process's share)."""
     tally: Tally = {}
     for t, qid in zip(trajectories, question_ids, strict=True):
-        _add(tally, "rollout/searches", t.num_searches)
-        _add(tally, "rollout/turns", t.num_turns)
-        _add(tally, "rollout/model_tokens", t.num_model_tokens)
-        _add(tally, "rollout/document_tokens", t.tokens_of("documents"))
-        _add(tally, "rollout/refine_words", sum(len(x.split()) for x in t.refine_texts))
-        _add(tally, "rollout/document_words", len(t.documents_text.split()))
-        for reason in FinishReason:
-            _add(tally, f"rollout/finish_{reason.value}", float(t.finish_reason == reason))
-
         model_turns = sum(1 for s in t.segments if s.is_model)
         _add(tally, "health/corrective_rate", sum(1 for s in t.segments if s.kind == "feedback"), model_turns)
-        seen: set[str] = set()
-        repeats = 0
-        for query in t.queries:
-            normalized = _normalized_query(query)
-            repeats += normalized in seen
-            seen.add(normalized)
-        _add(tally, "health/repeated_queries", repeats)
         _add(tally, f"health/searches/{question_source(qid)}", t.num_searches)
         if t.answer is not None:
             _add(tally, "health/answer_words", len(t.answer.split()))
@@ -158,69 +178,62 @@ def means(tally: Tally) -> dict[str, float]:
     return {key: total / count for key, (total, count) in sorted(tally.items()) if count > 0}
 
 
-@dataclass
-class _Batch:
-    tally: Tally
-    rewards: list[float] = field(default_factory=list)
-
-
 class HealthCallback(TrainerCallback):
-    """Collects each scored training batch (via `observe`) and logs the health signals at the end of the step.
+    """Collects each scored training batch (`observe`, a `ScoredBatch` subscriber) and logs the health signals
+    at the end of the step.
 
     `observe` runs on every process with its own share of the batch; `on_step_end` gathers every process's
-    sums, counts and rewards (one collective per step, called by every rank), so the logged values, and every
-    decision taken on them, are the same everywhere.
+    sums and counts (one collective per step, called by every rank), so the logged values, and every decision
+    taken on them, are the same everywhere. The reward and flat-group share come from TRL, already over every
+    process.
     """
 
     def __init__(self, trainer: Trainer, heldout_em: Callable[[], float | None] = lambda: None) -> None:
         self.trainer = trainer
         self.kinds = TokenKinds(trainer.processing_class)
         self.heldout_em = heldout_em
-        self._pending: list[_Batch] = []
+        self._tallies: list[Tally] = []
+        self._rewards: list[float] = []
+        self._flat: list[float] = []
 
-    def observe(
-        self, question_ids: Sequence[str], trajectories: Sequence[Trajectory], rewards: Sequence[float]
-    ) -> None:
+    def observe(self, batch: ScoredBatch) -> None:
         """Record one scored batch of this process (training batches only)."""
-        if not self.trainer.model.training:
+        if not batch.training:
             return
-        tally = trajectory_tally(trajectories, question_ids, self.kinds)
-        self._pending.append(_Batch(tally, [float(r) for r in rewards]))
+        self._tallies.append(trajectory_tally(batch.trajectories, batch.ids, self.kinds))
+        self._rewards += batch.all_rewards
+        flat = latest_metric(self.trainer, "frac_reward_zero_std")
+        if flat is not None:
+            self._flat.append(flat)
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        pending, self._pending = self._pending, []
-        gathered = self._gather(pending)
-        if not gathered:
+        tallies, rewards, flat = self._tallies, self._rewards, self._flat
+        self._tallies, self._rewards, self._flat = [], [], []
+        batches = self._gather(tallies)
+        if not batches:
             return
-        tallies, group_flags, rewards = [], [], []
-        for batch in gathered:  # one entry per rollout batch, every process's share joined in rank order
-            tallies.append(batch.tally)
-            group_flags += flat_groups(batch.rewards, self.trainer.num_generations)
-            rewards += batch.rewards
-        values = means(merge_tallies(tallies))
-        values["health/flat_groups"] = sum(group_flags) / len(group_flags)
+        values = means(merge_tallies(batches))
+        values["health/flat_groups"] = sum(flat) / len(flat) if flat else math.nan
         heldout = self.heldout_em()
         if heldout is not None and rewards:
             values["health/reward_gap"] = sum(rewards) / len(rewards) - heldout
         for key, value in values.items():
-            record_metric(self.trainer, key, value)
+            if not math.isnan(value):
+                record_metric(self.trainer, key, value)
 
-    def _gather(self, pending: list[_Batch]) -> list[_Batch]:
-        """Every process's batches, joined batch by batch (all processes generate in lockstep)."""
+    def _gather(self, tallies: list[Tally]) -> list[Tally]:
+        """Every process's tallies of this step (all processes score the same number of batches)."""
         acc = self.trainer.accelerator
         if acc.num_processes == 1:
-            return pending
+            return tallies
         from accelerate.utils import gather_object
 
-        per_rank: list[list[_Batch]] = gather_object([pending])
+        per_rank: list[list[Tally]] = gather_object([tallies])
         counts = {len(batches) for batches in per_rank}
         if len(counts) != 1:
             raise RuntimeError(
                 f"processes scored different numbers of rollout batches this step: {sorted(counts)}"
             )
-        return [
-            _Batch(merge_tallies([b.tally for b in batches]), [r for b in batches for r in b.rewards])
-            for batches in zip(*per_rank, strict=True)
-        ]
+        return [tally for batches in per_rank for tally in batches]

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from autorefine import protocol
 from autorefine.data import Question
-from autorefine.retrieval import Document
-from autorefine.training.traces import answer_turn, search_turn
+from autorefine.protocol import Document
+from autorefine.training.sft.traces import answer_turn, search_turn
 
 _ONSETS = [
     "b",

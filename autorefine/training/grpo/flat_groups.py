@@ -17,8 +17,7 @@ Groups are TRL's: `num_generations` consecutive samples of the generation batch 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -27,29 +26,27 @@ from autorefine.training.health import flat_groups
 if TYPE_CHECKING:
     from trl import GRPOTrainer
 
+    from autorefine.training.rewards import ScoredBatch
+
 
 class DropFlatGroups:
-    """`after_scoring` hook: zero the loss mask of samples in groups whose rewards are all equal."""
+    """`ScoredBatch` subscriber: zero the loss mask of samples in groups whose rewards are all equal."""
 
-    def __init__(
-        self, trainer: GRPOTrainer, local_rewards: Callable[[list[dict[str, Any]]], list[float]]
-    ) -> None:
+    def __init__(self, trainer: GRPOTrainer) -> None:
         self.trainer = trainer
-        self.local_rewards = local_rewards
         self.dropped_groups = 0
         self.groups = 0
 
-    def __call__(self, inputs: list[dict[str, Any]], batch: dict[str, Any]) -> dict[str, Any]:
-        """The scored batch with flat groups masked out of the loss (training batches only)."""
-        trainer = self.trainer
-        if not trainer.model.training:
-            return batch
-        acc = trainer.accelerator
-        local = torch.tensor(self.local_rewards(inputs), dtype=torch.float32, device=acc.device)
-        rewards = acc.gather(local).tolist()
-        flat = flat_groups(rewards, trainer.num_generations)
-        per_sample = torch.tensor(flat, device=acc.device).repeat_interleave(trainer.num_generations)
-        mine = per_sample[acc.process_index * len(inputs) : (acc.process_index + 1) * len(inputs)]
+    def __call__(self, scored: ScoredBatch) -> None:
+        """Mask this process's rows of flat groups out of the loss (training batches only)."""
+        if not scored.training:
+            return
+        acc = self.trainer.accelerator
+        batch = scored.batch
+        flat = flat_groups(scored.all_rewards, scored.group_size)
+        per_sample = torch.tensor(flat, device=acc.device).repeat_interleave(scored.group_size)
+        rows = len(scored.trajectories)
+        mine = per_sample[acc.process_index * rows : (acc.process_index + 1) * rows]
         keep = (~mine).to(batch["completion_mask"].dtype).unsqueeze(1)
         mask_key = "tool_mask" if "tool_mask" in batch else "completion_mask"
         batch[mask_key] = batch[mask_key] * keep
@@ -61,4 +58,3 @@ class DropFlatGroups:
         batch["num_items_in_batch"] = acc.gather(loss_mask.sum()).sum()
         self.dropped_groups += sum(flat)
         self.groups += len(flat)
-        return batch

@@ -18,24 +18,35 @@ continues at the first unfinished stage of the last round:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import gc
-import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any
 
-import yaml
-
-from autorefine.config import RUN_CONFIG_FILE, IPDPORunConfig, to_dict
+from autorefine.config import IPDPORunConfig
 from autorefine.data import read_questions
+from autorefine.files import read_json, write_json, write_jsonl
 from autorefine.protocol import PromptTemplate
 from autorefine.retrieval import RetrieverUnavailableError, connect_retriever
 from autorefine.rollout.agent import AgentLoop, Searcher
-from autorefine.training.dpo import build_dpo_trainer, dpo_metrics, make_dpo_args, merge_adapter
-from autorefine.training.ipdpo_report import (
+from autorefine.settings import to_dict, write_run_config
+from autorefine.training.arguments import RunError
+from autorefine.training.checkpoints import latest_checkpoint, merge_adapter
+from autorefine.training.distributed import all_succeeded, free_accelerator_memory, on_main
+from autorefine.training.ipdpo.dpo import build_dpo_trainer, dpo_metrics, make_dpo_args
+from autorefine.training.ipdpo.heldout import heldout_metrics
+from autorefine.training.ipdpo.pairs import (
+    PairError,
+    PairStats,
+    build_pairs,
+    read_pairs,
+    stats_of_pairs,
+    too_few_pairs_message,
+)
+from autorefine.training.ipdpo.report import (
     example_pairs,
     log_round_to_wandb,
     pair_examples_markdown,
@@ -43,69 +54,11 @@ from autorefine.training.ipdpo_report import (
     sample_summary,
     start_wandb,
 )
-from autorefine.training.pairs import (
-    PairError,
-    PairStats,
-    build_pairs,
-    read_pairs,
-    stats_of_pairs,
-    too_few_pairs_message,
-    write_jsonl,
-)
-from autorefine.training.trainer_args import RunError
-
-if TYPE_CHECKING:
-    from accelerate import PartialState
+from autorefine.training.ipdpo.sampling import SampleStore
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
 DEFAULT_OUTPUT_DIR = "runs/ipdpo"
-
-
-# --- agreement between processes ---------------------------------------------------------------------------
-
-
-def all_succeeded(state: PartialState, error: str | None) -> None:
-    """Every process reports how its share went; if any failed, every process raises the same RunError."""
-    from accelerate.utils import gather_object
-
-    errors = gather_object([error]) if state.num_processes > 1 else [error]
-    failed = [e for e in errors if e]
-    if failed:
-        raise RunError("\n".join(failed))
-
-
-def on_main(state: PartialState, fn: Callable[[], T]) -> T:
-    """Run `fn` on the main process and hand its result (or its failure) to every process."""
-    from accelerate.utils import broadcast_object_list
-
-    payload: list[Any] = [(None, None)]
-    failure: BaseException | None = None
-    if state.is_main_process:
-        try:
-            payload = [(fn(), None)]
-        except Exception as err:  # the other processes must hear of it, or they wait forever
-            failure = err
-            payload = [(None, str(err))]
-    if state.num_processes > 1:
-        broadcast_object_list(payload, from_process=0)
-    result, error = payload[0]
-    if failure is not None:
-        raise failure
-    if error is not None:
-        raise RunError(error)
-    return result
-
-
-def free_accelerator_memory() -> None:
-    """Release what a finished stage held (its model, its engine) before the next one loads another."""
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 # --- one round's files ----------------------------------------------------------------------------------
@@ -115,8 +68,6 @@ class RoundFiles:
     """Where a round keeps what each stage produced (see the module docstring)."""
 
     def __init__(self, root: Path, index: int, samples_per_question: int) -> None:
-        from autorefine.training.sampling import SampleStore
-
         self.index = index
         self.dir = root / f"round-{index}"
         self.samples = SampleStore(self.dir, samples_per_question)
@@ -138,19 +89,6 @@ class RoundFiles:
             if marker.is_file():
                 return name
         return "none"
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    partial.replace(path)
-
-
-def read_json(path: Path) -> Any:
-    """A JSON file written by `write_json`."""
-    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def existing_rounds(root: Path) -> list[int]:
@@ -245,6 +183,26 @@ class IPDPORun:
         logger.info("round 1 trains on %d given pairs from %s", count, given)
         return Path(given)
 
+    @contextlib.contextmanager
+    def _on_every_process(self, stage: str, kept: str = "") -> Iterator[None]:
+        """Run a stage's share on this process; a failure anywhere (a lost retriever most likely) stops every
+        process with one message that says how to resume. What the stage held is freed either way."""
+        state = self.state
+        error = None
+        try:
+            yield
+        except RetrieverUnavailableError as err:
+            error = (
+                f"process {state.process_index}: {err}\nThe retriever stayed down while {stage}"
+                f"{'; ' + kept if kept else ''}.\nRestart the retriever, then resume with: {self.command} --resume"
+            )
+        except Exception as err:
+            logger.exception("%s failed on process %d", stage, state.process_index)
+            error = f"process {state.process_index}: {stage} failed: {type(err).__name__}: {err}"
+        finally:
+            free_accelerator_memory()
+        all_succeeded(state, error)
+
     # -- the rounds --------------------------------------------------------------------------------------
 
     def run(self) -> Path:
@@ -252,10 +210,8 @@ class IPDPORun:
         config = self.config
         if self.state.is_main_process:
             self.root.mkdir(parents=True, exist_ok=True)
-            (self.root / RUN_CONFIG_FILE).write_text(
-                yaml.safe_dump(to_dict(config), sort_keys=False), "utf-8"
-            )
-            self.wandb = start_wandb(config, self.root, self.args)
+            write_run_config(self.root, config)
+            self.wandb = start_wandb(to_dict(config), self.root, self.args)
         current = config.model.name_or_path
         if self.heldout and config.heldout.evaluate_start:
             start = RoundFiles(self.root, 0, config.sampling.samples_per_question)
@@ -308,9 +264,9 @@ class IPDPORun:
 
     def sample(self, files: RoundFiles, policy: str) -> None:
         """Every process samples its share of the round's questions (resumable), then the parts are merged."""
-        from autorefine.process_score import build_matcher
         from autorefine.rollout.engines import engine_from_checkpoint
-        from autorefine.training.sampling import Progress, round_questions, sample_questions
+        from autorefine.scoring.process import build_matcher
+        from autorefine.training.ipdpo.sampling import Progress, round_questions, sample_questions
 
         config, state = self.config, self.state
         seed = self.args.seed
@@ -328,8 +284,8 @@ class IPDPORun:
             state.num_processes,
             len(share),
         )
-        error = None
-        try:
+        kept_note = f"the samples so far are kept in {files.samples.parts}"
+        with self._on_every_process(f"sampling round {files.index}", kept_note):
             engine = engine_from_checkpoint(
                 policy,
                 engine=config.sampling.engine,
@@ -351,19 +307,7 @@ class IPDPORun:
                 rank=state.process_index,
                 progress=Progress(f"round {files.index} sampling (process {state.process_index})"),
             )
-        except RetrieverUnavailableError as err:
-            error = (
-                f"process {state.process_index}: {err}\nThe retriever stayed down while sampling round "
-                f"{files.index}; the samples so far are kept in {files.samples.parts}.\n"
-                f"Restart the retriever, then resume with: {self.command} --resume"
-            )
-        except Exception as err:
-            logger.exception("sampling failed on process %d", state.process_index)
-            error = f"process {state.process_index}: sampling failed: {type(err).__name__}: {err}"
-        finally:
-            engine = loop = None
-            free_accelerator_memory()
-        all_succeeded(state, error)
+            del engine, loop
         on_main(state, lambda: files.samples.finish([q.id for q in questions]))
 
     # -- stage 2: pairs ----------------------------------------------------------------------------------
@@ -406,8 +350,6 @@ class IPDPORun:
 
     def train(self, files: RoundFiles, policy: str) -> None:
         """One epoch of masked DPO from `policy` (also the frozen reference); the result saved in round-k/."""
-        from autorefine.training.grpo import latest_checkpoint
-
         config, state = self.config, self.state
         args = make_dpo_args(config, files.dpo)
         trainer, data = build_dpo_trainer(
@@ -441,11 +383,9 @@ class IPDPORun:
 
         def finish() -> None:
             if config.lora.enabled:
-                merge_adapter(config, policy, files.dir / "adapter", files.dir)
+                merge_adapter(policy, files.dir / "adapter", files.dir, dtype=config.model.dtype)
                 tokenizer.save_pretrained(str(files.dir))
-            (files.dir / RUN_CONFIG_FILE).write_text(
-                yaml.safe_dump(to_dict(config), sort_keys=False), "utf-8"
-            )
+            write_run_config(files.dir, config)
             write_json(files.trained, metrics)
 
         on_main(state, finish)
@@ -456,8 +396,8 @@ class IPDPORun:
         """Greedy held-out metrics of `policy`, questions split across processes; predictions saved."""
         from accelerate.utils import gather_object
 
+        from autorefine.evaluation.predictions import Prediction
         from autorefine.evaluation.runner import GREEDY, predict
-        from autorefine.evaluation.scoring import Prediction, aggregate
         from autorefine.rollout.engines import engine_from_checkpoint
 
         if not self.heldout:
@@ -465,34 +405,14 @@ class IPDPORun:
         config, state = self.config, self.state
         share = self.heldout[state.process_index :: state.num_processes]
         local: list[Prediction] = []
-        error = None
         started = time.perf_counter()
-        try:
+        with self._on_every_process(f"evaluating round {files.index} on held-out questions"):
             engine = engine_from_checkpoint(policy, dtype=config.model.dtype, device=str(state.device))
             loop = AgentLoop(engine, self.searcher, config.rollout, self.template)
-            local = predict(
-                loop, share, GREEDY, batch_size=config.heldout.batch_size, reward_config=config.reward
-            )
-        except RetrieverUnavailableError as err:
-            error = (
-                f"process {state.process_index}: {err}\nThe retriever stayed down during the held-out evaluation "
-                f"of round {files.index}. Restart it, then resume with: {self.command} --resume"
-            )
-        except Exception as err:
-            logger.exception("held-out evaluation failed on process %d", state.process_index)
-            error = f"process {state.process_index}: held-out evaluation failed: {type(err).__name__}: {err}"
-        finally:
-            engine = loop = None
-            free_accelerator_memory()
-        all_succeeded(state, error)
+            local = predict(loop, share, GREEDY, batch_size=config.heldout.batch_size, reward=config.reward)
+            del engine, loop
         predictions = gather_object(local) if state.num_processes > 1 else local
-        metrics = aggregate(predictions)
-        # Multi-hop data says how many hops each question needs: searches per hop count show wasted steps.
-        hops = {q.id: q.metadata.get("hops") for q in self.heldout}
-        for count in sorted({h for h in hops.values() if isinstance(h, int)}):
-            group = [p for p in predictions if hops.get(p.id) == count]
-            metrics[f"em_{count}hop"] = sum(p.scores["em"] for p in group) / len(group)
-            metrics[f"searches_{count}hop"] = sum(p.searches for p in group) / len(group)
+        metrics = heldout_metrics(self.heldout, predictions)
         metrics["seconds"] = time.perf_counter() - started
 
         def save() -> None:
@@ -545,8 +465,8 @@ def build_pairs_file(
     config: IPDPORunConfig, samples: Path, out: Path, *, rescore: bool = False, questions: str | None = None
 ) -> PairStats:
     """Pairs from a saved samples file with the config's pair settings (re-scored first with `rescore`)."""
-    from autorefine.process_score import build_matcher
-    from autorefine.training.sampling import read_sample_rows, rescore_rows
+    from autorefine.scoring.process import build_matcher
+    from autorefine.training.ipdpo.sampling import read_sample_rows, rescore_rows
 
     if not samples.is_file():
         raise PairError(f"samples file not found: {samples}")

@@ -1,7 +1,13 @@
-"""The only place that touches private TRL / transformers trainer internals; `tests/test_trl_private.py` pins them.
+"""Every private TRL / transformers internal autorefine relies on, wrapped here; `tests/test_trl_private.py`
+pins each one.
 
 Each helper says why no public API does the job. When a TRL or transformers upgrade changes one of these,
 the pinning test fails with the name of the attribute, instead of a run failing hours in.
+
+One reach lies outside this module, because it is a class the engine is built on rather than a call:
+`autorefine.rollout.hf_engine._ReservedLayer` subclasses transformers' `cache_utils.DynamicLayer` and relies on
+its `keys`/`values`/`lazy_initialization`/`get_seq_length`/`batch_select_indices` contract (a KV cache that
+writes into reserved room instead of concatenating). `tests/test_trl_private.py` pins that contract too.
 """
 
 from __future__ import annotations
@@ -71,3 +77,43 @@ def after_scoring(
         return hook(inputs, score(inputs))
 
     trainer._generate_and_score_completions = scored
+
+
+def gathered_rewards(trainer: GRPOTrainer, names: list[str], weights: list[float]) -> list[float]:
+    """The total reward of every process's rows of the batch TRL just scored, in TRL's (group) order."""
+    # TRL gathers each reward function's scores over processes and keeps the latest generation batch in
+    # `_logs["rewards"][name]` (a deque of the generation batch size); there is no public accessor, and
+    # gathering them again would cost another collective per step.
+    columns = [list(trainer._logs["rewards"][name]) for name in names]
+    return [sum(w * v for w, v in zip(weights, row, strict=True)) for row in zip(*columns, strict=True)]
+
+
+def latest_metric(trainer: Trainer, key: str) -> float | None:
+    """The value TRL queued last for a training metric (e.g. `frac_reward_zero_std`), or None."""
+    # TRL queues its own metrics in `_metrics["train"][key]` until the next logging step (see record_metric).
+    values = trainer._metrics["train"].get(key)
+    return float(values[-1]) if values else None
+
+
+def colocated_vllm(trainer: GRPOTrainer) -> tuple[Any, Any]:
+    """The `vllm.LLM` TRL runs inside the training processes (colocate mode), and its tensor-parallel group."""
+    # TRL builds and owns the colocated engine in `trainer.vllm_generation`; it exposes no accessor for
+    # generating outside its own single-turn rollout.
+    generation = trainer.vllm_generation
+    return generation.llm, getattr(generation, "tp_group", None)
+
+
+def push_weights_to_vllm(trainer: GRPOTrainer) -> None:
+    """Copy the policy's current weights into vLLM (colocated or server), as TRL does before a rollout batch."""
+    # A held-out evaluation between TRL's own rollouts must generate with the current weights; TRL's sync is
+    # a method of its private `vllm_generation` helper.
+    trainer.vllm_generation.sync_weights()
+
+
+def preference_collator() -> type:
+    """TRL's preference collator class (not exported by `trl`), to extend with environment masks."""
+    # The collator lays out chosen and rejected rows the way DPOTrainer's loss expects; writing our own would
+    # duplicate that layout and drift from it.
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    return DataCollatorForPreference

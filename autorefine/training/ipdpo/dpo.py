@@ -8,14 +8,14 @@ chosen trajectory, over model tokens only (see `dpo_data`).
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from autorefine.config import IPDPORunConfig, check_trainer_args
-from autorefine.training.pairs import read_pairs
-from autorefine.training.trainer_args import RunError, require_devices, with_trainer_defaults
+from autorefine.config import IPDPORunConfig
+from autorefine.settings import check_trainer_args
+from autorefine.training.arguments import RunError, require_devices, with_trainer_defaults
+from autorefine.training.ipdpo.pairs import read_pairs
 
 if TYPE_CHECKING:
     from trl import DPOConfig, DPOTrainer
@@ -54,8 +54,8 @@ def build_dpo_trainer(
 ) -> tuple[DPOTrainer, dict[str, int]]:
     """A DPOTrainer on the pairs of `pairs_file`, starting from `policy`, which is also the frozen reference."""
     from autorefine.modeling import load_policy, load_tokenizer_and_policy, lora_config
-    from autorefine.training.dpo_data import MaskedPreferenceCollator, pairs_dataset
-    from autorefine.training.trl_private import pretokenized_dpo_trainer
+    from autorefine.training.ipdpo.collator import MaskedPreferenceCollator, pairs_dataset
+    from autorefine.trl_private import pretokenized_dpo_trainer
 
     dataset, dropped = pairs_dataset(read_pairs(pairs_file), args.max_length)
     if dataset is None:
@@ -80,17 +80,6 @@ def build_dpo_trainer(
         peft_config=lora_config(config.lora),
     )
     return trainer, {"pairs": len(dataset), "dropped_for_length": dropped}
-
-
-def merge_adapter(config: IPDPORunConfig, base: str, adapter: Path, out: Path) -> None:
-    """Fold a round's LoRA adapter into its starting policy and save a plain HF model folder."""
-    from peft import PeftModel
-
-    from autorefine.modeling import load_policy
-
-    model = PeftModel.from_pretrained(load_policy(base, dtype=config.model.dtype), str(adapter))
-    model.merge_and_unload().save_pretrained(str(out))
-    shutil.rmtree(adapter)
 
 
 def dpo_metrics(log_history: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Answer metrics and the AutoRefine reward, computed from the model's own text only.
+"""The AutoRefine reward and the format check, computed from the model's own text only.
 
 A trajectory is scored on what the agent loop accepted, turn by turn (`trajectory_reward`): the answer that
 ended it and the refine blocks of each model turn. Retrieved documents and environment messages are never
@@ -8,82 +8,17 @@ inserted block. `score_model_text` scores one piece of model text read as a sing
 
 from __future__ import annotations
 
-import re
-import string
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Literal
 
 from autorefine.protocol import ANSWER, REFINE, SEARCH, THINK, block_sequence, final_answer, find_blocks
+from autorefine.scoring.answers import cover_exact_match, exact_match, f1_score, refine_hit
 
 if TYPE_CHECKING:
     from autorefine.rollout.trajectory import Trajectory
 
 OutcomeMetric = Literal["f1", "em", "cover_em"]
-
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCTUATION = str.maketrans("", "", string.punctuation)
-# Special answers that only match themselves: partial token overlap with "yes" is meaningless.
-_CLOSED_ANSWERS = frozenset({"yes", "no", "noanswer"})
-
-
-def normalize_answer(text: str) -> str:
-    """Lowercase, drop ASCII punctuation, drop the words a/an/the, collapse whitespace."""
-    text = text.lower().translate(_PUNCTUATION)
-    text = _ARTICLES.sub(" ", text)
-    return " ".join(text.split())
-
-
-def _golds(golds: str | Sequence[str]) -> list[str]:
-    return [golds] if isinstance(golds, str) else list(golds)
-
-
-def exact_match(pred: str | None, golds: str | Sequence[str]) -> float:
-    """1.0 when the normalized prediction equals some normalized gold answer that is not empty."""
-    if pred is None:
-        return 0.0
-    p = normalize_answer(pred)
-    return float(any((g := normalize_answer(gold)) and p == g for gold in _golds(golds)))
-
-
-def cover_exact_match(pred: str | None, golds: str | Sequence[str]) -> float:
-    """1.0 when some normalized gold answer is a substring of the normalized prediction."""
-    if pred is None:
-        return 0.0
-    p = normalize_answer(pred)
-    return float(any((g := normalize_answer(gold)) and g in p for gold in _golds(golds)))
-
-
-def _token_f1(pred: str, gold: str) -> float:
-    if (pred in _CLOSED_ANSWERS or gold in _CLOSED_ANSWERS) and pred != gold:
-        return 0.0
-    common = Counter(pred.split()) & Counter(gold.split())
-    overlap = sum(common.values())
-    if overlap == 0:
-        return 0.0
-    precision = overlap / len(pred.split())
-    recall = overlap / len(gold.split())
-    return 2 * precision * recall / (precision + recall)
-
-
-def f1_score(pred: str | None, golds: str | Sequence[str]) -> float:
-    """Token-level F1 between normalized prediction and gold, maximised over the gold answers."""
-    if pred is None:
-        return 0.0
-    p = normalize_answer(pred)
-    return max((_token_f1(p, normalize_answer(g)) for g in _golds(golds)), default=0.0)
-
-
-def contains_answer(texts: Sequence[str], golds: str | Sequence[str]) -> float:
-    """1.0 when some normalized gold answer is a substring of the texts joined by a space and normalized."""
-    joined = normalize_answer(" ".join(texts))
-    return float(any((g := normalize_answer(gold)) and g in joined for gold in _golds(golds)))
-
-
-def refine_hit(refine_texts: Sequence[str], golds: str | Sequence[str]) -> float:
-    """1.0 when the model's refine blocks contain a gold answer (the AutoRefine refine reward)."""
-    return contains_answer(refine_texts, golds)
 
 
 def tags_follow_format(tags: Sequence[str], answer: str | None) -> bool:
@@ -109,8 +44,8 @@ def follows_format(model_text: str) -> bool:
 
 
 @dataclass(frozen=True)
-class RewardConfig:
-    """How a trajectory is scored (defaults: the AutoRefine paper)."""
+class RewardSettings:
+    """How a trajectory is rewarded (the `reward` section; defaults: the AutoRefine paper)."""
 
     outcome_metric: OutcomeMetric = "f1"
     refine_bonus: float = 0.1
@@ -147,20 +82,20 @@ def score_answer(
     refines: Sequence[str],
     format_ok: bool,
     golds: str | Sequence[str],
-    config: RewardConfig = RewardConfig(),
+    settings: RewardSettings = RewardSettings(),
 ) -> RewardBreakdown:
     """AutoRefine reward: 0 without an answer; the outcome metric when > 0; else the refine bonus on a hit."""
     hit = refine_hit(refines, golds)
-    outcome = _OUTCOME[config.outcome_metric](answer, golds)
+    outcome = _OUTCOME[settings.outcome_metric](answer, golds)
     if answer is None:
         reward = 0.0
     elif outcome > 0:
         reward = outcome
     else:
-        reward = config.refine_bonus * hit
+        reward = settings.refine_bonus * hit
     fmt = float(format_ok)
     return RewardBreakdown(
-        reward=reward + config.format_weight * fmt,
+        reward=reward + settings.format_weight * fmt,
         outcome=outcome,
         em=exact_match(answer, golds),
         f1=f1_score(answer, golds),
@@ -172,19 +107,19 @@ def score_answer(
 
 
 def trajectory_reward(
-    trajectory: Trajectory, golds: str | Sequence[str], config: RewardConfig = RewardConfig()
+    trajectory: Trajectory, golds: str | Sequence[str], settings: RewardSettings = RewardSettings()
 ) -> RewardBreakdown:
     """The reward of a rollout: its accepted answer, its per-turn refines and block order."""
     answer = trajectory.answer
     return score_answer(
-        answer, trajectory.refine_texts, tags_follow_format(trajectory.block_tags, answer), golds, config
+        answer, trajectory.refine_texts, tags_follow_format(trajectory.block_tags, answer), golds, settings
     )
 
 
 def score_model_text(
-    model_text: str, golds: str | Sequence[str], config: RewardConfig = RewardConfig()
+    model_text: str, golds: str | Sequence[str], settings: RewardSettings = RewardSettings()
 ) -> RewardBreakdown:
     """The reward of one piece of model text read as a single turn (its last answer block is the answer)."""
     return score_answer(
-        final_answer(model_text), find_blocks(model_text, REFINE), follows_format(model_text), golds, config
+        final_answer(model_text), find_blocks(model_text, REFINE), follows_format(model_text), golds, settings
     )

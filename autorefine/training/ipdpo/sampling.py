@@ -13,19 +13,55 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from autorefine.config import SamplingSettings
 from autorefine.data import Question
-from autorefine.process_score import Matcher, score_trajectories
-from autorefine.rewards import RewardConfig
+from autorefine.files import write_jsonl
 from autorefine.rollout.agent import AgentLoop
+from autorefine.rollout.engine import SamplingParams
 from autorefine.rollout.trajectory import FinishReason, Segment, Trajectory
-from autorefine.training.pairs import PairError, question_groups, write_jsonl
+from autorefine.scoring.process import Matcher
+from autorefine.scoring.reward import RewardSettings
+from autorefine.scoring.trajectory import score_trajectories
+from autorefine.training.ipdpo.pairs import PairError, question_groups
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How each IP-DPO round samples: K trajectories per question with the current policy (the `sampling` section)."""
+
+    samples_per_question: int = 8
+    questions_per_round: int | None = None  # None: every training question, every round
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    batch_questions: int = 32  # questions per agent-loop batch (× samples_per_question trajectories)
+    engine: Literal["transformers", "vllm"] = "transformers"
+    engine_batch_size: int | None = None  # most sequences per generate call (None: the whole batch)
+    matcher: str = "lexical"  # process-score evidence matcher: lexical | embedding | embedding:<model>
+
+    def __post_init__(self) -> None:
+        if self.samples_per_question < 2:
+            raise ValueError("sampling.samples_per_question must be at least 2: a pair needs two samples")
+        if self.questions_per_round is not None and self.questions_per_round < 1:
+            raise ValueError("sampling.questions_per_round must be positive (or null for all)")
+        if self.batch_questions < 1:
+            raise ValueError("sampling.batch_questions must be positive")
+        kind, _, model = self.matcher.partition(":")
+        if not (kind == "embedding" or (kind == "lexical" and not model)):
+            raise ValueError(
+                f"sampling.matcher must be lexical, embedding or embedding:<model>, got {self.matcher!r}"
+            )
+        self.params  # noqa: B018  # the same checks as at sampling time
+
+    @property
+    def params(self) -> SamplingParams:
+        """Token sampling of every trajectory."""
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
 
 
 def round_questions(
@@ -119,7 +155,7 @@ def rescore_rows(
     rows: Iterable[dict[str, Any]],
     questions: dict[str, Question],
     matcher: Matcher,
-    reward_config: RewardConfig,
+    reward: RewardSettings,
 ) -> Iterator[dict[str, Any]]:
     """Rows with their scores recomputed from their trajectories (another matcher or reward setting)."""
     for group in question_groups(rows):
@@ -127,7 +163,7 @@ def rescore_rows(
         if qid not in questions:
             raise PairError(f"question {qid} of the samples file is not in the questions file")
         trajectories = [trajectory_from_row(r) for r in group]
-        scores = score_trajectories(trajectories, [questions[qid]] * len(group), matcher, reward_config)
+        scores = score_trajectories(trajectories, [questions[qid]] * len(group), matcher, reward)
         for row, s in zip(group, scores, strict=True):
             yield {**row, "scores": s.as_dict()}
 
@@ -197,7 +233,7 @@ def sample_questions(
     questions: Sequence[Question],
     settings: SamplingSettings,
     matcher: Matcher,
-    reward_config: RewardConfig,
+    reward: RewardSettings,
     out: Path,
     *,
     round_index: int,
@@ -216,7 +252,7 @@ def sample_questions(
         torch.manual_seed(seed + start)  # the transformers engine samples from torch's generator
         trajectories = loop.run([q.question for q in batch for _ in range(k)], settings.params)
         repeated = [q for q in batch for _ in range(k)]
-        scores = score_trajectories(trajectories, repeated, matcher, reward_config)
+        scores = score_trajectories(trajectories, repeated, matcher, reward)
         rows = [
             sample_row(q, i % k, t, s.as_dict(), round_index, rank)
             for i, (q, t, s) in enumerate(zip(repeated, trajectories, scores, strict=True))

@@ -1,7 +1,7 @@
-"""Format, outcome and process scores of a trajectory (TeaRAG's knowledge sufficiency), computed once.
+"""The process score of a trajectory: TeaRAG's knowledge sufficiency, per search step.
 
-Process score. For each gold evidence item of the question and each of three channels, the item's best
-similarity at any search step:
+For each gold evidence item of the question and each of three channels, the item's best similarity at any
+search step:
 
 - query: the step's search query (model text);
 - documents: each passage the search returned (environment text);
@@ -14,7 +14,7 @@ of searches (at least 1): repeating a search cannot raise coverage but enlarges 
 not capped at 1 (two items found by one search score 2). Questions without evidence use F1 / searches.
 
 Documents enter only through their own channel. Outcome (answer F1) and format read the answer and blocks
-the agent loop accepted from model turns (`rewards.trajectory_reward`), so text inside a passage, such as
+the agent loop accepted from model turns (`autorefine.scoring.reward`), so text inside a passage, such as
 `<answer>X</answer>` or a copy of the evidence in `<refine>` tags, changes neither of them nor the query and
 refine channels.
 """
@@ -22,28 +22,16 @@ refine channels.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol
 
 from autorefine.data import Evidence, Question, question_evidence
 from autorefine.protocol import parse_documents, strip_documents
-from autorefine.rewards import RewardConfig, normalize_answer, trajectory_reward
+from autorefine.scoring.answers import normalize_answer
 
 if TYPE_CHECKING:
     from autorefine.rollout.trajectory import Trajectory
 
-__all__ = [
-    "ChannelWeights",
-    "EmbeddingMatcher",
-    "Evidence",
-    "LexicalMatcher",
-    "Matcher",
-    "TrajectoryScores",
-    "build_matcher",
-    "question_evidence",
-    "score_trajectories",
-    "score_trajectory",
-]
 
 Channel = Literal["query", "documents", "refine"]
 CHANNELS: tuple[Channel, ...] = ("query", "documents", "refine")
@@ -105,28 +93,31 @@ class LexicalMatcher:
 class EmbeddingMatcher:
     """Cosine similarity (clipped at 0) of dense embeddings; default the embedded all-MiniLM-L6-v2 (offline).
 
-    The encoder is loaded on first use. Items and texts are embedded as passages, in batches, once per call.
+    The encoder comes from the retriever package's public `load_passage_encoder` (in this process: the
+    trainer's searches still go over HTTP) and is loaded on first use. Items and texts are embedded as
+    passages, in batches, once per call.
     """
 
     def __init__(
         self, encoder: str | None = None, *, device: str | None = None, batch_size: int = 64
     ) -> None:
-        from retriever_server.encoders import EMBEDDED_NAME, is_embedded
+        from retriever_server.embedding import encoder_name
 
         self.encoder_name = encoder
-        self.name = f"embedding:{EMBEDDED_NAME if is_embedded(encoder) else encoder}"
+        self.name = f"embedding:{encoder_name(encoder)}"
         self.device = device
         self.batch_size = batch_size
         self._encoder = None
 
     @property
-    def encoder(self):  # -> retriever_server.encoders.DenseEncoder
-        """The dense encoder, loaded on first use."""
+    def encoder(self):  # -> retriever_server.embedding.PassageEncoder
+        """The passage encoder, loaded on first use."""
         if self._encoder is None:
-            from retriever_server.encoders import DenseEncoder, resolve_encoder_spec
+            from retriever_server.embedding import load_passage_encoder
 
-            spec = resolve_encoder_spec(self.encoder_name)
-            self._encoder = DenseEncoder(spec, batch_size=self.batch_size, device=self.device)
+            self._encoder = load_passage_encoder(
+                self.encoder_name, device=self.device, batch_size=self.batch_size
+            )
         return self._encoder
 
     def similarity(self, evidence: Sequence[Evidence], texts: Sequence[str]) -> list[list[float]]:
@@ -177,25 +168,17 @@ class ChannelWeights:
 
 
 @dataclass(frozen=True)
-class TrajectoryScores:
-    """Everything pair building and logging need about one trajectory, computed once."""
+class ProcessScore:
+    """The process score of one trajectory and where its evidence coverage came from."""
 
-    format: float  # 1.0 when the blocks follow the protocol and the trajectory ends with an accepted answer
-    outcome: float  # answer F1 (`reward_config.outcome_metric`), from the accepted answer: model tokens only
     process: float  # coverage / max(1, steps); outcome / max(1, steps) without evidence
     coverage: float  # summed best weighted matches over evidence items (0 without evidence)
     steps: int  # searches run
-    model_tokens: int
-    em: float
     evidence_items: int = 0
     # Unweighted sums over items of each channel's best match, to see where coverage came from.
     query_coverage: float = 0.0
     documents_coverage: float = 0.0
     refine_coverage: float = 0.0
-
-    def as_dict(self) -> dict[str, float]:
-        """Plain dict of all fields, as floats."""
-        return {key: float(value) for key, value in asdict(self).items()}
 
 
 def step_texts(trajectory: Trajectory) -> list[tuple[Channel, str]]:
@@ -212,24 +195,26 @@ def step_texts(trajectory: Trajectory) -> list[tuple[Channel, str]]:
     return out
 
 
-def score_trajectories(
+def process_scores(
     trajectories: Sequence[Trajectory],
     questions: Sequence[Question],
+    outcomes: Sequence[float],
     matcher: Matcher,
-    reward_config: RewardConfig = RewardConfig(),
     weights: ChannelWeights = ChannelWeights(),
-) -> list[TrajectoryScores]:
-    """Scores of each trajectory against its question; the matcher is called once for the whole batch."""
-    if len(trajectories) != len(questions):
-        raise ValueError(f"{len(trajectories)} trajectories but {len(questions)} questions")
+) -> list[ProcessScore]:
+    """Process score of each trajectory against its question (`outcomes`: the answer scores, used without
+    evidence); the matcher is called once for the whole batch."""
+    if not len(trajectories) == len(questions) == len(outcomes):
+        raise ValueError(
+            f"{len(trajectories)} trajectories, {len(questions)} questions and {len(outcomes)} outcomes"
+        )
     evidence = [question_evidence(q) for q in questions]
     texts = [step_texts(t) if items else [] for t, items in zip(trajectories, evidence, strict=True)]
     blocks = [(items, [text for _, text in found]) for items, found in zip(evidence, texts, strict=True)]
     matched = iter(matcher.similarity_blocks([b for b in blocks if b[0] and b[1]]))
     out = []
-    for trajectory, question, items, found in zip(trajectories, questions, evidence, texts, strict=True):
+    for trajectory, items, found, outcome in zip(trajectories, evidence, texts, outcomes, strict=True):
         similarity = next(matched) if items and found else [[] for _ in items]
-        breakdown = trajectory_reward(trajectory, question.golden_answers, reward_config)
         steps = trajectory.num_searches
         best = {
             channel: [
@@ -242,16 +227,11 @@ def score_trajectories(
             max(getattr(weights, channel) * best[channel][i] for channel in CHANNELS)
             for i in range(len(items))
         )
-        process = (coverage if items else breakdown.outcome) / max(1, steps)
         out.append(
-            TrajectoryScores(
-                format=breakdown.format,
-                outcome=breakdown.outcome,
-                process=process,
+            ProcessScore(
+                process=(coverage if items else outcome) / max(1, steps),
                 coverage=coverage,
                 steps=steps,
-                model_tokens=trajectory.num_model_tokens,
-                em=breakdown.em,
                 evidence_items=len(items),
                 query_coverage=sum(best["query"]),
                 documents_coverage=sum(best["documents"]),
@@ -259,14 +239,3 @@ def score_trajectories(
             )
         )
     return out
-
-
-def score_trajectory(
-    trajectory: Trajectory,
-    question: Question,
-    matcher: Matcher,
-    reward_config: RewardConfig = RewardConfig(),
-    weights: ChannelWeights = ChannelWeights(),
-) -> TrajectoryScores:
-    """Scores of one trajectory (see `score_trajectories`)."""
-    return score_trajectories([trajectory], [question], matcher, reward_config, weights)[0]

@@ -7,19 +7,16 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from autorefine.config import SFTRunConfig, check_trainer_args, to_dict
+from autorefine.config import SFTRunConfig
 from autorefine.data import read_questions
 from autorefine.modeling import load_tokenizer_and_policy, lora_config
 from autorefine.protocol import PromptTemplate
 from autorefine.retrieval import connect_retriever
-from autorefine.training.callbacks import (
-    HeldoutEvalCallback,
-    SaveRunConfigCallback,
-    add_heldout_evaluation,
-    save_final,
-)
-from autorefine.training.traces import build_gold_traces, load_trajectory_rows
-from autorefine.training.trainer_args import RunError, require_devices, with_trainer_defaults
+from autorefine.settings import check_trainer_args
+from autorefine.training.arguments import RunError, require_devices, with_trainer_defaults
+from autorefine.training.callbacks import HeldoutEvalCallback, SaveRunConfigCallback, add_heldout_evaluation
+from autorefine.training.checkpoints import save_final
+from autorefine.training.sft.traces import build_gold_traces, load_trajectory_rows
 
 if TYPE_CHECKING:
     from trl import SFTTrainer
@@ -81,8 +78,8 @@ def build_trainer(config: SFTRunConfig) -> SFTTrainer:
         processing_class=tokenizer,
         peft_config=lora_config(config.lora, model),
     )
-    trainer.add_callback(SaveRunConfigCallback(to_dict(config)))
-    add_heldout_evaluation(trainer, config, client)
+    trainer.add_callback(SaveRunConfigCallback(config))
+    add_heldout_evaluation(trainer, config.heldout, config.rollout, template, client)
     return trainer
 
 

@@ -13,13 +13,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+from autorefine.trl_private import preference_collator
 
 COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids", "chosen_env_mask", "rejected_env_mask")
 
 
 def dpo_example(pair: dict[str, Any]) -> dict[str, list[int]]:
-    """The columns the trainer reads, from one checked pair (see `autorefine.training.pairs.check_pair`)."""
+    """The columns the trainer reads, from one checked pair (see `autorefine.training.ipdpo.pairs.check_pair`)."""
     chosen, rejected = pair["chosen"], pair["rejected"]
     return {
         "prompt_ids": chosen["prompt_ids"],
@@ -58,7 +59,7 @@ def pairs_dataset(
 
 
 @dataclass
-class MaskedPreferenceCollator(DataCollatorForPreference):
+class MaskedPreferenceCollator(preference_collator()):
     """TRL's preference collator with `completion_mask` set to the environment masks of the two trajectories.
 
     Batches are laid out as TRL's: chosen rows first, then rejected rows, right-padded. Nothing is truncated

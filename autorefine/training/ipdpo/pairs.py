@@ -324,19 +324,6 @@ def too_few_pairs_message(stats: PairStats, settings: PairSettings, where: str) 
 # --- reading and writing ----------------------------------------------------------------------------------
 
 
-def write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> int:
-    """Write rows atomically: the file appears complete or not at all."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    count = 0
-    with partial.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            count += 1
-    partial.replace(path)
-    return count
-
-
 def read_pairs(path: str | Path) -> Iterator[dict[str, Any]]:
     """Pairs of a pairs file, each checked (see `check_pair`); a file with none is an error."""
     path = Path(path)

@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, Any
 
 from autorefine import protocol
 from autorefine.data import Evidence, Question, question_evidence
-from autorefine.rewards import normalize_answer
-from autorefine.rollout.agent import AgentLoop, RolloutConfig, Searcher
+from autorefine.rollout.agent import AgentLoop, RolloutSettings, Searcher
 from autorefine.rollout.engine import Generation, SamplingParams
 from autorefine.rollout.trajectory import FinishReason, Trajectory
+from autorefine.scoring.answers import normalize_answer
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -205,7 +205,7 @@ def build_gold_traces(
     questions: Sequence[Question],
     searcher: Searcher,
     tokenizer: PreTrainedTokenizerBase,
-    config: RolloutConfig,
+    config: RolloutSettings,
     template: protocol.PromptTemplate,
     *,
     require_evidence: bool = True,

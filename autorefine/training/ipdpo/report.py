@@ -5,14 +5,22 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from autorefine.config import IPDPORunConfig, to_dict
-from autorefine.training.pairs import pair_text, read_pairs
+from autorefine.training.ipdpo.pairs import pair_text, read_pairs
 
 if TYPE_CHECKING:
     from trl import DPOConfig
+
+
+@dataclass(frozen=True)
+class IPDPOLoggingSettings:
+    """What IP-DPO logs besides TRL's own DPO metrics."""
+
+    pair_table_rows: int = 8  # example pairs per round (W&B table and round-k/pair_examples.md)
+    pair_accuracy_pairs: int = 512  # training pairs re-scored after each round's epoch (0: skip)
 
 
 def sample_summary(rows: Any) -> dict[str, float]:
@@ -101,7 +109,7 @@ def heldout_line(heldout: dict[str, float], baseline: dict[str, float] | None = 
     )
 
 
-def start_wandb(config: IPDPORunConfig, root: Path, args: DPOConfig) -> Any:
+def start_wandb(config: dict[str, Any], root: Path, args: DPOConfig) -> Any:
     """One W&B run for every round (resumed with the run), or None when W&B is not in `report_to`."""
     if "wandb" not in (args.report_to or []):
         return None
@@ -112,11 +120,11 @@ def start_wandb(config: IPDPORunConfig, root: Path, args: DPOConfig) -> Any:
     id_file.write_text(run_id)
     run = wandb.init(
         project=os.environ.get("WANDB_PROJECT", "autorefine"),
-        name=config.trainer.get("run_name") or root.name,
+        name=config["trainer"].get("run_name") or root.name,
         id=run_id,
         resume="allow",
         dir=str(root),
-        config=to_dict(config),
+        config=config,
     )
     run.define_metric("round")
     for prefix in ("round/*", "pairs/*", "dpo/*", "heldout/*", "samples/*"):

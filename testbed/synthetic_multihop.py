@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from autorefine.data import Evidence, Question
-from autorefine.synthetic import made_up_cities, made_up_names, made_up_word
-from autorefine.training.traces import TracePlan
+from autorefine.training.sft.traces import TracePlan
+from testbed.synthetic import made_up_cities, made_up_names, made_up_word
 
 if TYPE_CHECKING:
-    from autorefine.process_score import TrajectoryScores
+    from autorefine.scoring.trajectory import TrajectoryScores
 
 EMPLOYER_QUESTION = "Which company does {person} work for?"
 CITY_QUESTION = "What is the home city of {company}?"

@@ -1,0 +1,218 @@
+"""GRPO on TRL's `GRPOTrainer` with the search-augmented agent loop as `rollout_func`.
+
+TRL owns batching, grouping (`num_generations`), advantages, the clipped loss, KL, optimizer, checkpoints and
+multi-GPU. We own the rollout (`autorefine.training.search_rollout`: exact sampled ids, `env_mask` over
+inserted documents) and the rewards (`autorefine.training.rewards`: scored once on the model's own text, then
+published to the health signals, the guard, flat-group dropping and sample files).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from autorefine.config import GRPORunConfig
+from autorefine.data import read_questions
+from autorefine.modeling import load_tokenizer_and_policy, lora_config
+from autorefine.protocol import PromptTemplate
+from autorefine.retrieval import RetrieverClient, RetrieverUnavailableError, connect_retriever
+from autorefine.rollout.engines import TrainerEngine
+from autorefine.settings import check_trainer_args
+from autorefine.training.arguments import RunError, require_devices, with_trainer_defaults
+from autorefine.training.callbacks import SaveRunConfigCallback, StepTimerCallback, add_heldout_evaluation
+from autorefine.training.checkpoints import latest_checkpoint, save_final
+from autorefine.training.grpo.flat_groups import DropFlatGroups
+from autorefine.training.grpo.samples import LatestSamples, SampleTableCallback, SaveRolloutsCallback
+from autorefine.training.guard import check_guard
+from autorefine.training.guardrails import GuardCallback, Guardrails
+from autorefine.training.health import rollout_means
+from autorefine.training.rewards import TrajectoryRewards, question_rows, reward_weights
+from autorefine.training.search_rollout import SearchRollout, rollout_sampling
+from autorefine.trl_private import save_full_checkpoint
+
+if TYPE_CHECKING:
+    from trl import GRPOTrainer
+
+logger = logging.getLogger(__name__)
+
+
+def build_dataset(path: str, limit: int | None = None):  # -> datasets.Dataset
+    """A TRL prompt dataset of a question file (see `question_rows`)."""
+    from datasets import Dataset
+
+    questions = read_questions(path, limit=limit)
+    if not questions:
+        raise RunError(f"{path} holds no questions")
+    return Dataset.from_list(question_rows(questions))
+
+
+# TRL's importance-sampling corrections that weight a whole trajectory by the product of its token ratios.
+SEQUENCE_LEVEL_IS = ("sequence_mask", "sequence_truncate")
+
+
+def check_rollout_args(args: Any) -> None:
+    """Refuse, at start, trainer settings the rollout engines cannot honour or that would bias training."""
+    if args.generation_kwargs:
+        raise RunError(
+            f"trainer.generation_kwargs ({sorted(args.generation_kwargs)}) is not passed to the multi-turn "
+            "rollout engines; set trainer.temperature, top_p, top_k, min_p or repetition_penalty instead"
+        )
+    if args.use_vllm and args.vllm_structured_outputs_regex:
+        raise RunError("trainer.vllm_structured_outputs_regex is not supported with multi-turn rollouts")
+    if args.use_vllm and args.vllm_enable_sleep_mode:
+        raise RunError(
+            "trainer.vllm_enable_sleep_mode is not supported with multi-turn rollouts; turn it off"
+        )
+    sampling = rollout_sampling(args)
+    filters = [
+        name
+        for name, on in (
+            (f"top_p={sampling.top_p}", sampling.top_p < 1),
+            (f"top_k={sampling.top_k}", sampling.top_k > 0),
+            (f"min_p={sampling.min_p}", sampling.min_p > 0),
+            (f"repetition_penalty={sampling.repetition_penalty}", sampling.repetition_penalty != 1),
+        )
+        if on
+    ]
+    sequence_level = args.vllm_importance_sampling_mode in SEQUENCE_LEVEL_IS
+    if args.use_vllm and args.vllm_importance_sampling_correction and sequence_level and filters:
+        raise RunError(
+            f"trainer.{', '.join(filters)} cannot be combined with use_vllm and the sequence-level "
+            f"vllm_importance_sampling_mode={args.vllm_importance_sampling_mode}: vLLM reports log-probs after "
+            "these filters (TRL starts it with logprobs_mode=processed_logprobs) and the trainer recomputes "
+            "them without, so every trajectory's correction is the product of its tokens' kept probability "
+            "mass (measured on the synthetic warm start at top_p=0.95: 0.63 on average for 48 model tokens, "
+            "about 0.05 at 300) and scales its policy-gradient term down (not KL, not entropy). "
+            "Sample training rollouts with top_p: 1.0, top_k: 0, min_p: 0.0, repetition_penalty: 1.0, or use "
+            "a token-level correction (vllm_importance_sampling_mode: token_truncate or token_mask)"
+        )
+
+
+def make_grpo_args(config: GRPORunConfig):  # -> trl.GRPOConfig
+    """TRL arguments from the `trainer` section, with the fields autorefine derives filled in."""
+    from trl import GRPOConfig
+
+    derived = {
+        "max_completion_length": "rollout.max_completion_tokens",
+        "reward_weights": "reward (the AutoRefine reward has weight 1, logged metrics 0)",
+        "remove_unused_columns": "autorefine (reward functions need the golden_answers column)",
+    }
+    values = with_trainer_defaults(
+        check_trainer_args(GRPOConfig, config.trainer, forbidden=derived), GRPOConfig
+    )
+    require_devices(values)
+    values.setdefault("output_dir", "runs/grpo")
+    # TRL's completions table (with our extra columns) is the W&B table of sample trajectories.
+    report_to = values.get("report_to") or []
+    wants_table = "wandb" in ([report_to] if isinstance(report_to, str) else report_to)
+    values.setdefault("log_completions", wants_table and config.logging.sample_table_every > 0)
+    values.setdefault("num_completions_to_print", config.logging.sample_table_rows)
+    args = GRPOConfig(
+        **values,
+        max_completion_length=config.rollout.max_completion_tokens,
+        reward_weights=reward_weights(),
+        remove_unused_columns=False,
+    )
+    check_rollout_args(args)
+    generate_every = args.steps_per_generation * args.num_iterations
+    if args.save_steps and args.save_strategy == "steps" and args.save_steps % generate_every:
+        # TRL re-uses one generation batch for `generate_every` optimizer steps and does not checkpoint it.
+        raise RunError(
+            f"trainer.save_steps={args.save_steps} must be a multiple of steps_per_generation × num_iterations "
+            f"= {generate_every}, or a resumed run would not match an uninterrupted one"
+        )
+    return args
+
+
+def build_trainer(
+    config: GRPORunConfig, client: RetrieverClient | None = None
+) -> tuple[GRPOTrainer, SearchRollout]:
+    """The configured GRPOTrainer and its rollout function; checks the retriever before loading the model."""
+    from trl import GRPOTrainer
+
+    rewards = TrajectoryRewards(config.reward, means=rollout_means)
+    args = make_grpo_args(config)
+    guard_settings = check_guard(config.guard, config.heldout, args)
+    template = PromptTemplate.load(config.template)
+    train = build_dataset(config.data.train_file)
+    client = client or connect_retriever(config.retriever)
+    tokenizer, model = load_tokenizer_and_policy(config.model)
+    rollout = SearchRollout(client, config.rollout, template, config.eval_temperature)
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=rewards.functions(),
+        args=args,
+        train_dataset=train,
+        processing_class=tokenizer,
+        rollout_func=rollout,
+        peft_config=lora_config(config.lora, model),
+    )
+    # One engine per trainer, shared by the rollouts and the held-out evaluation.
+    rollout.engine = TrainerEngine(trainer)
+    trainer.add_callback(StepTimerCallback(trainer, lambda: rollout.total_seconds))
+    latest = LatestSamples()
+    rewards.subscribe(latest)
+    log = config.logging
+    trainer.add_callback(SampleTableCallback(log.sample_table_every, log.sample_table_rows, latest))
+    if log.save_rollouts:
+        trainer.add_callback(SaveRolloutsCallback(latest))
+    trainer.add_callback(SaveRunConfigCallback(config))
+    guardrails = Guardrails(trainer, guard_settings, Path(args.output_dir) / "best")
+    rewards.subscribe(guardrails.health.observe)
+    add_heldout_evaluation(
+        trainer,
+        config.heldout,
+        config.rollout,
+        template,
+        client,
+        rollout.engine,
+        on_result=guardrails.heldout_result,
+    )
+    guardrails.attach()  # after the held-out callback: a step's signals and rules see that step's evaluation
+    if config.drop_flat_groups:
+        rewards.subscribe(DropFlatGroups(trainer))
+    rewards.attach(trainer)
+    return trainer, rollout
+
+
+def run_grpo(trainer: GRPOTrainer, resume: str | None = None, command: str = "autorefine train-grpo") -> Path:
+    """Train; on a lost retriever or a guard `stop`, write a checkpoint and stop with the command that resumes."""
+    output_dir = Path(trainer.args.output_dir)
+    if resume == "latest":
+        resume = latest_checkpoint(output_dir)
+        if resume is None:
+            raise RunError(f"--resume latest: no checkpoint-* directory in {output_dir}")
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except RetrieverUnavailableError as err:
+        save_full_checkpoint(trainer)
+        saved = latest_checkpoint(output_dir)
+        raise RunError(
+            f"{err}\nThe retriever stayed down; training state was saved to {saved}.\n"
+            f"Restart the retriever, then resume with: {command} --resume {saved}"
+        ) from None
+    guard = next((c for c in trainer.callback_handler.callbacks if isinstance(c, GuardCallback)), None)
+    if guard is not None and guard.stopped is not None:
+        saved = latest_checkpoint(output_dir)
+        lr = trainer.optimizer.param_groups[0]["lr"] if trainer.optimizer is not None else None
+        best = output_dir / "best"
+        raise RunError(
+            f"the guard stopped training: {guard.stopped.message}\n"
+            f"Training state was saved to {saved}. Resume with: {command} --resume {saved}\n"
+            + (
+                f"or start again from the best policy with a lower learning rate: {command} "
+                f"model.name_or_path={best} trainer.learning_rate={lr / 2:.3g} trainer.output_dir=<new folder>"
+                if best.is_dir() and lr
+                else ""
+            )
+        )
+    return save_final(trainer)
+
+
+def train_grpo(
+    config: GRPORunConfig, resume: str | None = None, command: str = "autorefine train-grpo"
+) -> Path:
+    """Build the trainer from a config and run it (see `run_grpo`)."""
+    trainer, _ = build_trainer(config)
+    return run_grpo(trainer, resume, command)
