@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from autorefine.api_key import API_KEY_ENV
 from retriever_server.batching import MicroBatcher
 from retriever_server.corpus import DocumentStore
 from retriever_server.encoders import EncoderSpec, is_embedded
@@ -40,7 +41,6 @@ from retriever_server.manifest import (
 logger = logging.getLogger(__name__)
 
 Hit = tuple[float, dict[str, str]]
-API_KEY_ENV = "AUTOREFINE_RETRIEVER_API_KEY"  # the same variable the client reads
 DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20  # 1,024 queries of 8 KB; a trainer's queries are a few hundred bytes
 # Module level: FastAPI resolves the (postponed) annotations of dependencies in this module's globals.
 _BEARER = HTTPBearer(auto_error=False)
@@ -293,10 +293,16 @@ def create_app(
     )
 
     def load() -> None:
+        from retriever_server.indexes import index_factory
+
         try:
+            factory = index_factory(plan.manifest["index"])
             state.retriever = loader(plan)
             logger.info(
-                "ready: %d passages, %s index", len(state.retriever.store), plan.manifest["index"]["type"]
+                "ready: %d passages, %s index%s",
+                len(state.retriever.store),
+                plan.manifest["index"]["type"],
+                f" ({factory})" if factory else "",
             )
         except Exception as err:
             state.error = (

@@ -14,26 +14,18 @@ and shard size; they also let an index of another type be built without encoding
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from retriever_server.corpus import (
-    OFFSETS_FILE,
-    CorpusScan,
-    DocumentStore,
-    corpus_fingerprint,
-    scan_corpus,
-    sha256_file,
-)
+from autorefine.files import atomic_open, atomic_path, file_sha256, read_json, write_json
+from retriever_server.corpus import OFFSETS_FILE, DocumentStore, corpus_fingerprint, scan_corpus
 from retriever_server.encoders import BM25, EncoderSpec, is_embedded, model_fingerprint, resolve_encoder_spec
 from retriever_server.indexes import (
     BM25_DIR,
@@ -45,15 +37,10 @@ from retriever_server.indexes import (
     IndexBuildError,
     build_faiss_index,
     configure_threads,
+    factory_string,
     resolve_params,
 )
-from retriever_server.manifest import (
-    FORMAT_VERSION,
-    MANIFEST_FILE,
-    package_versions,
-    read_manifest,
-    write_manifest,
-)
+from retriever_server.manifest import MANIFEST_FILE, new_manifest, read_manifest, write_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +65,8 @@ class BuildResult:
     shards_reused: list[int] = field(default_factory=list)
 
 
-def _progress(total: int, desc: str, unit: str, enabled: bool, initial: int = 0) -> Any:
+def progress_bar(total: int, desc: str, unit: str, enabled: bool, initial: int = 0) -> Any:
+    """A tqdm bar (bytes scaled to kB/MB when `unit` is "B"); a disabled one when `enabled` is false."""
     from tqdm.auto import tqdm
 
     scale = unit == "B"
@@ -93,7 +81,7 @@ def _progress(total: int, desc: str, unit: str, enabled: bool, initial: int = 0)
     )
 
 
-def _requested_config(
+def requested_config(
     corpus: Path,
     spec: EncoderSpec | None,
     index_type: str,
@@ -101,6 +89,7 @@ def _requested_config(
     skip_malformed: bool,
     imported: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """What a build or import is asked to make, in the terms `check_existing` compares with a manifest."""
     return {
         "corpus.size_bytes": corpus.stat().st_size,
         "corpus.fingerprint": corpus_fingerprint(corpus),
@@ -140,7 +129,7 @@ def _existing_config(manifest: dict[str, Any], given_params: dict[str, Any]) -> 
     }
 
 
-def _check_existing(
+def check_existing(
     out: Path, corpus: Path, requested: dict[str, Any], given_params: dict[str, Any], force: bool
 ) -> bool:
     """True when `out` already holds the same finished index; raise when it holds another one."""
@@ -149,7 +138,7 @@ def _check_existing(
     manifest = read_manifest(out)
     existing = _existing_config(manifest, given_params)
     differences = [key for key in requested if requested[key] != existing.get(key)]
-    if not differences and not force and sha256_file(corpus) != manifest["corpus"]["sha256"]:
+    if not differences and not force and file_sha256(corpus) != manifest["corpus"]["sha256"]:
         differences.append("corpus.sha256")
     if not differences:
         return not force
@@ -170,8 +159,7 @@ def _prepare_shards(shards: Path, state: dict[str, Any]) -> None:
     shards.mkdir(parents=True, exist_ok=True)
     state_file = shards / SHARD_STATE
     if state_file.is_file():
-        previous = json.loads(state_file.read_text("utf-8"))
-        if previous == state:
+        if read_json(state_file) == state:
             return
         stale = sorted(shards.glob("emb_*.npy"))
         if stale:
@@ -180,7 +168,7 @@ def _prepare_shards(shards: Path, state: dict[str, Any]) -> None:
             )
         for path in stale:
             path.unlink()
-    state_file.write_text(json.dumps(state, indent=2) + "\n", "utf-8")
+    write_json(state_file, state)
 
 
 def _shard_is_complete(path: Path, rows: int, dim: int | None) -> bool:
@@ -215,7 +203,7 @@ def encode_shards(
     }
     _prepare_shards(shards, identity)
     dim_file = shards / "dim.json"
-    dim = json.loads(dim_file.read_text("utf-8"))["dim"] if dim_file.is_file() else None
+    dim = read_json(dim_file)["dim"] if dim_file.is_file() else None
 
     def rows_of(i: int) -> tuple[int, int]:
         return i * shard_size, min(n, (i + 1) * shard_size)
@@ -232,17 +220,14 @@ def encode_shards(
     from retriever_server.encoders import DenseEncoder
 
     encoder = DenseEncoder(spec, batch_size=batch_size, max_batch_tokens=max_batch_tokens)
-    dim_file.write_text(json.dumps({"dim": encoder.dim}) + "\n", "utf-8")
-    bar = _progress(n, "encoding", "passage", progress, initial=sum(size_of(i) for i in reused))
+    write_json(dim_file, {"dim": encoder.dim})
+    bar = progress_bar(n, "encoding", "passage", progress, initial=sum(size_of(i) for i in reused))
     try:
         for i in missing:
             start, stop = rows_of(i)
             embeddings = encoder.encode_passages(list(store.iter_range(start, stop)))
-            path = _shard_path(shards, i)
-            tmp = path.with_name(path.name + ".tmp")
-            with tmp.open("wb") as fh:
+            with atomic_open(_shard_path(shards, i), "wb") as fh:  # a shard file is complete or absent
                 np.save(fh, embeddings)
-            tmp.replace(path)  # atomic: a shard file is either complete or absent
             bar.update(stop - start)
     finally:
         bar.close()
@@ -302,15 +287,15 @@ def build_index(
     )
     given_params = dict(index_params or {})
     out.mkdir(parents=True, exist_ok=True)
-    requested = _requested_config(corpus, spec, index_type, given_params, skip_malformed)
-    if _check_existing(out, corpus, requested, given_params, force):
+    requested = requested_config(corpus, spec, index_type, given_params, skip_malformed)
+    if check_existing(out, corpus, requested, given_params, force):
         logger.info("%s is up to date", out)
         return BuildResult(manifest=read_manifest(out), up_to_date=True)
     # From here on the directory is being (re)built: drop the marker of a finished index first.
     (out / MANIFEST_FILE).unlink(missing_ok=True)
     configure_threads(threads, torch_threads=not bm25)
 
-    scan_bar = _progress(corpus.stat().st_size, "scanning corpus", "B", progress)
+    scan_bar = progress_bar(corpus.stat().st_size, "scanning corpus", "B", progress)
     try:
         scan = scan_corpus(
             corpus, out / OFFSETS_FILE, skip_malformed=skip_malformed, progress=scan_bar.update
@@ -353,7 +338,9 @@ def build_index(
         raise BuildError(str(err)) from None
     finally:
         store.close()
-    result.manifest = _manifest(scan, encoder_info, index_info, skip_malformed, time.perf_counter() - started)
+    result.manifest = new_manifest(
+        scan, encoder_info, index_info, skip_malformed, time.perf_counter() - started
+    )
     write_manifest(out, result.manifest)
     return result
 
@@ -367,7 +354,7 @@ def encoder_manifest(spec: EncoderSpec) -> dict[str, Any]:
 
 
 def _build_bm25(store: DocumentStore, out: Path, params: dict[str, Any], progress: bool) -> dict[str, Any]:
-    bar = _progress(len(store), "tokenizing", "passage", progress)
+    bar = progress_bar(len(store), "tokenizing", "passage", progress)
 
     def texts() -> Iterator[str]:
         for text in store.iter_range(0, len(store)):
@@ -378,11 +365,8 @@ def _build_bm25(store: DocumentStore, out: Path, params: dict[str, Any], progres
         index = BM25Index.build(texts(), params)
     finally:
         bar.close()
-    target, tmp = out / BM25_DIR, out / (BM25_DIR + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    index.save(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    with atomic_path(out / BM25_DIR) as partial:
+        index.save(partial)
     return {"type": BM25, "params": params, "path": BM25_DIR, "ntotal": index.ntotal}
 
 
@@ -404,6 +388,7 @@ def _build_faiss(
     FaissIndex(raw, kind, params).save(out / FAISS_FILE)
     return {
         "type": kind,
+        "factory": factory_string(kind, params),
         "params": params,
         "path": FAISS_FILE,
         "ntotal": int(raw.ntotal),
@@ -411,23 +396,16 @@ def _build_faiss(
     }
 
 
-def _manifest(
-    scan: CorpusScan, encoder: dict[str, Any], index: dict[str, Any], skip_malformed: bool, seconds: float
-) -> dict[str, Any]:
-    return {
-        "format_version": FORMAT_VERSION,
-        "corpus": scan.to_manifest(),
-        "encoder": encoder,
-        "dim": encoder.get("dim"),
-        "index": index,
-        "offsets": OFFSETS_FILE,
-        "build": {
-            "skip_malformed": skip_malformed,
-            "seconds": round(seconds, 3),
-            "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        },
-        "versions": package_versions(),
-    }
-
-
-__all__ = ["DEFAULT_SHARD_SIZE", "FAISS_TYPES", "BuildError", "BuildResult", "build_index", "encode_shards"]
+__all__ = [
+    "DEFAULT_SHARD_SIZE",
+    "FAISS_TYPES",
+    "BuildError",
+    "BuildResult",
+    "build_index",
+    "check_existing",
+    "encode_shards",
+    "encoder_manifest",
+    "imported_identity",
+    "progress_bar",
+    "requested_config",
+]

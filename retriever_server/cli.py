@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from autorefine.api_key import API_KEY_ENV, read_api_key
+
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 
@@ -241,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         help="require 'Authorization: Bearer <token>' on every request, the token being this file's "
-        "content (default: $AUTOREFINE_RETRIEVER_API_KEY if set, else no token)",
+        f"content (default: ${API_KEY_ENV} if set, else no token)",
     )
     serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     serve.add_argument(
@@ -348,21 +350,6 @@ def _report(args: argparse.Namespace, result: Any) -> int:
     return 0
 
 
-def _api_key(path: Path | None) -> str | None:
-    """The serving token: the file's content, else $AUTOREFINE_RETRIEVER_API_KEY, else None."""
-    from retriever_server.app import API_KEY_ENV
-
-    if path is None:
-        return os.environ.get(API_KEY_ENV, "").strip() or None
-    try:
-        token = path.expanduser().read_text("utf-8").strip()
-    except OSError as err:
-        raise ValueError(f"--api-key-file {path}: {err.strerror or err}") from None
-    if not token:
-        raise ValueError(f"--api-key-file {path} is empty")
-    return token
-
-
 def _serve(args: argparse.Namespace) -> int:
     import ipaddress
 
@@ -384,7 +371,8 @@ def _serve(args: argparse.Namespace) -> int:
         max_batch_tokens=args.max_batch_tokens,
         search_params={k: getattr(args, k) for k in ("efSearch", "nprobe", "k_factor") if getattr(args, k)},
         **({"max_request_bytes": args.max_request_bytes} if args.max_request_bytes else {}),
-        api_key=_api_key(args.api_key_file),
+        # ApiKeyError is a ValueError: main() reports it as the one-line message it carries.
+        api_key=read_api_key(args.api_key_file, setting="--api-key-file"),
     )
     plan = plan_serving(config)
     try:
@@ -394,8 +382,9 @@ def _serve(args: argparse.Namespace) -> int:
     if config.api_key is None and not loopback:
         logging.getLogger(__name__).warning(
             "serving on %s without an API key: anyone who reaches the port can query it "
-            "(--api-key-file FILE, or set $AUTOREFINE_RETRIEVER_API_KEY)",
+            "(--api-key-file FILE, or set $%s)",
             args.host,
+            API_KEY_ENV,
         )
     elif config.api_key is not None:
         logging.getLogger(__name__).info("every request must carry the API key (Authorization: Bearer)")

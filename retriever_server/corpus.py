@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from autorefine.files import atomic_open
+
 OFFSETS_FILE = "offsets.npy"
 # The quick fingerprint hashes the size plus the first and last MiB: cheap on a 14 GB file, and it
 # catches the usual accidents (another corpus, a truncated copy, appended rows).
@@ -159,11 +161,8 @@ def scan_corpus(
         progress(size - reported)
     if not offsets:
         raise CorpusError(f"{path}: no passages")
-    out = Path(offsets_out)
-    tmp = out.with_name(out.name + ".tmp")
-    with tmp.open("wb") as fh:
+    with atomic_open(offsets_out, "wb") as fh:
         np.save(fh, np.frombuffer(offsets, dtype=np.int64))
-    tmp.replace(out)
     return CorpusScan(
         path=str(path.resolve()),
         size_bytes=size,
@@ -185,15 +184,6 @@ def corpus_fingerprint(path: str | os.PathLike[str]) -> str:
         if size > _FINGERPRINT_SPAN:
             fh.seek(max(_FINGERPRINT_SPAN, size - _FINGERPRINT_SPAN))
             hasher.update(fh.read(_FINGERPRINT_SPAN))
-    return hasher.hexdigest()
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Full sha256 of a file, read in chunks."""
-    hasher = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        while chunk := fh.read(_READ_CHUNK):
-            hasher.update(chunk)
     return hasher.hexdigest()
 
 

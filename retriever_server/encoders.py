@@ -223,6 +223,10 @@ class DenseEncoder:
             model = AutoModel.from_pretrained(path)
         except (OSError, ValueError) as err:
             raise EncoderError(f"cannot load encoder {spec.name!r} from {path}: {err}") from err
+        if self.tokenizer.pad_token is None:
+            # `tokenizer.pad` refuses to pad without one; padded positions are masked out of the pooling, so
+            # any id will do, and id 0 is what indexes built before padded with.
+            self.tokenizer.pad_token = self.tokenizer.convert_ids_to_tokens(0)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         fp16 = self.device.type == "cuda" if fp16 is None else fp16
         model = model.eval().to(self.device)
@@ -270,34 +274,14 @@ class DenseEncoder:
         with torch.inference_mode():
             for rows in self._batches(lengths, batch_size or self.batch_size):
                 t0 = time.perf_counter()
-                batch = self._pad(features, rows, max(lengths[i] for i in rows))
+                batch = self.tokenizer.pad(
+                    {key: [values[i] for i in rows] for key, values in features.items()}, return_tensors="pt"
+                ).to(self.device)
                 t1 = time.perf_counter()
                 out[rows] = self._module(**batch).cpu().numpy()
                 self.tokenize_seconds += t1 - t0
                 self.forward_seconds += time.perf_counter() - t1
         return out
-
-    def _pad(self, features: Any, rows: list[int], width: int) -> dict[str, torch.Tensor]:
-        """Tensors of `rows`, padded to `width` as the tokenizer would pad them."""
-        import torch
-
-        pad_values = {
-            "input_ids": self.tokenizer.pad_token_id or 0,
-            "token_type_ids": self.tokenizer.pad_token_type_id,
-        }
-        left = self.tokenizer.padding_side == "left"
-        batch = {}
-        for key, values in features.items():
-            pad = pad_values.get(key, 0)
-            array = np.full((len(rows), width), pad, dtype=np.int64)
-            for j, i in enumerate(rows):
-                seq = values[i]
-                if left:
-                    array[j, width - len(seq) :] = seq
-                else:
-                    array[j, : len(seq)] = seq
-            batch[key] = torch.from_numpy(array).to(self.device)
-        return batch
 
     def _batches(self, lengths: list[int], batch_size: int) -> list[list[int]]:
         """Split rows, sorted by token count, into forward passes of at most `batch_size` rows."""

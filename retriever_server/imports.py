@@ -28,20 +28,20 @@ from typing import Any
 
 import numpy as np
 
+from autorefine.files import atomic_path
 from retriever_server.build import (
     BuildError,
     BuildResult,
-    _check_existing,
-    _manifest,
-    _progress,
-    _requested_config,
+    check_existing,
     encoder_manifest,
     imported_identity,
+    progress_bar,
+    requested_config,
 )
 from retriever_server.corpus import OFFSETS_FILE, DocumentStore, corpus_fingerprint, scan_corpus
 from retriever_server.encoders import BM25, DenseEncoder, resolve_encoder_spec
 from retriever_server.indexes import FAISS_FILE, configure_threads, mmap_flags
-from retriever_server.manifest import MANIFEST_FILE, read_manifest, write_manifest
+from retriever_server.manifest import MANIFEST_FILE, new_manifest, read_manifest, write_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -227,9 +227,8 @@ def place_index_file(source: Path, out: Path, mode: str) -> tuple[str, str]:
         return FAISS_FILE, "in place"
     target.unlink(missing_ok=True)  # a previous build's index, replaced (the caller checked --force)
     if mode == "copy":
-        tmp = target.with_name(target.name + ".tmp")
-        shutil.copyfile(source, tmp)
-        tmp.replace(target)
+        with atomic_path(target) as partial:
+            shutil.copyfile(source, partial)
         return FAISS_FILE, "copy"
     if mode == "auto":
         try:
@@ -281,8 +280,8 @@ def import_faiss_index(
         "faiss_class": foreign.faiss_class,
     }
     out.mkdir(parents=True, exist_ok=True)
-    requested = _requested_config(corpus, spec, foreign.kind, given, False, imported_identity(imported))
-    if _check_existing(out, corpus, requested, given, force):
+    requested = requested_config(corpus, spec, foreign.kind, given, False, imported_identity(imported))
+    if check_existing(out, corpus, requested, given, force):
         logger.info("%s is up to date", out)
         return BuildResult(manifest=read_manifest(out), up_to_date=True)
     (out / MANIFEST_FILE).unlink(missing_ok=True)
@@ -294,7 +293,7 @@ def import_faiss_index(
             f"{source} holds {foreign.dim}-dimensional vectors but encoder {spec.name} makes "
             f"{dense.dim}-dimensional ones; name the encoder the index was built with (--encoder)"
         )
-    scan_bar = _progress(corpus.stat().st_size, "scanning corpus", "B", progress)
+    scan_bar = progress_bar(corpus.stat().st_size, "scanning corpus", "B", progress)
     try:
         scan = scan_corpus(corpus, out / OFFSETS_FILE, progress=scan_bar.update)
     finally:
@@ -320,6 +319,8 @@ def import_faiss_index(
         "fingerprint": imported["fingerprint"],
         "imported": {**imported, "mode": placed, "spot_check": checked},
     }
-    manifest = _manifest(scan, encoder_manifest(dense.spec), index_info, False, time.perf_counter() - started)
+    manifest = new_manifest(
+        scan, encoder_manifest(dense.spec), index_info, False, time.perf_counter() - started
+    )
     write_manifest(out, manifest)
     return BuildResult(manifest=manifest)

@@ -24,6 +24,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from autorefine.files import atomic_path
+
 logger = logging.getLogger(__name__)
 
 FAISS_TYPES = ("flat", "hnsw", "ivfpq")
@@ -42,6 +44,10 @@ _PARAM_NAMES: dict[str, tuple[str, ...]] = {
 }
 # What each parameter may change after the build: search-time knobs can be overridden when serving.
 SEARCH_TIME_PARAMS = ("efSearch", "nprobe", "k_factor")
+# Which of them each kind takes ("ivf": another inverted-file index, perhaps inside an IndexRefine).
+_SEARCH_PARAMS_OF = {"hnsw": ("efSearch",), "ivfpq": ("nprobe", "k_factor"), "ivf": ("nprobe", "k_factor")}
+# Their names in faiss.ParameterSpace, which calls IndexRefine's k_factor "k_factor_rf".
+_PARAMETER_SPACE_NAMES = {"efSearch": "efSearch", "nprobe": "nprobe", "k_factor": "k_factor_rf"}
 REFINE_CHOICES = ("flat", "sq8", "none")
 _GPU_PQ_M = (1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96)
 
@@ -144,6 +150,49 @@ def resolve_params(kind: str, n: int, dim: int, given: dict[str, Any] | None = N
     return params
 
 
+def factory_string(kind: str, params: dict[str, Any]) -> str:
+    """The `faiss.index_factory` description of the `kind` index we build with `params`."""
+    if kind == "flat":
+        return "Flat"
+    if kind == "hnsw":
+        return f"HNSW{params['M']}"
+    if kind == "ivfpq":
+        # "np": no polysemous training, which the factory adds by default and IndexIVFPQ itself does not.
+        # Refinement re-scores the k·k_factor PQ candidates with better vectors, restoring the recall that
+        # coarse PQ codes lose; per vector it costs dim bytes (sq8) or 4·dim bytes (flat) on top of the
+        # m·nbits/8 bytes of PQ code.
+        refine = {"none": "", "flat": ",Refine(Flat)", "sq8": ",Refine(SQ8)"}[params["refine"]]
+        return f"IVF{params['nlist']},PQ{params['m']}x{params['nbits']}np{refine}"
+    raise IndexBuildError(f"not a FAISS index type: {kind!r}")
+
+
+def index_factory(info: dict[str, Any]) -> str | None:
+    """The factory string of a manifest's `index` section; None for BM25 and imported FAISS files."""
+    if info["type"] not in FAISS_TYPES or "imported" in info:
+        return None
+    # Manifests written before the factory string was recorded hold the parameters it derives from.
+    return info.get("factory") or factory_string(info["type"], info["params"])
+
+
+def set_search_params(index: Any, kind: str, params: dict[str, Any]) -> None:
+    """Apply the search-time parameters `kind` takes (efSearch, nprobe, k_factor) to a CPU index."""
+    import faiss
+
+    space = faiss.ParameterSpace()
+    for name in _SEARCH_PARAMS_OF.get(kind, ()):
+        value = params.get(name)
+        if not value:
+            continue
+        if name == "k_factor":
+            if not isinstance(index, faiss.IndexRefine):
+                continue  # IVF-PQ without refinement: nothing re-ranks
+            if not float(value).is_integer():
+                # ParameterSpace rounds k_factor down to an integer; an imported file may hold a fraction.
+                index.k_factor = float(value)
+                continue
+        space.set_index_parameter(index, _PARAMETER_SPACE_NAMES[name], value)
+
+
 def build_faiss_index(
     kind: str,
     dim: int,
@@ -151,47 +200,20 @@ def build_faiss_index(
     batches: Callable[[], Iterator[np.ndarray]],
     train_sample: Callable[[], np.ndarray] | None = None,
 ) -> Any:
-    """Create, train (IVF-PQ) and fill a CPU FAISS index from a re-iterable stream of embedding batches."""
+    """Create (see `factory_string`), train (IVF-PQ) and fill a CPU FAISS index from re-iterable batches."""
     import faiss
 
-    ip = faiss.METRIC_INNER_PRODUCT
-    if kind == "flat":
-        index = faiss.IndexFlatIP(dim)
-    elif kind == "hnsw":
-        index = faiss.IndexHNSWFlat(dim, params["M"], ip)
-        index.hnsw.efConstruction = params["efConstruction"]
-        index.hnsw.efSearch = params["efSearch"]
-    elif kind == "ivfpq":
+    index = faiss.index_factory(dim, factory_string(kind, params), faiss.METRIC_INNER_PRODUCT)
+    if kind == "hnsw":
+        faiss.ParameterSpace().set_index_parameter(index, "efConstruction", params["efConstruction"])
+    if not index.is_trained:
         if train_sample is None:
-            raise IndexBuildError("ivfpq needs a training sample")
-        quantizer = faiss.IndexFlatIP(dim)
-        ivf = faiss.IndexIVFPQ(quantizer, dim, params["nlist"], params["m"], params["nbits"], ip)
-        ivf.nprobe = params["nprobe"]
-        sample = np.ascontiguousarray(train_sample(), dtype=np.float32)
-        ivf.train(sample)
-        index = _with_refinement(ivf, dim, params, sample)
-    else:
-        raise IndexBuildError(f"not a FAISS index type: {kind!r}")
+            raise IndexBuildError(f"{kind} needs a training sample")
+        # Trains the coarse quantizer and PQ codebooks, and the 8-bit ranges of an SQ8 refinement.
+        index.train(np.ascontiguousarray(train_sample(), dtype=np.float32))
+    set_search_params(index, kind, params)
     for batch in batches():
         index.add(np.ascontiguousarray(batch, dtype=np.float32))
-    return index
-
-
-def _with_refinement(ivf: Any, dim: int, params: dict[str, Any], sample: np.ndarray) -> Any:
-    # PQ codes alone rank coarsely; re-scoring the k·k_factor PQ candidates with better vectors restores
-    # recall. Memory per vector: m·nbits/8 bytes of PQ code, plus dim bytes (sq8) or 4·dim bytes (flat)
-    # for the refinement vectors; "none" keeps only the PQ codes.
-    import faiss
-
-    if params["refine"] == "none":
-        return ivf
-    if params["refine"] == "flat":
-        refine = faiss.IndexFlatIP(dim)
-    else:
-        refine = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
-        refine.train(sample)  # per-dimension ranges of the 8-bit codes
-    index = faiss.IndexRefine(ivf, refine)
-    index.k_factor = params["k_factor"]
     return index
 
 
@@ -218,7 +240,7 @@ class FaissIndex:
         if not Path(path).is_file():
             raise IndexBuildError(f"index file not found: {path}")
         loaded = cls(faiss.read_index(str(path), mmap_flags()), kind, params)
-        loaded.set_search_params(params)
+        set_search_params(loaded.index, kind, params)
         if use_gpu and kind != "hnsw" and faiss.get_num_gpus() > 0:
             loaded._to_all_gpus()
         return loaded
@@ -227,21 +249,8 @@ class FaissIndex:
         """Write the (CPU) index atomically."""
         import faiss
 
-        tmp = Path(str(path) + ".tmp")
-        faiss.write_index(self.index, str(tmp))
-        tmp.replace(path)
-
-    def set_search_params(self, params: dict[str, Any]) -> None:
-        """Apply efSearch / nprobe / k_factor (CPU index)."""
-        import faiss
-
-        if self.kind == "hnsw" and params.get("efSearch"):
-            faiss.downcast_index(self.index).hnsw.efSearch = int(params["efSearch"])
-        if self.kind in IVF_TYPES:
-            if params.get("nprobe"):
-                faiss.extract_index_ivf(self.index).nprobe = int(params["nprobe"])
-            if params.get("k_factor") and isinstance(self.index, faiss.IndexRefine):
-                self.index.k_factor = float(params["k_factor"])
+        with atomic_path(path) as partial:
+            faiss.write_index(self.index, str(partial))
 
     def _to_all_gpus(self) -> None:
         """Clone the index onto all visible GPUs, or leave it exactly as it was on CPU if any step fails."""

@@ -6,11 +6,13 @@ import json
 import os
 import platform
 from dataclasses import replace
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from retriever_server.corpus import corpus_fingerprint, sha256_file
+from autorefine.files import file_sha256, write_json
+from retriever_server.corpus import OFFSETS_FILE, CorpusScan, corpus_fingerprint
 from retriever_server.encoders import BM25, EncoderSpec, is_embedded, model_fingerprint, resolve_encoder_spec
 
 MANIFEST_FILE = "manifest.json"
@@ -49,12 +51,29 @@ def read_manifest(index_dir: str | os.PathLike[str]) -> dict[str, Any]:
     return manifest
 
 
+def new_manifest(
+    scan: CorpusScan, encoder: dict[str, Any], index: dict[str, Any], skip_malformed: bool, seconds: float
+) -> dict[str, Any]:
+    """The manifest of an index just built or imported: its corpus, encoder and index sections, and how."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "corpus": scan.to_manifest(),
+        "encoder": encoder,
+        "dim": encoder.get("dim"),
+        "index": index,
+        "offsets": OFFSETS_FILE,
+        "build": {
+            "skip_malformed": skip_malformed,
+            "seconds": round(seconds, 3),
+            "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        },
+        "versions": package_versions(),
+    }
+
+
 def write_manifest(index_dir: str | os.PathLike[str], manifest: dict[str, Any]) -> None:
     """Write `manifest.json` atomically: its presence marks a finished index."""
-    path = Path(index_dir) / MANIFEST_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", "utf-8")
-    tmp.replace(path)
+    write_json(Path(index_dir) / MANIFEST_FILE, manifest)
 
 
 def _differs(path: Path, recorded: dict[str, Any]) -> str | None:
@@ -81,7 +100,7 @@ def check_corpus(
             f"corpus {path} does not match the index manifest: {difference}; "
             f"the index was built from {recorded['path']}"
         )
-    if full_hash and sha256_file(path) != recorded["sha256"]:
+    if full_hash and file_sha256(path) != recorded["sha256"]:
         raise ManifestMismatch(
             f"corpus {path} does not match the index manifest: sha256 differs from {recorded['sha256']}"
         )

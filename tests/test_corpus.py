@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from autorefine.files import file_sha256
 from retriever_server.corpus import (
     CorpusError,
     DocumentStore,
@@ -15,7 +16,6 @@ from retriever_server.corpus import (
     iter_passages,
     parse_row,
     scan_corpus,
-    sha256_file,
 )
 
 DEMO_CORPUS = Path(__file__).resolve().parent.parent / "data" / "demo" / "corpus.jsonl"
@@ -168,7 +168,7 @@ def test_lookup_out_of_range_raises(tmp_path: Path) -> None:
 
 def test_scan_records_hashes_and_counts(tmp_path: Path) -> None:
     scan = scan_corpus(DEMO_CORPUS, tmp_path / "o.npy")
-    assert scan.sha256 == sha256_file(DEMO_CORPUS)
+    assert scan.sha256 == file_sha256(DEMO_CORPUS)
     assert scan.fingerprint == corpus_fingerprint(DEMO_CORPUS)
     assert scan.size_bytes == DEMO_CORPUS.stat().st_size
     assert scan.to_manifest()["passages"] == 4858

@@ -10,8 +10,9 @@ import faiss
 import numpy as np
 import pytest
 
+from autorefine.files import file_sha256
 from retriever_server.build import BuildError, build_index
-from retriever_server.corpus import CorpusError, DocumentStore, sha256_file
+from retriever_server.corpus import CorpusError, DocumentStore
 from retriever_server.encoders import DenseEncoder
 from retriever_server.indexes import (
     BM25Index,
@@ -20,6 +21,8 @@ from retriever_server.indexes import (
     build_faiss_index,
     configure_threads,
     default_params,
+    factory_string,
+    index_factory,
     resolve_params,
 )
 from retriever_server.manifest import read_manifest
@@ -79,6 +82,52 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
     loaded = FaissIndex.load(tmp_path / "i.faiss", "hnsw", {**index.params, "efSearch": 64})
     assert faiss.downcast_index(loaded.index).hnsw.efSearch == 64
     np.testing.assert_array_equal(loaded.search(x[:20], 3)[1], index.search(x[:20], 3)[1])
+
+
+def test_indexes_are_built_from_factory_strings_with_their_parameters() -> None:
+    x = _unit_vectors(2000, 32, 10)
+    flat = _faiss("flat", x).index
+    assert type(flat) is faiss.IndexFlat and flat.metric_type == faiss.METRIC_INNER_PRODUCT
+    hnsw = _faiss("hnsw", x, M=8, efConstruction=40, efSearch=24)
+    assert factory_string("hnsw", hnsw.params) == "HNSW8" and type(hnsw.index) is faiss.IndexHNSWFlat
+    assert (hnsw.index.hnsw.efConstruction, hnsw.index.hnsw.efSearch) == (40, 24)
+    refines = {"sq8": faiss.IndexScalarQuantizer, "flat": faiss.IndexFlat, "none": None}
+    for refine, refine_class in refines.items():
+        built = _faiss("ivfpq", x, nlist=16, m=8, nbits=4, nprobe=5, refine=refine, k_factor=6)
+        suffix = {"sq8": ",Refine(SQ8)", "flat": ",Refine(Flat)", "none": ""}[refine]
+        assert factory_string("ivfpq", built.params) == f"IVF16,PQ8x4np{suffix}"
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(built.index))
+        assert type(ivf) is faiss.IndexIVFPQ and ivf.metric_type == faiss.METRIC_INNER_PRODUCT
+        assert (ivf.nlist, ivf.pq.M, ivf.pq.nbits, ivf.nprobe) == (16, 8, 4, 5)
+        assert not ivf.do_polysemous_training  # as IndexIVFPQ() builds it, hence "np" in the string
+        if refine_class is None:
+            assert type(built.index) is faiss.IndexIVFPQ
+        else:
+            assert type(built.index) is faiss.IndexRefine and built.index.k_factor == 6
+            assert type(faiss.downcast_index(built.index.refine_index)) is refine_class
+
+
+def test_search_parameters_are_applied_when_loading(tmp_path: Path) -> None:
+    x = _unit_vectors(2000, 32, 11)
+    built = _faiss("ivfpq", x, nlist=16, m=8, nbits=4, nprobe=5, refine="sq8", k_factor=6)
+    built.save(tmp_path / "ivfpq.faiss")
+    for k_factor in (3, 2.5):  # a fraction comes from an imported file's own IndexRefine
+        loaded = FaissIndex.load(
+            tmp_path / "ivfpq.faiss", "ivfpq", {**built.params, "nprobe": 7, "k_factor": k_factor}
+        )
+        assert faiss.extract_index_ivf(loaded.index).nprobe == 7 and loaded.index.k_factor == k_factor
+
+
+def test_manifests_without_a_factory_string_derive_it_from_their_parameters() -> None:
+    ivfpq = {"nlist": 76, "m": 16, "nbits": 6, "nprobe": 32, "refine": "flat", "k_factor": 8}
+    assert index_factory({"type": "ivfpq", "params": ivfpq}) == "IVF76,PQ16x6np,Refine(Flat)"
+    assert (
+        index_factory({"type": "hnsw", "params": {"M": 32, "efConstruction": 200, "efSearch": 128}})
+        == "HNSW32"
+    )
+    assert index_factory({"type": "flat", "factory": "Flat", "params": {}}) == "Flat"
+    assert index_factory({"type": "flat", "params": {}, "imported": {"faiss_class": "IndexFlatIP"}}) is None
+    assert index_factory({"type": "bm25", "params": {"k1": 1.5, "b": 0.75}}) is None
 
 
 def _anonymous_rss_mb() -> float:
@@ -447,7 +496,7 @@ def test_manifest_records_corpus_encoder_index_and_versions(
     wiki200_flat_index: Path, wiki200_corpus: Path
 ) -> None:
     manifest = read_manifest(wiki200_flat_index)
-    assert manifest["corpus"]["sha256"] == sha256_file(wiki200_corpus)
+    assert manifest["corpus"]["sha256"] == file_sha256(wiki200_corpus)
     assert manifest["corpus"]["size_bytes"] == wiki200_corpus.stat().st_size
     assert (manifest["corpus"]["passages"], manifest["corpus"]["skipped_lines"]) == (200, 0)
     encoder = manifest["encoder"]
@@ -463,6 +512,7 @@ def test_manifest_records_corpus_encoder_index_and_versions(
     assert encoder["max_length"] == 256 and manifest["dim"] == encoder["dim"] == 384
     assert manifest["index"] == {
         "type": "flat",
+        "factory": "Flat",
         "params": {},
         "path": "index.faiss",
         "ntotal": 200,
