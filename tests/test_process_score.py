@@ -19,7 +19,7 @@ from autorefine.data import Evidence, Question, question_evidence
 from autorefine.modeling import load_tokenizer
 from autorefine.retrieval import RetrieverClient
 from autorefine.rollout import AgentLoop, RolloutSettings, SamplingParams
-from autorefine.rollout.trajectory import Trajectory
+from autorefine.rollout.trajectory import FinishReason, Segment, Trajectory
 from autorefine.scoring.process import ChannelWeights, EmbeddingMatcher, LexicalMatcher, build_matcher
 from autorefine.scoring.trajectory import score_trajectories, score_trajectory
 from tests.helpers import QWEN_TOKENIZER, REPO_ROOT, ScriptedEngine, Turn
@@ -120,7 +120,7 @@ def played(servers) -> dict[str, dict[str, Trajectory]]:
 # script, corpus, then hand-computed: format, outcome, coverage, steps, process, and channel sums
 # (query, documents, refine). Item scores are max(0.5·query, 0.5·documents, 1.0·refine).
 TABLE = [
-    # Both items stated in refines: 1 + 1 over two searches.
+    # Both items stated in refines (each refine is an item's sentence): 1 + 1 over two searches.
     ("gold", "full", 1.0, 1.0, 2.0, 2, 1.0, 0.8, 2.0, 2.0),
     # The same coverage over three searches: the repeat only enlarges the denominator.
     ("repeat", "full", 1.0, 1.0, 2.0, 3, 2 / 3, 0.8, 2.0, 2.0),
@@ -129,8 +129,8 @@ TABLE = [
     # The same model turns meeting passages without the evidence: only the documents channel moves.
     # Each passage and query holds 2 of an item's 5 words (0.4, weighted 0.2).
     ("no_refine", "bare", 0.0, 1.0, 0.4, 2, 0.2, 0.8, 0.8, 0.0),
-    # No search: nothing covered, the denominator is still 1.
-    ("no_search", "full", 1.0, 1.0, 0.0, 0, 0.0, 0.0, 0.0, 0.0),
+    # No search: nothing covered, and the answer alone decides (right: 1), as for questions without evidence.
+    ("no_search", "full", 1.0, 1.0, 0.0, 0, 1.0, 0.0, 0.0, 0.0),
     # A passage holding `<refine>` with the evidence and `<answer> London </answer>`: the documents channel
     # reads it (item 1: 2/5 words → 0.2; item 2: 5/5 → 0.5), the refine channel and the outcome do not.
     ("trap", "full", 1.0, 0.0, 0.7, 1, 0.7, 0.0, 1.4, 0.0),
@@ -270,7 +270,7 @@ def test_embedding_matcher_orders_the_table_like_the_lexical_one_in_one_encoder_
         )
     finally:
         encoder.encode_passages = original
-    assert len(calls) == 1  # every distinct text of the batch encoded in one call
+    assert len(calls) == 2  # one encoder call per channel kind (texts read, refines written) for the batch
     assert scores["full", "repeat"].process == pytest.approx(scores["full", "gold"].process * 2 / 3)
     assert scores["full", "no_refine"].documents_coverage > scores["bare", "no_refine"].documents_coverage
     assert (
@@ -312,3 +312,90 @@ def test_evaluation_reports_the_process_score_of_each_prediction(servers):
     metrics = aggregate(predictions)
     assert metrics["process"] == pytest.approx((2 / 3 + 1.0) / 2)
     assert "| process |" in markdown_table({"datasets": {"mix": metrics}})
+
+
+# --- the refine channel rewards distilling, not copying (a real HotpotQA supporting paragraph) ---------------
+
+WINNER_ROW = next(
+    json.loads(line)
+    for line in (REPO_ROOT / "data" / "demo" / "hotpotqa_dev.jsonl").read_text().splitlines()
+    if json.loads(line)["id"] == "hotpotqa-5abd94525542992ac4f382d2"  # 2014 S/S ... formed by whom? YG
+)
+WINNER_BAND = Evidence(**WINNER_ROW["metadata"]["evidence"][1])  # "Winner (band)": 3 sentences, 49 words
+WINNER_QUESTION = Question(
+    WINNER_ROW["id"],
+    WINNER_ROW["question"],
+    WINNER_ROW["golden_answers"],
+    {"evidence": [WINNER_BAND.to_dict()]},
+)
+REFINES = {
+    "documents alone": None,  # no refine block: the retrieved passage is all the item gets (0.5 · 1.0)
+    "empty": "",
+    "off-topic": "The weather in Seoul was sunny all week.",
+    "concise": "WINNER is a South Korean boy group formed in 2013 by YG Entertainment.",
+    "bridge fact only": "Winner was formed by YG Entertainment.",
+    "pasted passage": WINNER_BAND.text,
+}
+
+
+def one_search(refine: str | None) -> Trajectory:
+    """Search, the Winner paragraph as the only document, then `refine` (if any) and the answer."""
+    parts = [
+        ("model", "<think> who formed the band </think>\n<search> Winner South Korean boy group </search>"),
+        (
+            "documents",
+            f"\n\n<documents>\nDoc 1(Title: {WINNER_BAND.title}) {WINNER_BAND.text}\n</documents>\n\n",
+        ),
+        (
+            "model",
+            ("" if refine is None else f"<refine> {refine} </refine>\n")
+            + "<answer> YG Entertainment </answer>",
+        ),
+    ]
+    segments = [Segment(kind, text, 10 * i, 10 * i + 10) for i, (kind, text) in enumerate(parts)]
+    return Trajectory(
+        prompt_ids=[1],
+        completion_ids=[0] * 30,
+        env_mask=[1] * 30,
+        segments=segments,
+        queries=["Winner South Korean boy group"],
+        num_turns=2,
+        finish_reason=FinishReason.ANSWER,
+    )
+
+
+@pytest.mark.parametrize("matcher_name", ["lexical", "embedding"])
+def test_a_concise_refine_beats_the_documents_and_a_pasted_passage_does_not(matcher_name, embedding_matcher):
+    matcher = embedding_matcher if matcher_name == "embedding" else LexicalMatcher()
+    scores = dict(
+        zip(
+            REFINES,
+            score_trajectories(
+                [one_search(r) for r in REFINES.values()], [WINNER_QUESTION] * len(REFINES), matcher
+            ),
+            strict=True,
+        )
+    )
+    coverage = {name: s.coverage for name, s in scores.items()}
+    documents = coverage["documents alone"]
+    assert documents == pytest.approx(0.5, abs=1e-6)  # the passage is the item: half credit
+    assert coverage["empty"] == coverage["off-topic"] == documents  # nothing written: documents alone
+    assert coverage["concise"] > documents and coverage["bridge fact only"] > documents
+    assert coverage["pasted passage"] <= min(coverage["concise"], coverage["bridge fact only"])
+    assert all(s.process == pytest.approx(s.coverage) for s in scores.values())  # one search each
+
+
+def test_no_search_is_scored_by_the_answer_alone_with_or_without_evidence(played, servers):
+    # One rule for every question (IP-DPO mixes NQ-like and HotpotQA-like ones): without a search the
+    # answer's F1 is the process score, so answering from memory is neither a "weaker" negative on one kind
+    # of question nor a winner on the other.
+    with_evidence = score_trajectory(played["full"]["no_search"], TWO_HOP, LexicalMatcher())
+    [without] = score_trajectories(
+        [play(servers["full"], {"none": [Turn("<think> t </think>\n<answer> New York City </answer>")]},
+              NO_EVIDENCE)["none"]],
+        [NO_EVIDENCE],
+        LexicalMatcher(),
+    )  # fmt: skip
+    assert with_evidence.steps == without.steps == 0
+    assert with_evidence.process == with_evidence.outcome == 1.0
+    assert without.process == without.outcome == 1.0

@@ -3,15 +3,25 @@
 For each gold evidence item of the question and each of three channels, the item's best similarity at any
 search step:
 
-- query: the step's search query (model text);
-- documents: each passage the search returned (environment text);
-- refine: each `<refine>` block the model wrote after reading those documents, before the next search.
+- query: the step's search query (model text), by how much of the item it asks for;
+- documents: each passage the search returned (environment text), by how much of the item it holds;
+- refine: each `<refine>` block the model wrote after reading those documents, before the next search, by
+  how well it states one fact of the item *and little else* (a distillation, not a copy: see below).
 
 An item's coverage is the best weighted channel, `max(w_query·query, w_documents·documents, w_refine·refine)`,
 with weights 0.5 / 0.5 / 1.0 by default: stating the evidence in a refine earns full credit, asking for it or
-merely having it retrieved earns at most half. Coverage is summed over the items and divided by the number
-of searches (at least 1): repeating a search cannot raise coverage but enlarges the denominator. The score is
-not capped at 1 (two items found by one search score 2). Questions without evidence use F1 / searches.
+merely having it retrieved earns at most half. Coverage is summed over the items and divided by the number of
+searches: one item gathered per search scores 1, repeating a search cannot raise coverage but enlarges the
+denominator (the score is not capped at 1: two items found by one search score 2). Questions without evidence score answer F1 / searches. A trajectory that ran no search scores its
+answer F1 on every question, with or without evidence: what it knew without searching was sufficient exactly
+when the answer is right, so NQ-like and HotpotQA-like questions teach the same thing about not searching.
+
+Refines are matched sentence by sentence: an item's refine similarity is its best match over the item's
+sentences (each read with the item's title). The lexical matcher takes an F-score of content words that
+weighs precision over recall (beta 0.5), so a refine that states one sentence's fact, or part of it, scores
+well while pasting a five-sentence passage scores little (its precision against any one sentence is low);
+the dense matcher takes the cosine, discounted when the refine is more
+than twice the sentence's length. docs/process-score.md works an example through.
 
 Documents enter only through their own channel. Outcome (answer F1) and format read the answer and blocks
 the agent loop accepted from model turns (`autorefine.scoring.reward`), so text inside a passage, such as
@@ -21,6 +31,7 @@ refine channels.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol
@@ -36,6 +47,8 @@ if TYPE_CHECKING:
 Channel = Literal["query", "documents", "refine"]
 CHANNELS: tuple[Channel, ...] = ("query", "documents", "refine")
 SimilarityBlock = tuple[Sequence[Evidence], Sequence[str]]
+# A refine may be this many times as long as the evidence sentence it states before its credit shrinks.
+REFINE_LENGTH_ALLOWANCE = 1.0
 
 
 class Matcher(Protocol):
@@ -43,12 +56,12 @@ class Matcher(Protocol):
 
     name: str
 
-    def similarity(self, evidence: Sequence[Evidence], texts: Sequence[str]) -> list[list[float]]:
-        """`[item][text]` similarities."""
+    def similarity_blocks(self, blocks: Sequence[SimilarityBlock]) -> list[list[list[float]]]:
+        """`[block][item][text]`: how much of each item each text holds (queries, passages)."""
         ...
 
-    def similarity_blocks(self, blocks: Sequence[SimilarityBlock]) -> list[list[list[float]]]:
-        """`similarity` of many (evidence, texts) blocks in one call (one encoder pass for a dense matcher)."""
+    def refine_similarity_blocks(self, blocks: Sequence[SimilarityBlock]) -> list[list[list[float]]]:
+        """`[block][item][refine]`: how well each refine states one fact of the item, and little else."""
         ...
 
 
@@ -59,6 +72,7 @@ does did what which who whom whose where when why how that this these those it i
 there than then so if
 """
 _STOPWORDS = frozenset(_FUNCTION_WORDS.split())
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
 def content_tokens(text: str) -> frozenset[str]:
@@ -71,31 +85,87 @@ def evidence_text(item: Evidence) -> str:
     return f"{item.title}: {item.text}" if item.title else item.text
 
 
+def evidence_facts(item: Evidence) -> list[str]:
+    """The item's sentences, each read with its title: the facts a refine may state."""
+    sentences = [s.strip() for s in _SENTENCE_END.split(item.text) if s.strip()] or [item.text]
+    return [f"{item.title}: {s}" if item.title else s for s in sentences]
+
+
+# A refine should state nothing the evidence does not (precision) more than everything it does (recall):
+# F-beta with beta 0.5 weighs precision four times as much.
+REFINE_BETA = 0.5
+
+
+def brevity(refine: str, fact: str) -> float:
+    """1 for a refine no longer than the fact it states (times the allowance), shrinking as it grows beyond."""
+    return min(1.0, REFINE_LENGTH_ALLOWANCE * len(fact.split()) / max(1, len(refine.split())))
+
+
+def refine_f_score(refine: frozenset[str], fact: frozenset[str]) -> float:
+    """F-beta (beta 0.5) of a refine's content words against a fact's."""
+    common = len(refine & fact)
+    if not common:
+        return 0.0
+    precision, recall = common / len(refine), common / len(fact)
+    b2 = REFINE_BETA**2
+    return (1 + b2) * precision * recall / (b2 * precision + recall)
+
+
 class LexicalMatcher:
-    """Share of an item's content words (title and text) present in a text: deterministic, CPU, no model."""
+    """Content-word overlap with an item: deterministic, CPU, no model.
+
+    Queries and passages score the share of the item's content words (title and text) they hold; refines
+    score the F-beta (beta 0.5) of content words against the item's best-matching sentence.
+    """
 
     name = "lexical"
 
     def similarity(self, evidence: Sequence[Evidence], texts: Sequence[str]) -> list[list[float]]:
-        """`[item][text]` recall of the item's content words."""
-        text_tokens = [content_tokens(text) for text in texts]
-        out = []
-        for item in evidence:
-            wanted = content_tokens(evidence_text(item))
-            out.append([len(wanted & have) / len(wanted) if wanted else 0.0 for have in text_tokens])
-        return out
+        """`[item][text]` of one block (see `similarity_blocks`)."""
+        return self.similarity_blocks([(evidence, texts)])[0]
 
     def similarity_blocks(self, blocks: Sequence[SimilarityBlock]) -> list[list[list[float]]]:
-        """`similarity` per block."""
-        return [self.similarity(evidence, texts) for evidence, texts in blocks]
+        """Recall of each item's content words in each text."""
+        out = []
+        for evidence, texts in blocks:
+            have = [content_tokens(text) for text in texts]
+            rows = []
+            for item in evidence:
+                wanted = content_tokens(evidence_text(item))
+                rows.append([len(wanted & h) / len(wanted) if wanted else 0.0 for h in have])
+            out.append(rows)
+        return out
+
+    def refine_similarity_blocks(self, blocks: Sequence[SimilarityBlock]) -> list[list[list[float]]]:
+        """F-beta (beta 0.5) of each refine's content words against the item's best-matching sentence."""
+        out = []
+        for evidence, refines in blocks:
+            have = [(refine, content_tokens(refine)) for refine in refines]
+            rows = []
+            for item in evidence:
+                facts = [(fact, content_tokens(fact)) for fact in evidence_facts(item)]
+                rows.append(
+                    [
+                        max(
+                            refine_f_score(words, fact_words) * brevity(refine, fact)
+                            for fact, fact_words in facts
+                        )
+                        for refine, words in have
+                    ]
+                )
+            out.append(rows)
+        return out
 
 
 class EmbeddingMatcher:
     """Cosine similarity (clipped at 0) of dense embeddings; default the embedded all-MiniLM-L6-v2 (offline).
 
-    The encoder comes from the retriever package's public `load_passage_encoder` (in this process: the
-    trainer's searches still go over HTTP) and is loaded on first use. Items and texts are embedded as
-    passages, in batches, once per call.
+    Queries and passages score their cosine with the whole item; a refine scores its cosine with the item's
+    best-matching sentence, times min(1, 2 × that sentence's words / the refine's words): a dense encoder
+    barely tells a passage from one of its own sentences, so length is what separates stating a fact from
+    pasting the passage around it. The encoder comes from the retriever package's public
+    `load_passage_encoder` (in this process: the trainer's searches still go over HTTP), loaded on first use;
+    every distinct string of a call is embedded once, in one batch.
     """
 
     def __init__(
@@ -120,27 +190,49 @@ class EmbeddingMatcher:
             )
         return self._encoder
 
+    def _embed(self, strings: Sequence[str]):  # -> dict[str, np.ndarray]
+        distinct = list(dict.fromkeys(strings))
+        if not distinct:
+            return {}
+        return dict(zip(distinct, self.encoder.encode_passages(distinct), strict=True))
+
     def similarity(self, evidence: Sequence[Evidence], texts: Sequence[str]) -> list[list[float]]:
-        """`[item][text]` clipped cosine similarities."""
+        """`[item][text]` of one block (see `similarity_blocks`)."""
         return self.similarity_blocks([(evidence, texts)])[0]
 
     def similarity_blocks(self, blocks: Sequence[SimilarityBlock]) -> list[list[list[float]]]:
-        """Every distinct string of every block is embedded once, in one batched encoder call."""
-        import numpy as np
+        """Clipped cosine of each item (title and text) with each text."""
+        vectors = self._embed(
+            [evidence_text(i) for ev, _ in blocks for i in ev] + [t for _, ts in blocks for t in ts]
+        )
+        return [
+            [[_cosine(vectors[evidence_text(item)], vectors[text]) for text in texts] for item in evidence]
+            for evidence, texts in blocks
+        ]
 
-        strings: dict[str, int] = {}
-        for evidence, texts in blocks:
-            for text in [evidence_text(item) for item in evidence] + list(texts):
-                strings.setdefault(text, len(strings))
-        if not strings:
-            return [[[] for _ in evidence] for evidence, _ in blocks]
-        vectors = self.encoder.encode_passages(list(strings))
+    def refine_similarity_blocks(self, blocks: Sequence[SimilarityBlock]) -> list[list[list[float]]]:
+        """Clipped cosine of each refine with the item's best-matching sentence, discounted for length."""
+        facts = {id(item): evidence_facts(item) for evidence, _ in blocks for item in evidence}
+        vectors = self._embed([f for fs in facts.values() for f in fs] + [r for _, rs in blocks for r in rs])
         out = []
-        for evidence, texts in blocks:
-            left = vectors[[strings[evidence_text(item)] for item in evidence]]
-            right = vectors[[strings[text] for text in texts]]
-            out.append(np.clip(left @ right.T, 0.0, 1.0).astype(float).tolist())
+        for evidence, refines in blocks:
+            rows = []
+            for item in evidence:
+                rows.append(
+                    [
+                        max(
+                            _cosine(vectors[fact], vectors[refine]) * brevity(refine, fact)
+                            for fact in facts[id(item)]
+                        )
+                        for refine in refines
+                    ]
+                )
+            out.append(rows)
         return out
+
+
+def _cosine(left, right) -> float:  # unit vectors (the encoder normalizes)
+    return float(min(1.0, max(0.0, float(left @ right))))
 
 
 def build_matcher(spec: str) -> Matcher:
@@ -171,11 +263,11 @@ class ChannelWeights:
 class ProcessScore:
     """The process score of one trajectory and where its evidence coverage came from."""
 
-    process: float  # coverage / max(1, steps); outcome / max(1, steps) without evidence
-    coverage: float  # summed best weighted matches over evidence items (0 without evidence)
+    process: float  # coverage / searches; answer F1 / searches without evidence; answer F1 without search
+    coverage: float  # summed over evidence items: each item's best weighted channel (0 without evidence)
     steps: int  # searches run
     evidence_items: int = 0
-    # Unweighted sums over items of each channel's best match, to see where coverage came from.
+    # Sums over items of each channel's best (unweighted) match, to see where coverage came from.
     query_coverage: float = 0.0
     documents_coverage: float = 0.0
     refine_coverage: float = 0.0
@@ -203,33 +295,44 @@ def process_scores(
     weights: ChannelWeights = ChannelWeights(),
 ) -> list[ProcessScore]:
     """Process score of each trajectory against its question (`outcomes`: the answer scores, used without
-    evidence); the matcher is called once for the whole batch."""
+    evidence and without search); the matcher is called once per channel kind for the whole batch."""
     if not len(trajectories) == len(questions) == len(outcomes):
         raise ValueError(
             f"{len(trajectories)} trajectories, {len(questions)} questions and {len(outcomes)} outcomes"
         )
     evidence = [question_evidence(q) for q in questions]
-    texts = [step_texts(t) if items else [] for t, items in zip(trajectories, evidence, strict=True)]
-    blocks = [(items, [text for _, text in found]) for items, found in zip(evidence, texts, strict=True)]
-    matched = iter(matcher.similarity_blocks([b for b in blocks if b[0] and b[1]]))
+    found = [step_texts(t) if items else [] for t, items in zip(trajectories, evidence, strict=True)]
+    read = [[text for channel, text in f if channel != "refine"] for f in found]
+    written = [[text for channel, text in f if channel == "refine"] for f in found]
+    read_sim = iter(
+        matcher.similarity_blocks([(e, r) for e, r in zip(evidence, read, strict=True) if e and r])
+    )
+    refine_sim = iter(
+        matcher.refine_similarity_blocks([(e, w) for e, w in zip(evidence, written, strict=True) if e and w])
+    )
     out = []
-    for trajectory, items, found, outcome in zip(trajectories, evidence, texts, outcomes, strict=True):
-        similarity = next(matched) if items and found else [[] for _ in items]
+    for trajectory, items, texts, refines, outcome in zip(
+        trajectories, evidence, found, written, outcomes, strict=True
+    ):
         steps = trajectory.num_searches
+        kinds = [channel for channel, _ in texts if channel != "refine"]
+        read_rows = next(read_sim) if items and kinds else [[] for _ in items]
+        refine_rows = next(refine_sim) if items and refines else [[] for _ in items]
         best = {
             channel: [
-                max((s for (c, _), s in zip(found, row, strict=True) if c == channel), default=0.0)
-                for row in similarity
+                max((s for k, s in zip(kinds, row, strict=True) if k == channel), default=0.0)
+                for row in read_rows
             ]
-            for channel in CHANNELS
+            for channel in ("query", "documents")
         }
-        coverage = sum(
-            max(getattr(weights, channel) * best[channel][i] for channel in CHANNELS)
-            for i in range(len(items))
-        )
+        best["refine"] = [max(row, default=0.0) for row in refine_rows]
+        per_item = [max(getattr(weights, c) * best[c][i] for c in CHANNELS) for i in range(len(items))]
+        coverage = sum(per_item)
+        # Without search, knowledge came from the model itself: sufficient exactly when the answer is right.
+        process = outcome if steps == 0 else (coverage if items else outcome) / steps
         out.append(
             ProcessScore(
-                process=(coverage if items else outcome) / max(1, steps),
+                process=process,
                 coverage=coverage,
                 steps=steps,
                 evidence_items=len(items),
