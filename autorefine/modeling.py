@@ -20,6 +20,8 @@ class ModelSettings:
 
     name_or_path: str = "Qwen/Qwen2.5-3B"
     tokenizer: str | None = None  # defaults to name_or_path
+    # "auto": float32 weights for full fine-tuning (bf16 compute comes from trainer.bf16); bf16 for LoRA's
+    # frozen base, references and inference on a bf16 GPU; float32 elsewhere.
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     attn_implementation: str | None = None
     gguf_file: str | None = None  # a GGUF file inside name_or_path: weights and tokenizer load from it
@@ -137,19 +139,41 @@ def tiny_qwen2(
     return model
 
 
+def trained_weights_dtype(model: ModelSettings, lora: LoraSettings) -> str:
+    """The dtype a policy is trained in: float32 master weights for full fine-tuning; LoRA's frozen base as
+    configured ("auto": bf16 on a bf16 GPU).
+
+    Compute still runs in bf16 with `trainer.bf16` (autocast). Weights stored in bf16 would not move: near a
+    weight of 0.02 one bf16 step is ~1.2e-4, so an AdamW update of ~1e-6 (lr 1e-6) rounds away, and plain DDP
+    (like one GPU) keeps no fp32 copy of its own.
+    """
+    if lora.enabled:
+        return model.dtype
+    if model.dtype in ("bfloat16", "float16"):
+        raise ConfigError(
+            f"model.dtype={model.dtype} with full fine-tuning would train {model.dtype} weights, whose updates "
+            "round away at small learning rates (no fp32 master copy under DDP or on one GPU); set "
+            "model.dtype=auto (or float32) and keep trainer.bf16=true for bf16 compute, or train LoRA adapters "
+            "(lora.enabled=true), whose frozen base may stay in bf16"
+        )
+    return "float32"
+
+
 def load_tokenizer_and_policy(
-    model: ModelSettings, tiny_model: dict[str, int] | None = None
+    model: ModelSettings, tiny_model: dict[str, int] | None = None, *, lora: LoraSettings | None = None
 ) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
-    """The tokenizer and the policy in its configured dtype (or a fresh tiny Qwen2 when `tiny_model` is set)."""
+    """The tokenizer and the policy (or a fresh tiny Qwen2 when `tiny_model` is set); given the run's `lora`
+    settings, in the dtype it is trained in (`trained_weights_dtype`), else in its configured dtype."""
     # A separate tokenizer folder is read as such; otherwise it comes from where the weights do.
     tokenizer = (
         load_tokenizer(model.tokenizer)
         if model.tokenizer
         else load_tokenizer(model.name_or_path, gguf_file=model.gguf_file)
     )
+    dtype = model.dtype if lora is None else trained_weights_dtype(model, lora)
     if tiny_model is not None:
-        return tokenizer, tiny_qwen2(tokenizer, **tiny_model)
-    policy = load_policy(model.name_or_path, dtype=model.dtype, gguf_file=model.gguf_file)
+        return tokenizer, tiny_qwen2(tokenizer, **tiny_model).to(resolve_dtype(dtype))
+    policy = load_policy(model.name_or_path, dtype=dtype, gguf_file=model.gguf_file)
     if model.attn_implementation:
         policy.set_attn_implementation(model.attn_implementation)
     return tokenizer, policy

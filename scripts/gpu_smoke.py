@@ -118,7 +118,7 @@ def grpo_config(policy: Path, url: str, run: Path, cpu: bool, steps: int, *extra
     turns, tokens, batch = (1, 16, 8) if cpu else (2, 32, 16)
     overrides = [
         f"model.name_or_path={policy}",
-        f"model.dtype={'float32' if cpu else 'bfloat16'}",
+        "model.dtype=auto",  # fp32 master weights; bf16 compute on a GPU through trainer.bf16
         f"template={SYNTHETIC / 'template.txt'}",
         f"data.train_file={SYNTHETIC / 'train.jsonl'}",
         f"heldout.file={SYNTHETIC / 'heldout.jsonl'}",
@@ -131,7 +131,7 @@ def grpo_config(policy: Path, url: str, run: Path, cpu: bool, steps: int, *extra
         "logging={sample_table_every: 0, save_rollouts: false}",
         f"trainer.output_dir={run}",
         f"trainer.max_steps={steps}",
-        "trainer.learning_rate=1.0e-5",
+        "trainer.learning_rate=1.0e-6",  # the presets' rate: its updates must still move fp32 weights
         "trainer.num_generations=4",
         f"trainer.per_device_train_batch_size={batch}",
         "trainer.logging_steps=1",
@@ -144,6 +144,34 @@ def grpo_config(policy: Path, url: str, run: Path, cpu: bool, steps: int, *extra
         *extra,
     ]
     return load_config(GRPORunConfig, None, overrides)
+
+
+def sft_config(policy: Path, url: str, run: Path, cpu: bool) -> Any:
+    """Three SFT steps at lr 1e-6 on gold traces of the synthetic task, with the presets' dtype settings."""
+    from autorefine.config import SFTRunConfig
+    from autorefine.settings import load_config
+
+    overrides = [
+        f"model.name_or_path={policy}",
+        "model.tokenizer=",
+        "model.dtype=auto",
+        "tiny_model=",
+        f"retriever.url={url}",
+        f"data.train_file={SYNTHETIC / 'train.jsonl'}",
+        "heldout.every=0",
+        f"trainer.output_dir={run}",
+        "trainer.learning_rate=1.0e-6",
+        "trainer.lr_scheduler_type=constant",
+        "trainer.warmup_steps=0",
+        "trainer.max_steps=3",
+        "trainer.per_device_train_batch_size=8",
+        *(
+            ["trainer.use_cpu=true", "trainer.bf16=false"]
+            if cpu
+            else ["trainer.use_cpu=false", "trainer.bf16=true"]
+        ),
+    ]
+    return load_config(SFTRunConfig, REPO / "configs/sft/synthetic-warmstart.yaml", overrides)
 
 
 def heldout_questions(cpu: bool) -> int:
@@ -166,6 +194,21 @@ def is_ratio(trainer: Any, rollout: Any) -> float:
         keep = torch.tensor(t.env_mask, device=model.device, dtype=torch.bool) & rollout_lp.isfinite()
         ratios.append((trainer_lp - rollout_lp)[keep].exp())
     return torch.cat(ratios).mean().item()
+
+
+def weights_moved(start: Path, trainer: Any) -> float:
+    """Share of the decoder's weights (embeddings aside: unseen tokens get no gradient) that training changed."""
+    from safetensors.torch import load_file
+
+    before = load_file(str(start / "model.safetensors"))
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    changed = total = 0
+    for name, after in model.state_dict().items():
+        if "embed_tokens" in name or name not in before:
+            continue
+        changed += int((after.detach().cpu().float() != before[name].float()).sum())
+        total += after.numel()
+    return changed / total
 
 
 def step_seconds(trainer: Any) -> float | None:
@@ -270,7 +313,8 @@ def run_checks(out: Path, cpu: bool, steps: int) -> list[Row]:
             state["checkpoint"] = out / "run" / f"checkpoint-{steps}"
             row.is_ratio, row.step_s = is_ratio(trainer, rollout), step_seconds(trainer)
             reward = [h["reward"] for h in trainer.state.log_history if "reward" in h]
-            row.detail = f"{steps} steps, reward {reward[-1]:.3f}, {'fp32 CPU' if cpu else 'bf16'}"
+            dtype = str(next(trainer.model.parameters()).dtype).removeprefix("torch.")
+            row.detail = f"{steps} steps, reward {reward[-1]:.3f}, {'fp32 CPU' if cpu else 'bf16 compute'}, {dtype} weights"
 
         rows.append(measured(Row("grpo transformers"), grpo))
 
@@ -296,6 +340,20 @@ def run_checks(out: Path, cpu: bool, steps: int) -> list[Row]:
             row.detail = f"from {state['checkpoint'].name} to step {steps + 1}"
 
         rows.append(measured(Row("resume"), resume))
+
+        def master_weights(row: Row) -> None:
+            # A random policy earns no reward, so GRPO's first steps carry no gradient: SFT on gold traces
+            # shows whether lr-1e-6 updates survive in the weights (fp32 masters, bf16 compute on a GPU).
+            from autorefine.training.sft.trainer import build_trainer as build_sft
+
+            trainer = build_sft(sft_config(state["policy"], state["url"], out / "sft", cpu))
+            trainer.train()
+            moved = weights_moved(state["policy"], trainer)
+            dtype = str(next(trainer.model.parameters()).dtype).removeprefix("torch.")
+            row.detail = f"3 SFT steps at lr 1e-6: {moved:.1%} of the {dtype} decoder weights moved"
+            assert moved >= 0.99, f"only {moved:.1%} of the trained weights changed"
+
+        rows.append(measured(Row("master weights"), master_weights))
 
         for mode in ("colocate", "server"):
             if cpu or not vllm_installed():

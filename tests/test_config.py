@@ -10,6 +10,7 @@ import pytest
 from trl import GRPOConfig, SFTConfig
 
 from autorefine.config import GRPORunConfig, SFTRunConfig
+from autorefine.modeling import trained_weights_dtype
 from autorefine.settings import ConfigError, check_trainer_args, load_config, parse_yaml
 from autorefine.training.arguments import RunError
 from autorefine.training.grpo.trainer import make_grpo_args
@@ -48,7 +49,10 @@ def test_3b_presets_map_the_paper_recipe_onto_one_8_gpu_node(name):
     assert t["bf16"] is True and t["activation_checkpointing"] is True
     assert t["use_vllm"] is True and t["vllm_mode"] == "colocate"
     assert t["save_steps"] % t["steps_per_generation"] == 0  # exact resume
-    assert config.model.dtype == "bfloat16"
+    # full fine-tuning: fp32 master weights, bf16 compute (bf16 weights lose lr-1e-6 updates); LoRA: a
+    # frozen bf16 base
+    trained = trained_weights_dtype(config.model, config.lora)
+    assert trained == ("bfloat16" if name == "base-lora" else "float32")
     assert config.rollout.max_turns == 5 and config.rollout.topk == 3
     assert config.rollout.max_new_tokens == 512 and config.rollout.max_obs_tokens == 512
     assert config.eval_temperature == 0.0  # greedy validation

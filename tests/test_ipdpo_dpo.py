@@ -175,8 +175,7 @@ def test_lora_trains_against_the_adapter_free_policy_and_merges_into_a_plain_fol
     accuracies = [h["rewards/accuracies"] for h in trainer.state.log_history if "rewards/accuracies" in h]
     assert accuracies[-1] == 1.0
     trainer.save_model(str(tmp_path / "adapter"))
-    config = config_for(tmp_path, *lora)
-    merge_adapter(str(policy_dir), tmp_path / "adapter", tmp_path / "merged", dtype=config.model.dtype)
+    merge_adapter(str(policy_dir), tmp_path / "adapter", tmp_path / "merged")
     assert not (tmp_path / "adapter").exists()
     merged = load_policy(tmp_path / "merged", dtype="float32").eval()
     base = load_policy(policy_dir, dtype="float32").eval()

@@ -32,8 +32,8 @@ def save_final(trainer: Trainer) -> Path:
     """Save the policy and tokenizer to <output_dir>/final, with the run config and the whole log history.
 
     A LoRA policy is saved twice: its adapter in `final/adapter`, and the adapter merged into the base weights
-    as a plain model folder in `final`, which evaluation, vLLM and a next training stage load like any model.
-    The merge happens in place, so the trainer's model is no longer a peft model afterwards.
+    (in fp32, on the CPU) as a plain model folder in `final`, which evaluation, vLLM and a next training stage
+    load like any model. The merge happens in place, so the trainer's model is no longer usable afterwards.
     """
     output_dir = Path(trainer.args.output_dir)
     final = output_dir / "final"
@@ -42,7 +42,7 @@ def save_final(trainer: Trainer) -> Path:
     if is_peft(model) and not sharded:
         trainer.save_model(str(final / "adapter"))
         if trainer.is_world_process_zero():
-            model.merge_and_unload().save_pretrained(str(final))
+            merged_in_fp32(model).save_pretrained(str(final))
             trainer.processing_class.save_pretrained(str(final))
     else:
         # Sharded LoRA weights cannot be merged on one process: `final` then holds the adapter only.
@@ -54,12 +54,24 @@ def save_final(trainer: Trainer) -> Path:
     return final
 
 
-def merge_adapter(base: str, adapter: Path, out: Path, dtype: str = "auto") -> None:
-    """Fold a LoRA adapter saved in `adapter` into the policy `base` and save a plain HF model folder in `out`."""
+def merged_in_fp32(model: Any) -> Any:
+    """A peft model's adapters folded into its base weights in float32 (on the CPU): a plain model.
+
+    LoRA deltas are small next to the weights they update (~1e-5 against ~0.02): added in bf16 most of them
+    round away, so the merge, and the folder it is saved to, stay in float32.
+    """
+    import torch
+
+    return model.to(device="cpu", dtype=torch.float32).merge_and_unload()
+
+
+def merge_adapter(base: str, adapter: Path, out: Path) -> None:
+    """Fold a LoRA adapter saved in `adapter` into the policy `base` (in fp32) and save a plain HF model folder
+    in `out`."""
     from peft import PeftModel
 
     from autorefine.modeling import load_policy
 
-    model = PeftModel.from_pretrained(load_policy(base, dtype=dtype), str(adapter))
-    model.merge_and_unload().save_pretrained(str(out))
+    model = PeftModel.from_pretrained(load_policy(base, dtype="float32"), str(adapter))
+    merged_in_fp32(model).save_pretrained(str(out))
     shutil.rmtree(adapter)

@@ -103,6 +103,14 @@ def make_grpo_args(config: GRPORunConfig):  # -> trl.GRPOConfig
     )
     require_devices(values)
     values.setdefault("output_dir", "runs/grpo")
+    if (
+        values.get("bf16")
+        and not config.lora.enabled
+        and not isinstance(values.get("model_init_kwargs"), str)
+    ):
+        # TRL builds the KL reference like the policy, i.e. with fp32 master weights here; a frozen reference
+        # needs no fp32 copy (it computes in bf16 under autocast anyway).
+        values["model_init_kwargs"] = {"dtype": "bfloat16", **(values.get("model_init_kwargs") or {})}
     # TRL's completions table (with our extra columns) is the W&B table of sample trajectories.
     report_to = values.get("report_to") or []
     wants_table = "wandb" in ([report_to] if isinstance(report_to, str) else report_to)
@@ -137,7 +145,7 @@ def build_trainer(
     template = PromptTemplate.load(config.template)
     train = build_dataset(config.data.train_file)
     client = client or connect_retriever(config.retriever)
-    tokenizer, model = load_tokenizer_and_policy(config.model)
+    tokenizer, model = load_tokenizer_and_policy(config.model, lora=config.lora)
     rollout = SearchRollout(client, config.rollout, template, config.eval_temperature)
     trainer = GRPOTrainer(
         model=model,

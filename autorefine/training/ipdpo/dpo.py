@@ -63,7 +63,9 @@ def build_dpo_trainer(
             f"{pairs_file}: every pair is longer than trainer.max_length={args.max_length}; raise it (pairs are "
             "never truncated)"
         )
-    tokenizer, model = load_tokenizer_and_policy(dataclasses.replace(config.model, name_or_path=policy))
+    tokenizer, model = load_tokenizer_and_policy(
+        dataclasses.replace(config.model, name_or_path=policy), lora=config.lora
+    )
     # With LoRA the reference is the adapter-free model; with precomputed reference log-probs TRL scores the
     # policy once before its first update. Otherwise a frozen copy of the round's starting policy.
     needs_copy = not config.lora.enabled and not args.precompute_ref_log_probs

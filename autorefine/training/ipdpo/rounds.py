@@ -383,7 +383,7 @@ class IPDPORun:
 
         def finish() -> None:
             if config.lora.enabled:
-                merge_adapter(policy, files.dir / "adapter", files.dir, dtype=config.model.dtype)
+                merge_adapter(policy, files.dir / "adapter", files.dir)
                 tokenizer.save_pretrained(str(files.dir))
             write_run_config(files.dir, config)
             write_json(files.trained, metrics)

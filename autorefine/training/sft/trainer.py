@@ -56,7 +56,7 @@ def build_trainer(config: SFTRunConfig) -> SFTTrainer:
     template = PromptTemplate.load(config.template)
     needs_retriever = config.traces_file is None or bool(config.heldout.file and config.heldout.every)
     client = connect_retriever(config.retriever) if needs_retriever else None
-    tokenizer, model = load_tokenizer_and_policy(config.model, config.tiny_model)
+    tokenizer, model = load_tokenizer_and_policy(config.model, config.tiny_model, lora=config.lora)
 
     if config.traces_file:
         rows = load_trajectory_rows(Path(config.traces_file))
