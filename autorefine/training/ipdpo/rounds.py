@@ -10,6 +10,7 @@ continues at the first unfinished stage of the last round:
     <output_dir>/round-k/samples.jsonl    every sample with its scores        → sampling finished
     <output_dir>/round-k/pair_stats.json  what pair building found
     <output_dir>/round-k/pairs.jsonl      the pairs trained on                 → pairs finished
+    <output_dir>/round-k/pairs.arrow/     those pairs as a dataset every process maps (TRL caches beside it)
     <output_dir>/round-k/dpo/             the DPOTrainer's checkpoints during the epoch
     <output_dir>/round-k/training.json    DPO metrics; the model files are next to it → training finished
     <output_dir>/round-k/summary.json     the round's numbers, held-out included → round finished
