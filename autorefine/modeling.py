@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from autorefine.files import atomic_path
 from autorefine.settings import ConfigError
 
 if TYPE_CHECKING:
@@ -88,6 +89,16 @@ def load_gguf(
     plain.load_state_dict(loaded.state_dict())
     plain.generation_config = loaded.generation_config
     return tokenizer, loaded.eval(), plain.eval()
+
+
+def save_gguf_as_folder(gguf_file: str | Path, out: str | Path) -> None:
+    """A GGUF file as a plain HF model folder in `out`: tokenizer (chat template included), config, generation
+    config and the dequantized weights in float32, written to a sibling folder and renamed into place."""
+    tokenizer, _, plain = load_gguf(gguf_file, dtype="float32")
+    tokenizer.model_max_length = plain.config.max_position_embeddings  # GGUF tokenizers carry no limit
+    with atomic_path(out) as partial:
+        plain.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
 
 
 def load_policy(

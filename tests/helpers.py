@@ -208,3 +208,86 @@ def masked_logp(model: Any, row: dict, only_model_tokens: bool = True) -> float:
         if keep or not only_model_tokens:
             total += logps[start + j - 1, token].item()
     return total
+
+
+# --- a tiny GGUF Llama with a real BPE vocabulary ---------------------------------------------------------
+
+
+def smollm2_bpe(vocab_size: int) -> tuple[list[str], list[str], set[int]]:
+    """SmolLM2's byte-level BPE cut to its first `vocab_size` ids: tokens, the merges among them, special ids.
+
+    BPE ids follow merge order, so the cut vocabulary with its own merges is the same tokenizer stopped earlier.
+    """
+    spec = json.loads((SMOLLM2_TOKENIZER / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = {token: index for token, index in spec["model"]["vocab"].items() if index < vocab_size}
+    tokens = sorted(vocab, key=vocab.__getitem__)
+    merges = [
+        " ".join(pair)
+        for pair in (m.split(" ") if isinstance(m, str) else m for m in spec["model"]["merges"])
+        if "".join(pair) in vocab and pair[0] in vocab and pair[1] in vocab
+    ]
+    special = {a["id"] for a in spec["added_tokens"] if a["special"] and a["id"] < vocab_size}
+    return tokens, merges, special
+
+
+def write_tiny_llama_gguf(
+    path: Path, *, vocab_size: int = 4096, hidden: int = 16, layers: int = 2, eos_rate: float = 0.1
+) -> Path:
+    """A random Llama as a float32 GGUF file with SmolLM2's (cut) BPE vocabulary and chat template.
+
+    Sampled at temperature 1 it writes random tokens and ends with `<|im_end|>` (its EOS) at about `eos_rate`
+    per token, so trajectories have different lengths: every token embedding has a constant first component,
+    which survives the final norm, and only the EOS row of the output layer reads it.
+    """
+    import gguf
+    import numpy as np
+
+    tokens, merges, special = smollm2_bpe(vocab_size)
+    heads, ff, eos = 2, 2 * hidden, tokens.index("<|im_end|>")
+    writer = gguf.GGUFWriter(str(path), arch="llama")
+    writer.add_name("tiny-llama-test")
+    writer.add_context_length(2048)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(ff)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(1)
+    writer.add_rope_dimension_count(hidden // heads)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(len(tokens))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if i in special else 1 for i in range(len(tokens))])  # 3: control
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(tokens.index("<|im_start|>"))
+    writer.add_eos_token_id(eos)
+    writer.add_chat_template((SMOLLM2_TOKENIZER / "chat_template.jinja").read_text(encoding="utf-8"))
+
+    rng = np.random.default_rng(0)
+
+    def weights(*shape: int, std: float = 0.02) -> Any:
+        return (rng.standard_normal(shape) * std).astype(np.float32)
+
+    embeddings = weights(len(tokens), hidden)
+    embeddings[:, 0] = 1.0
+    writer.add_tensor("token_embd.weight", embeddings)
+    for i in range(layers):
+        head_dim = hidden // heads
+        for name, shape in (("attn_q", (hidden, hidden)), ("attn_k", (head_dim, hidden)),
+                            ("attn_v", (head_dim, hidden)), ("attn_output", (hidden, hidden)),
+                            ("ffn_gate", (ff, hidden)), ("ffn_up", (ff, hidden)), ("ffn_down", (hidden, ff))):  # fmt: skip
+            writer.add_tensor(f"blk.{i}.{name}.weight", weights(*shape))
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(hidden, np.float32))
+        writer.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(hidden, np.float32))
+    writer.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
+    output = weights(len(tokens), hidden, std=0.5)
+    output[:, 0] = 0.0
+    output[eos] = 0.0
+    # After the final norm the first component is about sqrt(hidden): this sets the EOS logit to log-odds.
+    output[eos, 0] = float(np.log(eos_rate * (len(tokens) - 1) / (1 - eos_rate))) / hidden**0.5
+    writer.add_tensor("output.weight", output)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -357,6 +357,53 @@ def test_two_processes_run_a_round_with_uneven_shares(synthetic_bm25_server, tmp
 
 
 @pytest.mark.slow
+def test_two_processes_train_a_round_on_precomputed_reference_log_probs(tmp_path, free_port):
+    """cpu_2proc.yaml with trainer.precompute_ref_log_probs: the round's pairs are a dataset on disk, so TRL's
+    cache of reference log-probs (written by process 0) is a file process 1 reads; the values are the
+    warm start's masked log-probs, pair by pair."""
+    from datasets import Dataset
+
+    from tests.helpers import DOCS, RIGHT, SEARCH, WRONG, masked_logp, side, write_pairs
+
+    hedges = [("model", " I am not sure." * i) for i in range(8)]  # pairs of different lengths
+    pairs = [(side(SEARCH, DOCS, RIGHT), side(SEARCH, DOCS, WRONG, hedge)) for hedge in hedges]
+    given = write_pairs(tmp_path / "given.jsonl", pairs)
+    out = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(REPO_ROOT / "configs/accelerate/cpu_2proc.yaml"),
+        "--main_process_port", str(free_port()),
+        "-m", "autorefine.cli", "train-ipdpo",
+        "--config", str(TINY_CPU),
+        f"retriever.url=http://127.0.0.1:{free_port()}",  # given pairs, no held-out set: no retriever
+        f"trainer.output_dir={out}",
+        "rounds=1",
+        f"pairs.file={given}",
+        "pairs.min_pairs=1",
+        "heldout.file=null",
+        "logging.pair_accuracy_pairs=4",
+        "trainer.precompute_ref_log_probs=true",
+        "trainer.per_device_train_batch_size=2",
+        "trainer.logging_steps=1",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    round_dir = out / "round-1"
+    training = json.loads((round_dir / "training.json").read_text())
+    assert training["pairs"] == 8 and training["steps"] == 2 and training["pairs_evaluated"] == 4
+    assert (round_dir / "model.safetensors").is_file()
+
+    cache_files = sorted((round_dir / "pairs.arrow").glob("cache-*.arrow"))
+    caches = {len(d): d for d in (Dataset.from_file(str(path)) for path in cache_files)}
+    assert sorted(caches) == [4, 8], "one cache for the training pairs, one for the evaluated ones"
+    warmstart = load_policy(SYNTHETIC_DIR / "warmstart", dtype="float32").eval()
+    for index, column in enumerate(("ref_chosen_logps", "ref_rejected_logps")):
+        expected = [masked_logp(warmstart, pair[index]) for pair in pairs]
+        assert caches[8][column] == pytest.approx(expected, abs=1e-3), column
+
+
+@pytest.mark.slow
 def test_one_round_from_the_warm_start_learns_from_its_pairs(synthetic_bm25_server, tmp_path):
     """CI proof: pairs are built, DPO prefers the chosen side of its training pairs, held-out EM holds."""
     out = tmp_path / "run"

@@ -13,11 +13,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from autorefine.config import IPDPORunConfig
+from autorefine.files import atomic_path
 from autorefine.settings import check_trainer_args
 from autorefine.training.arguments import RunError, require_devices, with_trainer_defaults
+from autorefine.training.distributed import on_main
 from autorefine.training.ipdpo.pairs import read_pairs
 
 if TYPE_CHECKING:
+    from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
 
@@ -49,15 +52,41 @@ def make_dpo_args(config: IPDPORunConfig, output_dir: Path) -> DPOConfig:
     return DPOConfig(**values, loss_type=loss_type, loss_weights=weights, remove_unused_columns=False)
 
 
+def pairs_on_disk(pairs_file: Path, max_length: int | None) -> tuple[Dataset | None, int]:
+    """The pairs of `pairs_file` that fit `max_length` as a dataset in `<pairs_file stem>.arrow/` beside it, built
+    by the main process and memory-mapped by every process; also how many were dropped for length.
+
+    TRL writes its precomputed reference log-probs next to the dataset's files and every process reads them
+    back: an in-memory dataset would send each process to a temporary folder of its own. Rebuilt on every
+    call, so the folder always matches the pairs file (and stale caches go with it).
+    """
+    from accelerate import PartialState
+    from datasets import load_from_disk
+
+    from autorefine.training.ipdpo.collator import pairs_dataset
+
+    folder = pairs_file.with_suffix(".arrow")
+
+    def build() -> tuple[bool, int]:
+        dataset, dropped = pairs_dataset(read_pairs(pairs_file), max_length)
+        if dataset is not None:
+            with atomic_path(folder) as partial:
+                dataset.save_to_disk(str(partial))
+        return dataset is not None, dropped
+
+    built, dropped = on_main(PartialState(), build)
+    return (load_from_disk(str(folder)) if built else None), dropped
+
+
 def build_dpo_trainer(
     config: IPDPORunConfig, args: DPOConfig, policy: str, pairs_file: Path, accuracy_pairs: int = 0
 ) -> tuple[DPOTrainer, dict[str, int]]:
     """A DPOTrainer on the pairs of `pairs_file`, starting from `policy`, which is also the frozen reference."""
     from autorefine.modeling import load_policy, load_tokenizer_and_policy, lora_config
-    from autorefine.training.ipdpo.collator import MaskedPreferenceCollator, pairs_dataset
+    from autorefine.training.ipdpo.collator import MaskedPreferenceCollator
     from autorefine.trl_private import pretokenized_dpo_trainer
 
-    dataset, dropped = pairs_dataset(read_pairs(pairs_file), args.max_length)
+    dataset, dropped = pairs_on_disk(pairs_file, args.max_length)
     if dataset is None:
         raise RunError(
             f"{pairs_file}: every pair is longer than trainer.max_length={args.max_length}; raise it (pairs are "

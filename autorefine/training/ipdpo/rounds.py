@@ -10,10 +10,12 @@ continues at the first unfinished stage of the last round:
     <output_dir>/round-k/samples.jsonl    every sample with its scores        → sampling finished
     <output_dir>/round-k/pair_stats.json  what pair building found
     <output_dir>/round-k/pairs.jsonl      the pairs trained on                 → pairs finished
+    <output_dir>/round-k/pairs.arrow/     those pairs as a dataset every process maps (TRL caches beside it)
     <output_dir>/round-k/dpo/             the DPOTrainer's checkpoints during the epoch
     <output_dir>/round-k/training.json    DPO metrics; the model files are next to it → training finished
     <output_dir>/round-k/summary.json     the round's numbers, held-out included → round finished
     <output_dir>/rounds.jsonl             one summary line per round (round 0: the starting policy)
+    <output_dir>/start-policy/            with model.gguf_file: the GGUF starting policy as a plain folder
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Any
 
 from autorefine.config import IPDPORunConfig
 from autorefine.data import read_questions
-from autorefine.files import read_json, write_json, write_jsonl
+from autorefine.files import file_sha256, read_json, write_json, write_jsonl
 from autorefine.protocol import PromptTemplate
 from autorefine.retrieval import RetrieverUnavailableError, connect_retriever
 from autorefine.rollout.agent import AgentLoop, Searcher
@@ -203,6 +205,42 @@ class IPDPORun:
             free_accelerator_memory()
         all_succeeded(state, error)
 
+    def _convert_gguf_start(self) -> None:
+        """With `model.gguf_file`, convert the starting policy once into `<output_dir>/start-policy/` and start
+        from that plain folder: every loader (sampling, evaluation, the reference, a LoRA merge) reads it as it
+        reads a round's folder, and no later round looks for the GGUF file anywhere."""
+        from autorefine.modeling import save_gguf_as_folder
+
+        model = self.config.model
+        if model.gguf_file is None:
+            return
+        source = Path(model.name_or_path) / model.gguf_file
+        folder = self.root / "start-policy"
+        record = folder / "gguf_source.json"
+
+        def convert() -> None:
+            if not source.is_file():
+                raise RunError(f"model.gguf_file: {source} not found")
+            digest = file_sha256(source)
+            if record.is_file():
+                converted = read_json(record)
+                if converted["sha256"] == digest:
+                    logger.info("starting from %s (converted from %s earlier)", folder, source)
+                    return
+                if existing_rounds(self.root):
+                    raise RunError(
+                        f"{folder} was converted from another GGUF file ({converted['path']}, sha256 "
+                        f"{converted['sha256'][:12]}…) than {source}; the rounds of {self.root} started from it. "
+                        "Resume with the same model, or choose another trainer.output_dir"
+                    )
+            logger.info("converting %s into a plain model folder, %s", source, folder)
+            save_gguf_as_folder(source, folder)
+            write_json(record, {"path": str(source), "sha256": digest})
+
+        on_main(self.state, convert)
+        plain = dataclasses.replace(model, name_or_path=str(folder), gguf_file=None)
+        self.config = dataclasses.replace(self.config, model=plain)
+
     # -- the rounds --------------------------------------------------------------------------------------
 
     def run(self) -> Path:
@@ -212,6 +250,8 @@ class IPDPORun:
             self.root.mkdir(parents=True, exist_ok=True)
             write_run_config(self.root, config)
             self.wandb = start_wandb(to_dict(config), self.root, self.args)
+        self._convert_gguf_start()
+        config = self.config
         current = config.model.name_or_path
         if self.heldout and config.heldout.evaluate_start:
             start = RoundFiles(self.root, 0, config.sampling.samples_per_question)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from autorefine.data import Question
-from autorefine.files import write_jsonl
+from autorefine.files import fsync_dir, write_jsonl
 from autorefine.rollout.agent import AgentLoop
 from autorefine.rollout.engine import SamplingParams
 from autorefine.rollout.trajectory import FinishReason, Segment, Trajectory
@@ -172,7 +172,15 @@ def rescore_rows(
 
 
 class SampleStore:
-    """A round's samples: per-process part files while sampling, one grouped samples.jsonl once complete."""
+    """A round's samples: per-process part files while sampling, one grouped samples.jsonl once complete.
+
+    `compact` folds the part files into `samples.parts/kept.jsonl`. A crash can leave that file next to the
+    parts it was made from; readers then see some question groups twice, identical, and keep each once.
+    """
+
+    KEPT = "kept.jsonl"
+    # What an interrupted compaction of earlier versions left: complete, and read so none of it is lost.
+    LEGACY_KEPT = "kept.partial-compact"
 
     def __init__(self, round_dir: Path, samples_per_question: int) -> None:
         self.final = round_dir / "samples.jsonl"
@@ -190,22 +198,27 @@ class SampleStore:
 
     def done_ids(self) -> set[str]:
         """Questions whose samples are all in the part files."""
-        return {g[0]["id"] for g in complete_groups(self._part_rows(), self.size)}
+        return {g[0]["id"] for g in self._groups()}
 
     def compact(self) -> int:
-        """Rewrite the part files as one, keeping whole question groups only (before a resumed sampling)."""
+        """Rewrite the part files as one, keeping whole question groups only (before a resumed sampling).
+
+        Crash-safe: the new kept.jsonl is written, synced and renamed into place before any file it
+        replaces is deleted, so every step leaves each sampled question readable at least once.
+        """
         if not self.parts.is_dir():
             return 0
-        groups = list(complete_groups(self._part_rows(), self.size))
-        kept = write_jsonl(self.parts / "kept.partial-compact", (r for g in groups for r in g))
-        for path in self.parts.glob("*.jsonl"):
-            path.unlink()
-        (self.parts / "kept.partial-compact").rename(self.parts / "kept.jsonl")
+        sources = self._part_files()
+        kept = write_jsonl(self.parts / self.KEPT, (r for g in self._groups() for r in g))
+        fsync_dir(self.parts)  # the rename reaches the disk before the files it supersedes leave it
+        for path in sources:
+            if path.name != self.KEPT:
+                path.unlink()
         return kept // self.size
 
     def finish(self, order: Sequence[str]) -> int:
         """Merge the part files into samples.jsonl in the round's question order; returns the questions kept."""
-        groups = {g[0]["id"]: g for g in complete_groups(self._part_rows(), self.size)}
+        groups = {g[0]["id"]: g for g in self._groups()}
         missing = [qid for qid in order if qid not in groups]
         if missing:
             raise PairError(
@@ -221,11 +234,23 @@ class SampleStore:
         """Rows of samples.jsonl."""
         return read_sample_rows(self.final)
 
-    def _part_rows(self) -> Iterator[dict[str, Any]]:
+    def _part_files(self) -> list[Path]:
+        """The files holding samples: kept.jsonl (and a legacy leftover) first, then each process's part."""
         if not self.parts.is_dir():
-            return
-        for path in sorted(self.parts.glob("*.jsonl")):
-            yield from read_sample_rows(path, tolerate_torn_tail=True)
+            return []
+        first = [self.parts / name for name in (self.KEPT, self.LEGACY_KEPT)]
+        ranks = sorted(p for p in self.parts.glob("*.jsonl") if p.name != self.KEPT)
+        return [p for p in first if p.is_file()] + ranks
+
+    def _groups(self) -> Iterator[list[dict[str, Any]]]:
+        """Every whole question group of the part files, each question once (the first copy read)."""
+        seen: set[str] = set()
+        for path in self._part_files():
+            # Grouped file by file: a question at the end of one file and the start of the next is two copies.
+            for group in complete_groups(read_sample_rows(path, tolerate_torn_tail=True), self.size):
+                if group[0]["id"] not in seen:
+                    seen.add(group[0]["id"])
+                    yield group
 
 
 def sample_questions(
