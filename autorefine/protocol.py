@@ -56,6 +56,11 @@ _DOCUMENTS_SPAN = re.compile(
 )
 
 
+# Stands where the question goes while the chat template is rendered: a private-use character, which no
+# template writes, so the template's own text and special tokens can be told from the question's.
+_QUESTION_SLOT = "\ue000"
+
+
 @dataclass(frozen=True)
 class PromptTemplate:
     """An instruction template with a `{question}` and an optional `{topk}` placeholder."""
@@ -67,9 +72,14 @@ class PromptTemplate:
         # Parse the placeholders rather than search the text: `{{question}}` is a literal, not a placeholder.
         rule = f"prompt template {self.source} may use only {{question}} and {{topk}} (write literal braces as {{{{ }}}})"
         try:
-            fields = {name for _, name, _, _ in string.Formatter().parse(self.text) if name is not None}
+            parsed = [
+                (name, spec, conv)
+                for _, name, spec, conv in string.Formatter().parse(self.text)
+                if name is not None
+            ]
         except ValueError as err:
             raise ValueError(f"{rule}: {err}") from err
+        fields = {name for name, _, _ in parsed}
         if unknown := fields - {"question", "topk"}:
             raise ValueError(f"{rule}: {sorted(unknown)}")
         if "question" not in fields:
@@ -78,6 +88,13 @@ class PromptTemplate:
             self.text.format(question="", topk=0)
         except (ValueError, TypeError) as err:
             raise ValueError(f"{rule}: {err}") from err
+        # The question is set in as written, so the prompt can tell its text from the template's (`prompt_ids`).
+        if any(name == "question" and (spec or conv) for name, spec, conv in parsed):
+            raise ValueError(
+                f"prompt template {self.source}: {{question}} takes no conversion or format spec"
+            )
+        if _QUESTION_SLOT in self.text:
+            raise ValueError(f"prompt template {self.source} contains U+E000, which stands for the question")
 
     @classmethod
     def packaged(cls, name: str = DEFAULT_TEMPLATE_NAME) -> PromptTemplate:
@@ -114,7 +131,25 @@ def build_prompt(
     With a chat template the prompt ends inside an opened assistant turn, which the model continues; the
     environment's documents are later inserted into that same turn.
     """
-    instruction = template.render(question, topk)
+    return normalize_question(question).join(_prompt_parts(tokenizer, template, topk))
+
+
+def _prompt_parts(tokenizer: PreTrainedTokenizerBase, template: PromptTemplate, topk: int) -> list[str]:
+    """The prompt text around each place the question goes: the template rendered with a slot for it."""
+    instruction = template.text.format(question=_QUESTION_SLOT, topk=topk)
+    prompt = _chat_prompt(instruction, tokenizer)
+    parts = prompt.split(_QUESTION_SLOT)
+    if len(parts) != instruction.count(_QUESTION_SLOT) + 1:
+        # Rendering with a slot is how the question is kept apart from the template's special tokens.
+        raise ValueError(
+            f"the chat template of {getattr(tokenizer, 'name_or_path', 'this tokenizer')} does not keep the "
+            "user's text as written (it changes or writes U+E000)"
+        )
+    return parts
+
+
+def _chat_prompt(instruction: str, tokenizer: PreTrainedTokenizerBase) -> str:
+    """`instruction` as one user turn and an opened assistant turn of the chat template; itself without one."""
     if not getattr(tokenizer, "chat_template", None):
         return instruction
     messages = [{"role": "user", "content": instruction}]
@@ -126,6 +161,68 @@ def build_prompt(
             "turn (add_generation_prompt changes nothing); fix the template or remove it to use plain prompts"
         )
     return prompt
+
+
+def encode_text(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """Token ids of text the model did not write (documents, questions, messages): special tokens' spellings
+    in it stay plain text."""
+    # A web passage or a question holding `<|im_end|>` or `<|im_start|>system` would otherwise end the turn
+    # or open a role as the very control tokens the model was tuned on.
+    return tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+
+
+def prompt_ids(
+    question: str, tokenizer: PreTrainedTokenizerBase, template: PromptTemplate, topk: int
+) -> list[int]:
+    """Token ids of `build_prompt`: the template's special tokens are control tokens, the question is text."""
+    parts = _prompt_parts(tokenizer, template, topk)
+    text = normalize_question(question)
+    prompt = text.join(parts)
+    specials = _special_tokens(tokenizer)
+    if specials is None or _matches(specials, prompt) == _template_matches(specials, parts, len(text)):
+        # The question spells no special token: the prompt as the tokenizer itself encodes it.
+        return tokenizer.encode(prompt, add_special_tokens=False)
+    return _encode_around(tokenizer, specials, parts, text)
+
+
+def _encode_around(
+    tokenizer: PreTrainedTokenizerBase, specials: re.Pattern[str], parts: list[str], text: str
+) -> list[int]:
+    """The template parts with `text` between them, split at the parts' own special tokens only: those stay
+    control tokens, everything else (the text above all) is encoded as plain text."""
+    ids: list[int] = []
+    plain = ""
+    for i, part in enumerate(parts):
+        plain += text if i else ""
+        for j, piece in enumerate(specials.split(part)):
+            if j % 2 == 0:  # the split keeps each special token as the odd piece
+                plain += piece
+                continue
+            ids += [*encode_text(tokenizer, plain), tokenizer.convert_tokens_to_ids(piece)]
+            plain = ""
+    return ids + encode_text(tokenizer, plain)
+
+
+def _special_tokens(tokenizer: PreTrainedTokenizerBase) -> re.Pattern[str] | None:
+    """A pattern of the tokenizer's special tokens (longest first, as its own matching), or None if it has none."""
+    tokens = {token.content for token in tokenizer.added_tokens_decoder.values() if token.special}
+    if not tokens:
+        return None
+    return re.compile("(" + "|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)) + ")")
+
+
+def _matches(pattern: re.Pattern[str], text: str) -> list[tuple[int, str]]:
+    """(offset, token) of each special token spelled in `text`."""
+    return [(m.start(), m.group()) for m in pattern.finditer(text)]
+
+
+def _template_matches(pattern: re.Pattern[str], parts: list[str], slot_length: int) -> list[tuple[int, str]]:
+    """Special tokens of the template parts, at their offsets in the prompt once the question fills each slot."""
+    found, offset = [], 0
+    for part in parts:
+        found += [(offset + start, token) for start, token in _matches(pattern, part)]
+        offset += len(part) + slot_length
+    return found
 
 
 @dataclass(frozen=True)

@@ -293,6 +293,20 @@ def test_template_stray_braces_rejected(text: str) -> None:
         PromptTemplate(text)
 
 
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        pytest.param("Q: {question!r}", "no conversion or format spec", id="conversion"),
+        pytest.param("Q: {question:>30}", "no conversion or format spec", id="format-spec"),
+        pytest.param("Q: \ue000 {question}", "U\\+E000", id="question-slot-character"),
+    ],
+)
+def test_template_must_set_the_question_in_as_written(text: str, match: str) -> None:
+    # The prompt's ids tell the question from the template by where it was set in (`prompt_ids`).
+    with pytest.raises(ValueError, match=match):
+        PromptTemplate(text)
+
+
 def test_template_load_default() -> None:
     template = PromptTemplate.load()
     assert template.source == "autorefine/templates/autorefine.txt"
@@ -343,6 +357,16 @@ def test_build_prompt_plain_without_chat_template(qwen_tokenizer) -> None:
     template = PromptTemplate("Q: {question} k={topk}")
     assert build_prompt("who wrote Hamlet", plain, template, 2) == "Q: who wrote Hamlet? k=2"
     assert qwen_tokenizer.chat_template  # the copy did not change the shared tokenizer
+
+
+def test_a_chat_template_that_rewrites_the_user_text_is_refused(qwen_tokenizer) -> None:
+    cut = copy.deepcopy(qwen_tokenizer)
+    cut.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'][:2] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    with pytest.raises(ValueError, match="does not keep the user's text as written"):
+        build_prompt("who wrote Hamlet", cut, PromptTemplate("Q: {question}"), 3)
 
 
 def test_block_spans_index_the_original_text_and_skip_documents():

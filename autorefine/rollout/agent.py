@@ -93,11 +93,12 @@ class AgentLoop:
         self.last_timings = RolloutTimings()
 
     def _encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        """Ids of inserted text: a document spelling `<|im_end|>` must not end the turn."""
+        return protocol.encode_text(self.tokenizer, text)
 
     def prompt_ids(self, question: str) -> list[int]:
-        """Token ids of the full prompt for one question."""
-        return self._encode(protocol.build_prompt(question, self.tokenizer, self.template, self.config.topk))
+        """Token ids of the full prompt for one question (its text never becomes a control token)."""
+        return protocol.prompt_ids(question, self.tokenizer, self.template, self.config.topk)
 
     def run(self, questions: Sequence[str], params: SamplingParams) -> list[Trajectory]:
         """One trajectory per question (repeat a question to sample a group)."""

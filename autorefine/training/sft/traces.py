@@ -180,7 +180,8 @@ class TeacherEngine:
         for context, budget in zip(prompts, max_new_tokens, strict=True):
             question, length = self._question_of(context)
             text = self.writer(question, self.tokenizer.decode(context[length:], skip_special_tokens=True))
-            ids = self.tokenizer.encode(text, add_special_tokens=False)
+            # Teacher turns copy document sentences and gold answers: untrusted text, as the documents are.
+            ids = protocol.encode_text(self.tokenizer, text)
             finish = "stop" if len(ids) <= budget else "length"
             out.append(Generation(ids[:budget], [0.0] * min(len(ids), budget), finish))
         return out
