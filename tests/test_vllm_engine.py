@@ -130,6 +130,50 @@ def test_a_missing_server_logprob_is_nan_not_a_crash(tokenizer):
     assert all(math.isfinite(x) for i, x in enumerate(gen.logprobs) if i != 1)
 
 
+def test_the_fake_server_refuses_what_vllm_refuses(tokenizer):
+    import httpx
+
+    prompt = tokenizer.encode("What is the home city of Bigu Bolvou?")
+    limit = len(prompt) + 4
+    with fake_vllm.FakeVLLMServer(str(WARM), _port(), max_model_len=limit) as running:
+        [card] = httpx.get(f"{running.url}/v1/models").json()["data"]
+        body = {"model": card["id"], "prompt": [prompt], "max_tokens": 5, "return_token_ids": True}
+        refused = httpx.post(f"{running.url}/v1/completions", json=body)
+        fits = httpx.post(f"{running.url}/v1/completions", json={**body, "max_tokens": 4})
+    assert card["max_model_len"] == limit
+    assert refused.status_code == 400
+    assert refused.json() == {
+        "error": {
+            "message": f"You passed {len(prompt)} input tokens and requested 5 output tokens. However, the "
+            f"model's context length is only {limit} tokens, resulting in a maximum input length of "
+            f"{limit - 5} tokens. Please reduce the length of the input prompt. "
+            f"(parameter=input_tokens, value={len(prompt)})",
+            "type": "BadRequestError",
+            "param": "input_tokens",
+            "code": 400,
+        }
+    }
+    assert fits.status_code == 200
+
+
+def test_each_row_asks_the_server_for_its_own_token_budget(tokenizer):
+    """A row near the end of its completion budget must not be sent the batch's largest budget."""
+    short = tokenizer.encode("What is the home city of Bigu Bolvou?")
+    long = tokenizer.encode("Search, then answer. " * 4 + "What is the home city of Bigu Bolvou?")
+    budgets = [12, 3, 12, 5]
+    prompts = [short, long, short, long]
+    limit = len(long) + 5  # the long rows fit only with their own budgets
+    assert len(short) + 12 <= limit
+    with fake_vllm.FakeVLLMServer(str(WARM), _port(), max_model_len=limit) as running:
+        engine = served(tokenizer, running.url)
+        together = engine.generate(prompts, budgets, GREEDY, [])
+        alone = [engine.generate([p], [b], GREEDY, [])[0] for p, b in zip(prompts, budgets, strict=True)]
+        sent = sorted(r["max_tokens"] for r in running.requests[: -len(prompts)])
+    assert sent == [3, 5, 12]  # one request per distinct budget
+    assert [g.token_ids for g in together] == [g.token_ids for g in alone]  # and every answer in its place
+    assert [len(g.token_ids) <= b for g, b in zip(together, budgets, strict=True)] == [True] * 4
+
+
 SETTINGS = SamplingParams(temperature=0.8, top_p=0.9, top_k=7, min_p=0.05, repetition_penalty=1.3, seed=11)
 
 
