@@ -137,16 +137,21 @@ def tiny_qwen2(
     return model
 
 
-def load_tokenizer_and_policy(
-    model: ModelSettings, tiny_model: dict[str, int] | None = None
-) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
-    """The tokenizer and the policy in its configured dtype (or a fresh tiny Qwen2 when `tiny_model` is set)."""
+def load_model_tokenizer(model: ModelSettings) -> PreTrainedTokenizerBase:
+    """The tokenizer of a `model` section, without the weights."""
     # A separate tokenizer folder is read as such; otherwise it comes from where the weights do.
-    tokenizer = (
-        load_tokenizer(model.tokenizer)
-        if model.tokenizer
-        else load_tokenizer(model.name_or_path, gguf_file=model.gguf_file)
-    )
+    if model.tokenizer:
+        return load_tokenizer(model.tokenizer)
+    return load_tokenizer(model.name_or_path, gguf_file=model.gguf_file)
+
+
+def load_tokenizer_and_policy(
+    model: ModelSettings,
+    tiny_model: dict[str, int] | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+    """The tokenizer (unless given) and the policy in its dtype (a fresh tiny Qwen2 with `tiny_model`)."""
+    tokenizer = tokenizer or load_model_tokenizer(model)
     if tiny_model is not None:
         return tokenizer, tiny_qwen2(tokenizer, **tiny_model)
     policy = load_policy(model.name_or_path, dtype=model.dtype, gguf_file=model.gguf_file)

@@ -336,6 +336,11 @@ class LLM:
         executor.driver_worker = worker
         self.llm_engine = _Namespace()
         self.llm_engine.model_executor = executor
+        # vLLM's resolved context window: `max_model_len` as given, else the model config's.
+        self.llm_engine.model_config = _Namespace()
+        self.llm_engine.model_config.max_model_len = (
+            kwargs.get("max_model_len") or self.policy.model.config.max_position_embeddings
+        )
         LLM.instances.append(self)
 
     def get_tokenizer(self) -> Any:

@@ -17,6 +17,7 @@ with this engine.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
@@ -238,6 +239,41 @@ class VLLMEngine:
         except ImportError as err:
             raise ImportError(VLLM_MISSING) from err
         return cls(tokenizer, client=client, generation_eos=generation_eos, lockstep=lockstep)
+
+
+def server_max_model_len(base_url: str, timeout: float = 240.0) -> int | None:
+    """The context window a vLLM server serves (`max_model_len` of its `/v1/models` card); None if not given.
+
+    `vllm serve` (which `trl vllm-serve` runs) lists each model with the `max_model_len` it was started with
+    (`--max-model-len`, else the model config's). Waits up to `timeout` s for the server to answer, as TRL's
+    client does, then raises ConnectionError.
+    """
+    import httpx
+
+    url = f"{base_url.rstrip('/')}/v1/models"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            response = httpx.get(url, timeout=10.0)
+            if response.status_code == 200:
+                break
+            problem = f"HTTP {response.status_code}: {response.text[:200]}"
+        except httpx.HTTPError as err:
+            problem = f"{type(err).__name__}: {err}"
+        if time.monotonic() >= deadline:
+            raise ConnectionError(
+                f"the vLLM server at {base_url} did not answer GET /v1/models within {timeout:.0f} s "
+                f"({problem}); start it first (`trl vllm-serve --model ...`)"
+            )
+        time.sleep(1.0)
+    cards = response.json().get("data") or []
+    value = cards[0].get("max_model_len") if cards else None
+    return value if isinstance(value, int) else None
+
+
+def colocated_max_model_len(llm: Any) -> int:
+    """The context window of an in-process `vllm.LLM`, as vLLM resolved it (TRL reads the same attribute)."""
+    return int(llm.llm_engine.model_config.max_model_len)
 
 
 def _logprob(value: Any) -> float:

@@ -14,10 +14,12 @@ from typing import TYPE_CHECKING, Any
 
 from autorefine.config import GRPORunConfig
 from autorefine.data import read_questions
-from autorefine.modeling import load_tokenizer_and_policy, lora_config
+from autorefine.modeling import load_model_tokenizer, load_tokenizer_and_policy, lora_config
 from autorefine.protocol import PromptTemplate
 from autorefine.retrieval import RetrieverClient, RetrieverUnavailableError, connect_retriever
-from autorefine.rollout.engines import TrainerEngine
+from autorefine.rollout.agent import longest_prompt
+from autorefine.rollout.engines import TrainerEngine, vllm_server_url
+from autorefine.rollout.vllm_engine import colocated_max_model_len, server_max_model_len
 from autorefine.settings import check_trainer_args
 from autorefine.training.arguments import RunError, require_devices, with_trainer_defaults
 from autorefine.training.callbacks import SaveRunConfigCallback, StepTimerCallback, add_heldout_evaluation
@@ -32,6 +34,7 @@ from autorefine.training.search_rollout import SearchRollout, rollout_sampling
 from autorefine.trl_private import save_full_checkpoint
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
     from trl import GRPOTrainer
 
 logger = logging.getLogger(__name__)
@@ -89,6 +92,79 @@ def check_rollout_args(args: Any) -> None:
         )
 
 
+def vllm_context_window(args: Any) -> tuple[int, str] | None:
+    """vLLM's context window known before any model loads, and where it comes from; None if not known yet."""
+    if not args.use_vllm:
+        return None
+    if args.vllm_mode == "server":
+        url = vllm_server_url(args)
+        try:
+            limit = server_max_model_len(url, timeout=args.vllm_server_timeout)
+        except ConnectionError as err:
+            raise RunError(str(err)) from None
+        if limit is None:
+            logger.warning(
+                "the vLLM server at %s lists no max_model_len in GET /v1/models: whether the longest prompt + "
+                "rollout.max_completion_tokens fits its context window is not checked at start",
+                url,
+            )
+            return None
+        return limit, f"the vLLM server at {url}: its --max-model-len, from GET /v1/models"
+    if args.vllm_max_model_length:
+        return args.vllm_max_model_length, "trainer.vllm_max_model_length"
+    return None  # a colocated vLLM takes the model config's context length: known once it is built
+
+
+def rollout_questions(config: GRPORunConfig) -> list[str]:
+    """Every question a run generates for: training questions, and held-out ones when evaluated."""
+    questions = [q.question for q in read_questions(config.data.train_file)]
+    heldout = config.heldout
+    if heldout.file and heldout.every > 0:
+        questions += [q.question for q in read_questions(heldout.file, limit=heldout.limit)]
+    return questions
+
+
+def check_context_window(
+    config: GRPORunConfig,
+    args: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    window: tuple[int, str] | None = None,
+) -> None:
+    """Refuse a vLLM context window too small for the run's longest prompt + rollout.max_completion_tokens."""
+    window = window or vllm_context_window(args)  # given (a built vLLM's), else the one known before loading
+    if window is None:
+        return
+    limit, source = window
+    template = PromptTemplate.load(config.template)
+    prompt, question = longest_prompt(rollout_questions(config), tokenizer, template, config.rollout.topk)
+    completion = config.rollout.max_completion_tokens
+    if prompt + completion <= limit:
+        return
+    lower = (
+        f"or lower rollout.max_completion_tokens to {limit - prompt}"
+        if limit > prompt
+        else "(the prompt alone does not fit)"
+    )
+    raise RunError(
+        f"the longest prompt ({prompt} tokens, question {question[:80]!r}) + rollout.max_completion_tokens "
+        f"({completion}) = {prompt + completion} tokens do not fit vLLM's context window of {limit} tokens "
+        f"({source}): a trajectory near its completion budget would ask vLLM for more (a vLLM server refuses "
+        f"that with HTTP 400). Give vLLM at least {prompt + completion} tokens "
+        f"(trainer.vllm_max_model_length, or the server's --max-model-len) {lower}"
+    )
+
+
+def check_colocated_context_window(
+    config: GRPORunConfig, args: Any, tokenizer: PreTrainedTokenizerBase, engine: TrainerEngine
+) -> None:
+    """`check_context_window` for a colocated vLLM left to choose its own window (the model config's)."""
+    if engine.mode != "colocate" or args.vllm_max_model_length:
+        return  # the window was checked before loading
+    limit = colocated_max_model_len(engine.engine.llm)
+    source = "the colocated vLLM's, from the model config; trainer.vllm_max_model_length sets it"
+    check_context_window(config, args, tokenizer, (limit, source))
+
+
 def make_grpo_args(config: GRPORunConfig):  # -> trl.GRPOConfig
     """TRL arguments from the `trainer` section, with the fields autorefine derives filled in."""
     from trl import GRPOConfig
@@ -136,8 +212,10 @@ def build_trainer(
     guard_settings = check_guard(config.guard, config.heldout, args)
     template = PromptTemplate.load(config.template)
     train = build_dataset(config.data.train_file)
+    tokenizer = load_model_tokenizer(config.model)
+    check_context_window(config, args, tokenizer)
     client = client or connect_retriever(config.retriever)
-    tokenizer, model = load_tokenizer_and_policy(config.model)
+    tokenizer, model = load_tokenizer_and_policy(config.model, tokenizer=tokenizer)
     rollout = SearchRollout(client, config.rollout, template, config.eval_temperature)
     trainer = GRPOTrainer(
         model=model,
@@ -150,6 +228,7 @@ def build_trainer(
     )
     # One engine per trainer, shared by the rollouts and the held-out evaluation.
     rollout.engine = TrainerEngine(trainer)
+    check_colocated_context_window(config, args, tokenizer, rollout.engine)
     trainer.add_callback(StepTimerCallback(trainer, lambda: rollout.total_seconds))
     latest = LatestSamples()
     rewards.subscribe(latest)
