@@ -253,6 +253,37 @@ def test_lost_retriever_writes_a_checkpoint_and_says_how_to_resume(tmp_path, sta
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
 
 
+class BreakEngineAfterFirstStep(TrainerCallback):
+    """From step 2 on, the engine raises as TRL's vLLM client does on an HTTP 400."""
+
+    def __init__(self, rollout) -> None:
+        self.rollout = rollout
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 1:
+
+            def broken(*args):
+                raise RuntimeError("Request failed: 400, injected engine failure")
+
+            self.rollout.engine.engine.generate = broken
+
+
+def test_an_engine_failure_writes_a_checkpoint_and_says_how_to_resume(synthetic_bm25_server, tmp_path):
+    config = tiny_config(synthetic_bm25_server, tmp_path / "run", "trainer.max_steps=3")
+    trainer, rollout = build_trainer(config)
+    trainer.add_callback(BreakEngineAfterFirstStep(rollout))
+    with pytest.raises(RunError) as err:
+        run_grpo(trainer, command="autorefine train-grpo --config tiny-cpu.yaml")
+    message = str(err.value)
+    checkpoint = latest_checkpoint(tmp_path / "run")
+    assert checkpoint is not None and checkpoint.endswith("checkpoint-1")
+    assert (Path(checkpoint) / "trainer_state.json").is_file()
+    assert (
+        "the generation engine failed: RuntimeError: Request failed: 400, injected engine failure" in message
+    )
+    assert f"then resume with: autorefine train-grpo --config tiny-cpu.yaml --resume {checkpoint}" in message
+
+
 # --- SFT ------------------------------------------------------------------------------------------------
 
 

@@ -18,6 +18,7 @@ from autorefine.modeling import load_model_tokenizer, load_tokenizer_and_policy,
 from autorefine.protocol import PromptTemplate
 from autorefine.retrieval import RetrieverClient, RetrieverUnavailableError, connect_retriever
 from autorefine.rollout.agent import longest_prompt
+from autorefine.rollout.engine import GenerationError
 from autorefine.rollout.engines import TrainerEngine, vllm_server_url
 from autorefine.rollout.vllm_engine import colocated_max_model_len, server_max_model_len
 from autorefine.settings import check_trainer_args
@@ -255,8 +256,34 @@ def build_trainer(
     return trainer, rollout
 
 
+def failure_advice(err: Exception) -> tuple[str, str]:
+    """What stopped a run (retriever or generation engine failure), and what to fix before resuming."""
+    if isinstance(err, RetrieverUnavailableError):
+        return "The retriever stayed down", "Restart the retriever"
+    return "The generation engine failed", "Fix the generation engine (a vLLM server: see its log)"
+
+
+def stop_with_checkpoint(trainer: GRPOTrainer, err: Exception, command: str) -> RunError:
+    """Write a checkpoint of the interrupted run; the RunError that says why it stopped and how to resume."""
+    if err.__cause__ is not None:
+        # The message carries the cause's text; its traceback is what a crashed engine's bug report needs.
+        logger.error("where the failure that stops training was raised:", exc_info=err.__cause__)
+    what, fix = failure_advice(err)
+    try:
+        save_full_checkpoint(trainer)
+    except Exception as save_failed:  # the state may be as broken as what stopped the run
+        return RunError(
+            f"{err}\n{what}, and writing a checkpoint failed too ({type(save_failed).__name__}: {save_failed}).\n"
+            f"{fix}, then resume from the last saved checkpoint: {command} --resume latest"
+        )
+    saved = latest_checkpoint(Path(trainer.args.output_dir))
+    return RunError(
+        f"{err}\n{what}; training state was saved to {saved}.\n{fix}, then resume with: {command} --resume {saved}"
+    )
+
+
 def run_grpo(trainer: GRPOTrainer, resume: str | None = None, command: str = "autorefine train-grpo") -> Path:
-    """Train; on a lost retriever or a guard `stop`, write a checkpoint and stop with the command that resumes."""
+    """Train; when the retriever or the engine fails, or the guard stops it, checkpoint and say how to resume."""
     output_dir = Path(trainer.args.output_dir)
     if resume == "latest":
         resume = latest_checkpoint(output_dir)
@@ -264,13 +291,8 @@ def run_grpo(trainer: GRPOTrainer, resume: str | None = None, command: str = "au
             raise RunError(f"--resume latest: no checkpoint-* directory in {output_dir}")
     try:
         trainer.train(resume_from_checkpoint=resume)
-    except RetrieverUnavailableError as err:
-        save_full_checkpoint(trainer)
-        saved = latest_checkpoint(output_dir)
-        raise RunError(
-            f"{err}\nThe retriever stayed down; training state was saved to {saved}.\n"
-            f"Restart the retriever, then resume with: {command} --resume {saved}"
-        ) from None
+    except (RetrieverUnavailableError, GenerationError) as err:
+        raise stop_with_checkpoint(trainer, err, command) from None
     guard = next((c for c in trainer.callback_handler.callbacks if isinstance(c, GuardCallback)), None)
     if guard is not None and guard.stopped is not None:
         saved = latest_checkpoint(output_dir)
