@@ -12,11 +12,17 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from autorefine.api_key import API_KEY_ENV
 from autorefine.config import GRPORunConfig
 from autorefine.data import read_questions
 from autorefine.modeling import load_model_tokenizer, load_tokenizer_and_policy, lora_config
 from autorefine.protocol import PromptTemplate
-from autorefine.retrieval import RetrieverClient, RetrieverUnavailableError, connect_retriever
+from autorefine.retrieval import (
+    RetrieverClient,
+    RetrieverError,
+    RetrieverUnavailableError,
+    connect_retriever,
+)
 from autorefine.rollout.agent import longest_prompt
 from autorefine.rollout.engine import GenerationError
 from autorefine.rollout.engines import TrainerEngine, vllm_server_url
@@ -257,15 +263,24 @@ def build_trainer(
 
 
 def failure_advice(err: Exception) -> tuple[str, str]:
-    """What stopped a run (retriever or generation engine failure), and what to fix before resuming."""
+    """What stopped a run (a retriever or generation engine failure), and what to fix before resuming."""
     if isinstance(err, RetrieverUnavailableError):
         return "The retriever stayed down", "Restart the retriever"
+    if isinstance(err, RetrieverError) and err.status in (401, 403):
+        # Most often the server was restarted with a new key; the key file is read again on resume.
+        return (
+            f"The retriever refused access (HTTP {err.status})",
+            f"Give the run the retriever's current API key (retriever.api_key_file or ${API_KEY_ENV})",
+        )
+    if isinstance(err, RetrieverError):
+        status = f" (HTTP {err.status})" if err.status else ""
+        return f"The retriever answered with an error{status}", "Fix the retriever (see its log)"
     return "The generation engine failed", "Fix the generation engine (a vLLM server: see its log)"
 
 
 def stop_with_checkpoint(trainer: GRPOTrainer, err: Exception, command: str) -> RunError:
     """Write a checkpoint of the interrupted run; the RunError that says why it stopped and how to resume."""
-    if err.__cause__ is not None:
+    if isinstance(err, GenerationError) and err.__cause__ is not None:
         # The message carries the cause's text; its traceback is what a crashed engine's bug report needs.
         logger.error("where the failure that stops training was raised:", exc_info=err.__cause__)
     what, fix = failure_advice(err)
@@ -291,7 +306,8 @@ def run_grpo(trainer: GRPOTrainer, resume: str | None = None, command: str = "au
             raise RunError(f"--resume latest: no checkpoint-* directory in {output_dir}")
     try:
         trainer.train(resume_from_checkpoint=resume)
-    except (RetrieverUnavailableError, GenerationError) as err:
+    except (RetrieverError, GenerationError) as err:
+        # Any retriever failure (down, a 401 after a key change, a garbled answer) or engine failure.
         raise stop_with_checkpoint(trainer, err, command) from None
     guard = next((c for c in trainer.callback_handler.callbacks if isinstance(c, GuardCallback)), None)
     if guard is not None and guard.stopped is not None:
