@@ -6,6 +6,8 @@
   `llm.llm_engine.model_executor.driver_worker.model_runner.model.load_weights`). A tensor-parallel `LLM`
   checks, with a collective over its group, that every rank called `generate` with the same requests, which
   is what vLLM's `external_launcher` workers require (a rank that skips a call leaves the others waiting).
+  `llm.llm_engine.model_config.max_model_len` is the window vLLM resolves (`max_model_len`, else the model
+  config's); the fake does not enforce it.
 - `FakeVLLMServer`: a real HTTP server with `vllm serve`'s `/health`, `/v1/models` (with `max_model_len`, as
   vLLM's model cards have it), `/server_info`, `/v1/completions` (choices with `token_ids`, `prompt_token_ids`
   and completions-style `logprobs`), `/reset_prefix_cache` and the weight-update endpoints TRL calls; the NCCL
