@@ -170,17 +170,24 @@ def trained_weights_dtype(model: ModelSettings, lora: LoraSettings) -> str:
     return "float32"
 
 
-def load_tokenizer_and_policy(
-    model: ModelSettings, tiny_model: dict[str, int] | None = None, *, lora: LoraSettings | None = None
-) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
-    """The tokenizer and the policy (or a fresh tiny Qwen2 when `tiny_model` is set); given the run's `lora`
-    settings, in the dtype it is trained in (`trained_weights_dtype`), else in its configured dtype."""
+def load_model_tokenizer(model: ModelSettings) -> PreTrainedTokenizerBase:
+    """The tokenizer of a `model` section, without the weights."""
     # A separate tokenizer folder is read as such; otherwise it comes from where the weights do.
-    tokenizer = (
-        load_tokenizer(model.tokenizer)
-        if model.tokenizer
-        else load_tokenizer(model.name_or_path, gguf_file=model.gguf_file)
-    )
+    if model.tokenizer:
+        return load_tokenizer(model.tokenizer)
+    return load_tokenizer(model.name_or_path, gguf_file=model.gguf_file)
+
+
+def load_tokenizer_and_policy(
+    model: ModelSettings,
+    tiny_model: dict[str, int] | None = None,
+    *,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    lora: LoraSettings | None = None,
+) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+    """The tokenizer (unless given) and the policy (a fresh tiny Qwen2 with `tiny_model`); given the run's
+    `lora` settings, in the dtype it is trained in (`trained_weights_dtype`), else in its configured dtype."""
+    tokenizer = tokenizer or load_model_tokenizer(model)
     dtype = model.dtype if lora is None else trained_weights_dtype(model, lora)
     if tiny_model is not None:
         return tokenizer, tiny_qwen2(tokenizer, **tiny_model).to(resolve_dtype(dtype))

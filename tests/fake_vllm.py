@@ -6,11 +6,15 @@
   `llm.llm_engine.model_executor.driver_worker.model_runner.model.load_weights`). A tensor-parallel `LLM`
   checks, with a collective over its group, that every rank called `generate` with the same requests, which
   is what vLLM's `external_launcher` workers require (a rank that skips a call leaves the others waiting).
-- `FakeVLLMServer`: a real HTTP server with `vllm serve`'s `/health`, `/v1/models`, `/server_info`,
-  `/v1/completions` (choices with `token_ids`, `prompt_token_ids` and completions-style `logprobs`),
-  `/reset_prefix_cache` and the weight-update endpoints TRL calls; the NCCL broadcast of the weights is
-  replaced by an HTTP upload. It logs, per completion request, the weights version and whether an update
-  was in progress.
+  `llm.llm_engine.model_config.max_model_len` is the window vLLM resolves (`max_model_len`, else the model
+  config's); the fake does not enforce it.
+- `FakeVLLMServer`: a real HTTP server with `vllm serve`'s `/health`, `/v1/models` (with `max_model_len`, as
+  vLLM's model cards have it), `/server_info`, `/v1/completions` (choices with `token_ids`, `prompt_token_ids`
+  and completions-style `logprobs`), `/reset_prefix_cache` and the weight-update endpoints TRL calls; the NCCL
+  broadcast of the weights is replaced by an HTTP upload. Like vLLM it refuses, with HTTP 400 and vLLM's error
+  body, a request whose prompt + `max_tokens` exceeds `max_model_len` (`--max-model-len`; by default the
+  model config's `max_position_embeddings`). It logs, per completion request, the weights version, whether an
+  update was in progress and the `max_tokens` asked for.
 - `FakeVLLMClient`: TRL's real `VLLMClient` (its `generate` and `parse_logprobs` run unchanged) with only the
   NCCL weight transfer replaced.
 - `install()`: makes `import vllm` and TRL's vLLM checks see these fakes (also in `accelerate launch`ed
@@ -334,6 +338,11 @@ class LLM:
         executor.driver_worker = worker
         self.llm_engine = _Namespace()
         self.llm_engine.model_executor = executor
+        # vLLM's resolved context window: `max_model_len` as given, else the model config's.
+        self.llm_engine.model_config = _Namespace()
+        self.llm_engine.model_config.max_model_len = (
+            kwargs.get("max_model_len") or self.policy.model.config.max_position_embeddings
+        )
         LLM.instances.append(self)
 
     def get_tokenizer(self) -> Any:
@@ -399,14 +408,53 @@ def _request_output(
 # --- `vllm serve` and TRL's client ------------------------------------------------------------------------
 
 
+class ContextLengthError(ValueError):
+    """vLLM's `VLLMValidationError` for a request that does not fit `max_model_len` (HTTP 400)."""
+
+    def __init__(self, message: str, parameter: str, value: int) -> None:
+        # vLLM's str() of the error appends what was rejected; that string is the body's message.
+        super().__init__(f"{message} (parameter={parameter}, value={value})")
+        self.parameter = parameter
+
+
+def check_context_length(prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
+    """vLLM's own check of a completion request (TokenizeParams with max_total_tokens=max_model_len)."""
+    if max_tokens > max_model_len:
+        # vLLM's message really lacks the space before "cannot".
+        raise ContextLengthError(
+            f"max_tokens={max_tokens}cannot be greater than max_model_len={max_model_len}. "
+            "Please request fewer output tokens.",
+            "max_tokens",
+            max_tokens,
+        )
+    max_input = max_model_len - max_tokens
+    if prompt_tokens > max_input:
+        raise ContextLengthError(
+            f"You passed {prompt_tokens} input tokens and requested {max_tokens} output tokens. "
+            f"However, the model's context length is only {max_model_len} tokens, resulting in a maximum "
+            f"input length of {max_input} tokens. Please reduce the length of the input prompt.",
+            "input_tokens",
+            prompt_tokens,
+        )
+
+
 class FakeVLLMServer:
     """`vllm serve MODEL` on 127.0.0.1, in a thread, with the endpoints TRL's client calls."""
 
     def __init__(
-        self, model: str, port: int, *, push_delay_s: float = 0.0, nan_logprob_at: int | None = None
+        self,
+        model: str,
+        port: int,
+        *,
+        push_delay_s: float = 0.0,
+        nan_logprob_at: int | None = None,
+        max_model_len: int | None = None,
     ):
         self.policy = Policy(model)
+        self.model_path = model
         self.name = os.path.basename(model.rstrip("/"))
+        # vLLM's default context window is the model config's (here always max_position_embeddings).
+        self.max_model_len = max_model_len or self.policy.model.config.max_position_embeddings
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.push_delay_s = push_delay_s
@@ -432,7 +480,17 @@ class FakeVLLMServer:
 
         @app.get("/v1/models")
         def models() -> Response:
-            return json_response({"object": "list", "data": [{"id": self.name, "object": "model"}]})
+            card = {
+                "id": self.name,
+                "object": "model",
+                "created": int(time.time()),
+                "owned_by": "vllm",
+                "root": self.model_path,
+                "parent": None,
+                "max_model_len": self.max_model_len,
+                "permission": [],
+            }
+            return json_response({"object": "list", "data": [card]})
 
         @app.get("/get_world_size")
         def world_size() -> Response:
@@ -440,7 +498,8 @@ class FakeVLLMServer:
 
         @app.get("/server_info")
         def server_info() -> Response:
-            config = {"model_config": {"logprobs_mode": "processed_logprobs"}, "weight_transfer_config": {}}
+            model_config = {"logprobs_mode": "processed_logprobs", "max_model_len": self.max_model_len}
+            config = {"model_config": model_config, "weight_transfer_config": {}}
             return json_response({"vllm_config": config})
 
         @app.post("/start_weight_update")
@@ -468,7 +527,12 @@ class FakeVLLMServer:
         @app.post("/v1/completions")
         async def completions(request: Request) -> Response:
             body = await request.json()
-            return json_response(self.complete(body, request.headers.get("x-rank")))
+            try:
+                return json_response(self.complete(body, request.headers.get("x-rank")))
+            except ContextLengthError as err:
+                # vLLM's ErrorResponse: {"error": {message, type, param, code}} with the HTTP status as code.
+                error = {"message": str(err), "type": "BadRequestError", "param": err.parameter, "code": 400}
+                return Response(json.dumps({"error": error}), status_code=400, media_type="application/json")
 
         return app
 
@@ -480,11 +544,14 @@ class FakeVLLMServer:
                 "version": self.policy.version,
                 "updating": self.updating,
                 "prompts": len(body["prompt"]),
+                "max_tokens": body.get("max_tokens"),
             }
         )
         known = {f for f in SamplingParams.__dataclass_fields__}
         params = SamplingParams(**{k: v for k, v in body.items() if k in known})
         prompts = body["prompt"]
+        for prompt in prompts:  # vLLM validates every prompt of the request before generating any
+            check_context_length(len(prompt), params.max_tokens or 16, self.max_model_len)
         results = self.policy.sample(prompts, [params] * len(prompts), self.generator)
         choices = []
         for index, (prompt, result) in enumerate(zip(prompts, results, strict=True)):

@@ -291,3 +291,94 @@ def write_tiny_llama_gguf(
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+# --- a retriever that starts refusing its clients mid-run -------------------------------------------------------
+
+
+class RefusingProxy:
+    """A proxy (127.0.0.1, free port) to a real retriever that answers 401 after `allow` searches or `refuse()`."""
+
+    # What our server restarted with a new API key answers to every request. Stopped on leaving `with`.
+    REFUSAL = b'{"detail": "wrong API key: the bearer token sent is not this retriever\'s"}'
+
+    def __init__(self, upstream: str, allow: int | None = None) -> None:
+        import threading
+
+        self.upstream = upstream.rstrip("/")
+        self.allow = allow
+        self.retrieves = 0  # POST /retrieve requests received
+        self.refused = 0
+        self.refusing = False
+        self._lock = threading.Lock()
+        self._server: Any = None
+        self._thread: Any = None
+        self.url = ""
+
+    def refuse(self) -> None:
+        """Answer 401 from now on."""
+        with self._lock:
+            self.refusing = True
+
+    def _admit(self, path: str) -> bool:
+        with self._lock:
+            if path == "/retrieve":
+                self.retrieves += 1
+                if self.allow is not None and self.retrieves > self.allow:
+                    self.refusing = True
+            self.refused += self.refusing
+            return not self.refusing
+
+    def __enter__(self) -> RefusingProxy:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        import httpx
+
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self, status: int, body: bytes, headers: dict[str, str]) -> None:
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _forward(self, method: str) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                if not proxy._admit(self.path):
+                    headers = {"Content-Type": "application/json", "WWW-Authenticate": "Bearer"}
+                    self._answer(401, proxy.REFUSAL, headers)
+                    return
+                response = httpx.request(
+                    method,
+                    proxy.upstream + self.path,
+                    content=body,
+                    headers={"Content-Type": self.headers.get("Content-Type", "application/json")},
+                    timeout=60.0,
+                )
+                content_type = response.headers.get("content-type", "application/json")
+                self._answer(response.status_code, response.content, {"Content-Type": content_type})
+
+            def do_GET(self) -> None:
+                self._forward("GET")
+
+            def do_POST(self) -> None:
+                self._forward("POST")
+
+            def log_message(self, *args: Any) -> None:
+                pass  # quiet: the test reads the counters
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=10)

@@ -1,11 +1,13 @@
 """GRPO training as `autorefine train-grpo` runs it, for tests that `accelerate launch` several processes.
 
     accelerate launch --config_file configs/accelerate/cpu_2proc.yaml tests/launch_grpo.py \
-        --report DIR [--fake-vllm] [--fail-search-on-rank R --fail-at-search N] -- OVERRIDE...
+        --report DIR [--fake-vllm] [--fail-search-on-rank R --fail-at-search N]
+        [--fail-generate-on-rank R --fail-generate-after-step S] -- OVERRIDE...
 
 `--fake-vllm` swaps vLLM and TRL's vLLM server client for tests/fake_vllm.py (colocate or server mode, as the
 overrides say). `--fail-search-on-rank R` makes rank R's retriever connection drop at its N-th search call (as
-a lost server would: `RetrieverUnavailableError`). Each rank writes DIR/rank-R.json: its held-out history,
+a lost server would: `RetrieverUnavailableError`). `--fail-generate-on-rank R` makes rank R's engine raise (as
+TRL's vLLM client does on an HTTP 400) once S optimizer steps are done. Each rank writes DIR/rank-R.json: its held-out history,
 how often its engine was called with and without prompts of its own, the vLLM calls it saw, and the error
 that stopped it, if any. The exit status is `autorefine`'s: 0, or 2 for a run that stopped with a message.
 """
@@ -48,6 +50,8 @@ def main() -> int:
     parser.add_argument("--fake-vllm", action="store_true")
     parser.add_argument("--fail-search-on-rank", type=int)
     parser.add_argument("--fail-at-search", type=int, default=1)
+    parser.add_argument("--fail-generate-on-rank", type=int)
+    parser.add_argument("--fail-generate-after-step", type=int, default=1)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     if args.fake_vllm:
@@ -75,6 +79,9 @@ def main() -> int:
 
     def counting_generate(prompts: Any, *rest: Any) -> Any:
         report["calls_with_prompts" if prompts else "calls_without_prompts"] += 1
+        broken = args.fail_generate_on_rank == rank
+        if broken and prompts and trainer.state.global_step >= args.fail_generate_after_step:
+            raise RuntimeError(f"Request failed: 400, injected engine failure on rank {rank}")
         return generate(prompts, *rest)
 
     engine.generate = counting_generate

@@ -33,14 +33,14 @@ def _spawn(target, tmp_path: Path, *args) -> list[dict]:
     return [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(WORLD)]
 
 
-def _init(rank: int, port: int) -> None:
+def _init(rank: int, port: int, timeout_s: float = 120) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
         init_method=f"tcp://127.0.0.1:{port}",
         rank=rank,
         world_size=WORLD,
-        timeout=datetime.timedelta(seconds=120),  # a hang fails the test instead of blocking CI
+        timeout=datetime.timedelta(seconds=timeout_s),  # a hang fails the test instead of blocking CI
     )
 
 
@@ -96,6 +96,52 @@ def test_a_retriever_failure_on_one_rank_is_raised_on_every_rank(tmp_path):
         assert "rank-local outage" in report["message"]
     assert reports[0]["notes"] == ["(raised on rank 1; rank 0 stopped with it)"]
     assert reports[1]["notes"] == []  # the failing rank raises its own exception
+
+
+def _engine_failure_worker(rank: int, port: int, out: str) -> None:
+    from autorefine.modeling import load_tokenizer
+    from autorefine.rollout import GenerationError, SamplingParams
+    from autorefine.rollout.lockstep import Lockstep
+
+    _init(rank, port, timeout_s=30)  # a rank left waiting fails within 30 s instead of hanging
+    tokenizer = load_tokenizer(QWEN_TOKENIZER)
+    config = RolloutSettings(max_turns=2, max_new_tokens=16, max_completion_tokens=300)
+    prompt = tuple(AgentLoop(ScriptedEngine(tokenizer, {}), None, config).prompt_ids("q"))
+    # rank 0 searches, then answers; rank 1's engine raises in its first turn (a vLLM server's HTTP 400)
+    turns = [Turn("<search> q </search>"), Turn("<answer> a </answer>")]
+    engine = ScriptedEngine(tokenizer, {prompt: turns})
+    engine.lockstep = Lockstep()
+    if rank == 1:
+
+        def broken(*args):
+            raise RuntimeError("Request failed: 400, rank-local engine error")
+
+        engine.generate = broken
+    loop = AgentLoop(engine, RankSearcher(rank, fail_rank=-1), config)
+    result: dict = {"rank": rank}
+    try:
+        loop.run_prompt_ids([list(prompt)], SamplingParams())
+    except GenerationError as err:
+        result["error"] = type(err).__name__
+        result["message"] = str(err)
+        result["notes"] = getattr(err, "__notes__", [])
+        result["cause"] = type(err.__cause__).__name__ if err.__cause__ else None
+    except Exception:  # anything else (a peer gone, a collective timed out) is a test failure
+        result["unexpected"] = traceback.format_exc()
+    Path(out, f"rank-{rank}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+@pytest.mark.timeout(180)
+def test_an_engine_failure_on_one_rank_is_raised_on_every_rank(tmp_path):
+    reports = _spawn(_engine_failure_worker, tmp_path)
+    for report in reports:
+        assert "unexpected" not in report, report.get("unexpected")
+        assert report["error"] == "GenerationError"
+    message = "the generation engine failed: RuntimeError: Request failed: 400, rank-local engine error"
+    assert reports[0]["message"] == reports[1]["message"] == message
+    assert reports[0]["notes"] == ["(raised on rank 1; rank 0 stopped with it)"]
+    assert reports[1]["cause"] == "RuntimeError"  # the failing rank keeps the engine's own exception
 
 
 def _fsdp_worker(rank: int, port: int, out: str, url: str, limit: int, batch_size: int) -> None:

@@ -133,6 +133,50 @@ def test_a_retriever_lost_on_one_rank_stops_both_with_a_checkpoint(
 
 
 @pytest.mark.slow
+def test_a_retriever_refusing_the_key_mid_run_stops_both_with_a_checkpoint(
+    synthetic_bm25_server, tmp_path, free_port
+):
+    from tests.helpers import RefusingProxy
+
+    # from the 5th search on (each step, each rank searches once or twice) the retriever answers 401
+    with RefusingProxy(synthetic_bm25_server, allow=4) as proxy:
+        status, reports, stderr = launch(
+            tmp_path, free_port(), f"retriever.url={proxy.url}", "trainer.max_steps=3", "heldout.every=0"
+        )
+    assert status != 0
+    assert proxy.refused >= 1
+    assert stderr.count("then resume with:") == 2, stderr[-4000:]  # one line per rank, no hang
+    [step] = {r["global_step"] for r in reports}  # both ranks stopped at the same step
+    checkpoint = tmp_path / "run" / f"checkpoint-{step}"
+    assert (checkpoint / "model.safetensors").is_file() and (checkpoint / "trainer_state.json").is_file()
+    for report in reports:  # with the same reason and instructions
+        assert f"{proxy.url}/retrieve rejected the request (401)" in report["error"]
+        assert "The retriever refused access (HTTP 401)" in report["error"]
+        assert f"resume with: autorefine train-grpo --resume {checkpoint}" in report["error"]
+
+
+@pytest.mark.slow
+def test_an_engine_failure_on_one_rank_stops_both_with_a_checkpoint(
+    synthetic_bm25_server, tmp_path, free_port
+):
+    status, reports, stderr = launch(
+        tmp_path, free_port(), f"retriever.url={synthetic_bm25_server}", "trainer.max_steps=3",
+        "heldout.every=0", flags=("--fail-generate-on-rank", "1", "--fail-generate-after-step", "1"),
+    )  # fmt: skip
+    assert status != 0
+    assert stderr.count("then resume with:") == 2, stderr[-4000:]  # one line per rank, no hang
+    checkpoint = tmp_path / "run" / "checkpoint-1"
+    assert (checkpoint / "model.safetensors").is_file() and (checkpoint / "trainer_state.json").is_file()
+    for report in reports:  # both ranks stopped at the same step, with the same reason and instructions
+        assert report["global_step"] == 1
+        assert (
+            "the generation engine failed: RuntimeError: Request failed: 400, injected engine failure on rank 1"
+            in (report["error"])
+        )
+        assert f"resume with: autorefine train-grpo --resume {checkpoint}" in report["error"]
+
+
+@pytest.mark.slow
 def test_colocated_vllm_with_tensor_parallel_2_generates_in_lockstep(
     synthetic_bm25_server, tmp_path, free_port
 ):

@@ -21,7 +21,7 @@ from autorefine.training.arguments import RunError
 from autorefine.training.checkpoints import latest_checkpoint
 from autorefine.training.grpo.trainer import build_trainer, run_grpo
 from autorefine.training.sft.trainer import sft_example
-from tests.helpers import REPO_ROOT, SYNTHETIC_DIR, tiny_grpo_config
+from tests.helpers import REPO_ROOT, SYNTHETIC_DIR, RefusingProxy, tiny_grpo_config
 
 TINY_CPU = REPO_ROOT / "configs" / "grpo" / "tiny-cpu.yaml"
 
@@ -251,6 +251,84 @@ def test_lost_retriever_writes_a_checkpoint_and_says_how_to_resume(tmp_path, sta
         run_grpo(resumed, resume="latest")
     assert resumed.state.global_step == 3
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+
+class BreakEngineAfterFirstStep(TrainerCallback):
+    """From step 2 on, the engine raises as TRL's vLLM client does on an HTTP 400."""
+
+    def __init__(self, rollout) -> None:
+        self.rollout = rollout
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 1:
+
+            def broken(*args):
+                raise RuntimeError("Request failed: 400, injected engine failure")
+
+            self.rollout.engine.engine.generate = broken
+
+
+def test_an_engine_failure_writes_a_checkpoint_and_says_how_to_resume(synthetic_bm25_server, tmp_path):
+    config = tiny_config(synthetic_bm25_server, tmp_path / "run", "trainer.max_steps=3")
+    trainer, rollout = build_trainer(config)
+    trainer.add_callback(BreakEngineAfterFirstStep(rollout))
+    with pytest.raises(RunError) as err:
+        run_grpo(trainer, command="autorefine train-grpo --config tiny-cpu.yaml")
+    message = str(err.value)
+    checkpoint = latest_checkpoint(tmp_path / "run")
+    assert checkpoint is not None and checkpoint.endswith("checkpoint-1")
+    assert (Path(checkpoint) / "trainer_state.json").is_file()
+    assert (
+        "the generation engine failed: RuntimeError: Request failed: 400, injected engine failure" in message
+    )
+    assert f"then resume with: autorefine train-grpo --config tiny-cpu.yaml --resume {checkpoint}" in message
+
+
+class RefuseAfterFirstStep(TrainerCallback):
+    """The retriever's key changes after step 1: from then on it answers 401."""
+
+    def __init__(self, proxy) -> None:
+        self.proxy = proxy
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 1:
+            self.proxy.refuse()
+
+
+def test_a_retriever_refusing_the_key_mid_run_writes_a_checkpoint_and_says_how_to_resume(
+    synthetic_bm25_server, tmp_path
+):
+    with RefusingProxy(synthetic_bm25_server) as proxy:
+        config = tiny_config(proxy.url, tmp_path / "run", "trainer.max_steps=3")
+        trainer, _ = build_trainer(config)
+        trainer.add_callback(RefuseAfterFirstStep(proxy))
+        with pytest.raises(RunError) as err:
+            run_grpo(trainer, command="autorefine train-grpo --config tiny-cpu.yaml")
+    message = str(err.value)
+    checkpoint = latest_checkpoint(tmp_path / "run")
+    assert checkpoint is not None and checkpoint.endswith("checkpoint-1")
+    assert (Path(checkpoint) / "trainer_state.json").is_file()
+    assert f"{proxy.url}/retrieve rejected the request (401): wrong API key" in message
+    assert "The retriever refused access (HTTP 401)" in message
+    assert "Give the run the retriever's current API key (retriever.api_key_file" in message
+    assert f"then resume with: autorefine train-grpo --config tiny-cpu.yaml --resume {checkpoint}" in message
+    assert proxy.refused == 1  # a refusal is final: not retried
+
+
+def test_every_retriever_failure_that_ends_training_names_its_fix():
+    from autorefine.retrieval import RetrieverError
+    from autorefine.rollout import GenerationError
+    from autorefine.training.grpo.trainer import failure_advice
+
+    cases = {
+        "The retriever stayed down": RetrieverUnavailableError("unreachable"),
+        "The retriever refused access (HTTP 403)": RetrieverError("refused", status=403),
+        "The retriever answered with an error (HTTP 422)": RetrieverError("invalid request", status=422),
+        "The retriever answered with an error": RetrieverError("answered with invalid JSON"),
+        "The generation engine failed": GenerationError("HTTP 400"),
+    }
+    for what, err in cases.items():
+        assert failure_advice(err)[0] == what
 
 
 # --- SFT ------------------------------------------------------------------------------------------------

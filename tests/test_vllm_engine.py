@@ -17,7 +17,7 @@ from autorefine import protocol
 from autorefine.data import read_questions
 from autorefine.modeling import load_policy, load_tokenizer
 from autorefine.protocol import PromptTemplate
-from autorefine.retrieval import RetrieverClient
+from autorefine.retrieval import RetrieverClient, RetrieverUnavailableError
 from autorefine.rollout import AgentLoop, RolloutSettings, SamplingParams
 from autorefine.rollout.hf_engine import TransformersEngine
 from autorefine.rollout.vllm_engine import VLLMEngine
@@ -130,6 +130,50 @@ def test_a_missing_server_logprob_is_nan_not_a_crash(tokenizer):
     assert all(math.isfinite(x) for i, x in enumerate(gen.logprobs) if i != 1)
 
 
+def test_the_fake_server_refuses_what_vllm_refuses(tokenizer):
+    import httpx
+
+    prompt = tokenizer.encode("What is the home city of Bigu Bolvou?")
+    limit = len(prompt) + 4
+    with fake_vllm.FakeVLLMServer(str(WARM), _port(), max_model_len=limit) as running:
+        [card] = httpx.get(f"{running.url}/v1/models").json()["data"]
+        body = {"model": card["id"], "prompt": [prompt], "max_tokens": 5, "return_token_ids": True}
+        refused = httpx.post(f"{running.url}/v1/completions", json=body)
+        fits = httpx.post(f"{running.url}/v1/completions", json={**body, "max_tokens": 4})
+    assert card["max_model_len"] == limit
+    assert refused.status_code == 400
+    assert refused.json() == {
+        "error": {
+            "message": f"You passed {len(prompt)} input tokens and requested 5 output tokens. However, the "
+            f"model's context length is only {limit} tokens, resulting in a maximum input length of "
+            f"{limit - 5} tokens. Please reduce the length of the input prompt. "
+            f"(parameter=input_tokens, value={len(prompt)})",
+            "type": "BadRequestError",
+            "param": "input_tokens",
+            "code": 400,
+        }
+    }
+    assert fits.status_code == 200
+
+
+def test_each_row_asks_the_server_for_its_own_token_budget(tokenizer):
+    """A row near the end of its completion budget must not be sent the batch's largest budget."""
+    short = tokenizer.encode("What is the home city of Bigu Bolvou?")
+    long = tokenizer.encode("Search, then answer. " * 4 + "What is the home city of Bigu Bolvou?")
+    budgets = [12, 3, 12, 5]
+    prompts = [short, long, short, long]
+    limit = len(long) + 5  # the long rows fit only with their own budgets
+    assert len(short) + 12 <= limit
+    with fake_vllm.FakeVLLMServer(str(WARM), _port(), max_model_len=limit) as running:
+        engine = served(tokenizer, running.url)
+        together = engine.generate(prompts, budgets, GREEDY, [])
+        alone = [engine.generate([p], [b], GREEDY, [])[0] for p, b in zip(prompts, budgets, strict=True)]
+        sent = sorted(r["max_tokens"] for r in running.requests[: -len(prompts)])
+    assert sent == [3, 5, 12]  # one request per distinct budget
+    assert [g.token_ids for g in together] == [g.token_ids for g in alone]  # and every answer in its place
+    assert [len(g.token_ids) <= b for g, b in zip(together, budgets, strict=True)] == [True] * 4
+
+
 SETTINGS = SamplingParams(temperature=0.8, top_p=0.9, top_k=7, min_p=0.05, repetition_penalty=1.3, seed=11)
 
 
@@ -202,3 +246,111 @@ def test_vllm_settings_that_cannot_reach_the_rollouts_are_refused():
         "trainer.min_p=0.1", "trainer.repetition_penalty=1.1"
     )  # the transformers engine takes them
     assert (sampling.min_p, sampling.repetition_penalty) == (0.1, 1.1)
+
+
+# --- the context window, checked at start ---------------------------------------------------------------
+
+
+def longest_synthetic_prompt(tokenizer) -> int:
+    """The longest training prompt of the tiny preset, every prompt built and measured."""
+    from autorefine.protocol import prompt_ids
+
+    template = PromptTemplate.load(SYNTHETIC_DIR / "template.txt")
+    questions = read_questions(SYNTHETIC_DIR / "train.jsonl")
+    return max(len(prompt_ids(q.question, tokenizer, template, 3)) for q in questions)
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    import autorefine.training.grpo.trainer as grpo
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the context window was checked")
+
+    monkeypatch.setattr(grpo, "load_tokenizer_and_policy", must_not_load)
+
+
+def vllm_config(tmp_path, *overrides, retriever: str | None = None):
+    from tests.helpers import tiny_grpo_config
+
+    # no retriever unless given: the window is checked before the retriever is
+    url = retriever or f"http://127.0.0.1:{_port()}"
+    return tiny_grpo_config(url, tmp_path, "trainer.use_vllm=true", "retriever.startup_wait_s=1", *overrides)
+
+
+def test_the_longest_prompt_is_measured_exactly(tokenizer):
+    from autorefine.rollout.agent import longest_prompt
+
+    questions = [q.question for q in read_questions(SYNTHETIC_DIR / "train.jsonl")]
+    template = PromptTemplate.load(SYNTHETIC_DIR / "template.txt")
+    length, question = longest_prompt(questions, tokenizer, template, 3)
+    assert length == longest_synthetic_prompt(tokenizer)
+    assert question in questions
+
+
+def test_a_vllm_server_too_small_for_prompt_plus_completion_is_refused_before_the_model_loads(
+    tokenizer, tmp_path, no_model_loading
+):
+    from autorefine.training.arguments import RunError
+    from autorefine.training.grpo.trainer import build_trainer
+
+    prompt = longest_synthetic_prompt(tokenizer)
+    limit = prompt + 320 - 1  # one token short of the preset's completion budget (320)
+    with fake_vllm.FakeVLLMServer(str(WARM), _port(), max_model_len=limit) as running:
+        config = vllm_config(
+            tmp_path, "trainer.vllm_mode=server", f"trainer.vllm_server_base_url={running.url}"
+        )
+        with pytest.raises(RunError) as err:
+            build_trainer(config)
+    message = str(err.value)
+    assert f"longest prompt ({prompt} tokens" in message
+    assert f"rollout.max_completion_tokens (320) = {prompt + 320} tokens" in message
+    assert f"context window of {limit} tokens (the vLLM server at {running.url}" in message
+    assert f"lower rollout.max_completion_tokens to {limit - prompt}" in message
+
+
+def test_an_unreachable_vllm_server_stops_the_run_before_the_model_loads(tmp_path, no_model_loading):
+    from autorefine.training.arguments import RunError
+    from autorefine.training.grpo.trainer import build_trainer
+
+    url = f"http://127.0.0.1:{_port()}"
+    config = vllm_config(
+        tmp_path,
+        "trainer.vllm_mode=server",
+        f"trainer.vllm_server_base_url={url}",
+        "trainer.vllm_server_timeout=1",
+    )
+    with pytest.raises(RunError, match=f"the vLLM server at {url} did not answer GET /v1/models within 1 s"):
+        build_trainer(config)
+
+
+def test_a_too_small_colocated_vllm_max_model_length_is_refused_before_the_model_loads(
+    tokenizer, tmp_path, no_model_loading
+):
+    from autorefine.training.arguments import RunError
+    from autorefine.training.grpo.trainer import build_trainer
+
+    prompt = longest_synthetic_prompt(tokenizer)
+    config = vllm_config(tmp_path, "trainer.vllm_mode=colocate", "trainer.vllm_max_model_length=256")
+    with pytest.raises(RunError, match=r"context window of 256 tokens \(trainer.vllm_max_model_length\)"):
+        build_trainer(config)
+    fits = vllm_config(tmp_path, "trainer.vllm_max_model_length=" + str(prompt + 320))
+    with pytest.raises(RetrieverUnavailableError):  # past the check, on to the retriever
+        build_trainer(fits)
+
+
+def test_a_colocated_vllm_sized_by_the_model_config_is_checked_once_built(
+    vllm_installed, tmp_path, synthetic_bm25_server
+):
+    from autorefine.training.arguments import RunError
+    from autorefine.training.grpo.trainer import build_trainer
+
+    # the warm start's config allows 512 positions: 320 completion tokens fit after the prompt, 500 do not
+    config = vllm_config(
+        tmp_path,
+        "trainer.vllm_mode=colocate",
+        "rollout.max_completion_tokens=500",
+        retriever=synthetic_bm25_server,
+    )
+    with pytest.raises(RunError, match=r"context window of 512 tokens \(the colocated vLLM's"):
+        build_trainer(config)

@@ -1,7 +1,7 @@
 """Search-augmented rollouts: the agent loop, its generation engines and the trajectories they produce."""
 
 from autorefine.rollout.agent import AgentLoop, RolloutSettings, RolloutTimings, Searcher
-from autorefine.rollout.engine import Generation, GenerationEngine, SamplingParams
+from autorefine.rollout.engine import Generation, GenerationEngine, GenerationError, SamplingParams
 from autorefine.rollout.trajectory import FinishReason, Segment, Trajectory
 
 __all__ = [
@@ -9,6 +9,7 @@ __all__ = [
     "FinishReason",
     "Generation",
     "GenerationEngine",
+    "GenerationError",
     "RolloutSettings",
     "RolloutTimings",
     "SamplingParams",

@@ -5,8 +5,8 @@ and inserted text is tokenized on its own, so nothing merges across the model/en
 
 An engine with a `lockstep` (one built for a multi-process trainer, see `autorefine.rollout.engines`) is called
 once per turn on every process until no process has trajectories left, with no prompts once this process's own
-are done; a failure on one process between two engine calls (a lost retriever) is then raised on all of them
-(see `autorefine.rollout.lockstep`).
+are done; a failure on one process (a lost retriever, an engine that raised: `GenerationError`) is then raised on
+all of them at the next exchange (see `autorefine.rollout.lockstep`).
 """
 
 from __future__ import annotations
@@ -19,10 +19,12 @@ from typing import TYPE_CHECKING, Protocol
 
 from autorefine import protocol
 from autorefine.protocol import PromptTemplate
-from autorefine.rollout.engine import Generation, GenerationEngine, SamplingParams
+from autorefine.rollout.engine import Generation, GenerationEngine, GenerationError, SamplingParams
 from autorefine.rollout.trajectory import FinishReason, Segment, SegmentKind, Trajectory
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
     from autorefine.protocol import Document
 
 
@@ -50,6 +52,38 @@ class RolloutSettings:
         for name in ("max_turns", "max_new_tokens", "max_obs_tokens", "max_completion_tokens", "topk"):
             if getattr(self, name) < (0 if name == "max_turns" else 1):
                 raise ValueError(f"rollout.{name} must be positive, got {getattr(self, name)}")
+
+
+# Questions whose own token count is within this many tokens of the longest get their whole prompt measured.
+PROMPT_MARGIN = 8
+
+
+def longest_prompt(
+    questions: Sequence[str], tokenizer: PreTrainedTokenizerBase, template: PromptTemplate, topk: int
+) -> tuple[int, str]:
+    """Token length of the longest prompt among `questions`, and its question.
+
+    Templating every question of a large training set takes minutes; the rest of a prompt is the same text for
+    every question, so only token merges where the question meets it can reorder lengths (by a token or two):
+    the questions within `PROMPT_MARGIN` tokens of the longest get their whole prompt built and measured.
+    """
+    unique = list(dict.fromkeys(questions))
+    if not unique:
+        raise ValueError("no questions to measure")
+    texts = [protocol.normalize_question(q) for q in unique]
+    counts = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    cutoff = max(counts) - PROMPT_MARGIN
+    candidates = [q for q, n in zip(unique, counts, strict=True) if n >= cutoff]
+    return max((len(protocol.prompt_ids(q, tokenizer, template, topk)), q) for q in candidates)
+
+
+def engine_failure(err: Exception) -> GenerationError:
+    """`err`, raised by an engine during a turn, as the GenerationError a run stops on (cause attached)."""
+    if isinstance(err, GenerationError):
+        return err
+    failure = GenerationError(f"the generation engine failed: {type(err).__name__}: {err}")
+    failure.__cause__ = err
+    return failure
 
 
 @dataclass
@@ -124,9 +158,15 @@ class AgentLoop:
             started = time.perf_counter()
             # One slot stays free so a finished trajectory can always end with EOS.
             budgets = [min(cfg.max_new_tokens, self._room(a) - 1) for a in active]
-            generations = self.engine.generate(
-                [a.context for a in active], budgets, params, protocol.STOP_STRINGS
-            )
+            try:
+                generations = self.engine.generate(
+                    [a.context for a in active], budgets, params, protocol.STOP_STRINGS
+                )
+            except Exception as err:
+                failure = engine_failure(err)
+                if lockstep is None:
+                    raise failure from err
+                continue  # the next exchange raises it on every process, none is left waiting for this one
             timings.generation_s += time.perf_counter() - started
             timings.turns += 1 if active else 0
             try:

@@ -12,6 +12,10 @@ if TYPE_CHECKING:
 GenerationFinish = Literal["stop", "eos", "length"]
 
 
+class GenerationError(RuntimeError):
+    """The generation engine failed during a turn (a vLLM server's error answer, an exception inside it)."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens. `temperature == 0` means greedy decoding; every engine applies every field."""

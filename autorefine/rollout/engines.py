@@ -58,10 +58,9 @@ class TrainerEngine:
                 tokenizer, llm=llm, generation_eos=generation_eos, tp_group=tp_group, lockstep=self.lockstep
             )
         elif self.mode == "server":
-            url = args.vllm_server_base_url or f"http://{args.vllm_server_host}:{args.vllm_server_port}"
             self.engine = VLLMEngine.from_server(
                 tokenizer,
-                url,
+                vllm_server_url(args),
                 timeout=args.vllm_server_timeout,
                 generation_eos=generation_eos,
                 lockstep=self.lockstep,
@@ -120,6 +119,11 @@ class TrainerEngine:
                 )
             )
             yield model
+
+
+def vllm_server_url(args: Any) -> str:
+    """The vLLM server a trainer's arguments name (`vllm_server_base_url`, else host and port)."""
+    return args.vllm_server_base_url or f"http://{args.vllm_server_host}:{args.vllm_server_port}"
 
 
 def checkpointing_kwargs(args: Any) -> dict[str, Any] | None:

@@ -4,7 +4,9 @@ A sharded policy (FSDP, DeepSpeed ZeRO-3) runs collectives in every forward pass
 needs every rank of its group in each `generate` call: if one process runs a turn that another skips, both wait
 forever. So every process calls the engine once per turn, with no prompts once its own trajectories are done,
 until a group-wide flag says that no process has work left. The same exchange carries failures: a rank whose
-searcher raised stops, and its exception is raised on every rank, so none is left waiting in a collective.
+searcher or engine raised stops, and its exception is raised on every rank, so none is left waiting in a
+collective. (An engine that fails inside a collective of its own — a sharded forward pass, a tensor-parallel
+vLLM's gather — still leaves the ranks already in that collective waiting until its timeout.)
 """
 
 from __future__ import annotations

@@ -5,7 +5,9 @@ Stop strings and stop token ids go through vLLM's sampling parameters; `finish_g
 final cut so that every engine ends turns by the same rule. Log-probs are what vLLM reports for the sampled
 token: with TRL's `logprobs_mode="processed_logprobs"`, after temperature and any top-k/top-p/min-p filter.
 A log-prob the server could not give (TRL's client turns NaN into None) is NaN here; TRL ignores NaN tokens
-in its importance-sampling correction.
+in its importance-sampling correction. In server mode a batch goes out as one request per distinct token budget
+(sent concurrently), since a request carries one `max_tokens` and vLLM refuses (HTTP 400) any prompt whose
+length + `max_tokens` exceeds the server's `--max-model-len`.
 
 vLLM returns the sampled token's log-prob and at most `max_logprobs` top candidates per position, never the
 whole distribution: generations carry no entropies, and the per-block entropy health signals are not logged
@@ -15,7 +17,9 @@ with this engine.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from autorefine.rollout.engine import Generation, SamplingParams, eos_token_ids, finish_generation
@@ -24,6 +28,9 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from autorefine.rollout.lockstep import Lockstep
+
+# Requests in flight at once to a vLLM server (TRL's client sends at most this many concurrently too).
+SERVER_CONCURRENCY = 64
 
 VLLM_MISSING = (
     "vLLM is not installed. Install the GPU extra (`pip install 'autorefine[gpu]'`, CUDA machines only) "
@@ -150,6 +157,33 @@ class VLLMEngine:
         params: SamplingParams,
         stop: Sequence[str],
     ) -> list[tuple[list[int], list[float]]]:
+        # A request carries one `max_tokens`, and vLLM refuses (HTTP 400) a prompt whose length + max_tokens
+        # exceeds --max-model-len: a row near the end of its completion budget must get its own budget.
+        by_budget: dict[int, list[int]] = {}
+        for row, budget in enumerate(max_new_tokens):
+            by_budget.setdefault(max(1, int(budget)), []).append(row)
+        groups = list(by_budget.items())
+
+        def send(group: tuple[int, list[int]]) -> list[tuple[list[int], list[float]]]:
+            budget, rows = group
+            return self._server_request([prompts[r] for r in rows], budget, params, stop)
+
+        if len(groups) == 1:
+            answers = [send(groups[0])]
+        else:
+            # Concurrent requests, so the server batches them together as it would one request.
+            with ThreadPoolExecutor(min(len(groups), SERVER_CONCURRENCY)) as pool:
+                answers = list(pool.map(send, groups))
+        results: list[tuple[list[int], list[float]]] = [([], [])] * len(prompts)
+        for (_, rows), answer in zip(groups, answers, strict=True):
+            for row, result in zip(rows, answer, strict=True):
+                results[row] = result
+        return results
+
+    def _server_request(
+        self, prompts: Sequence[Sequence[int]], budget: int, params: SamplingParams, stop: Sequence[str]
+    ) -> list[tuple[list[int], list[float]]]:
+        """One completion request (one `max_tokens` for all its prompts); ids and log-probs per prompt."""
         extra: dict[str, Any] = {
             "stop": list(stop),
             "stop_token_ids": self._extra_stop_ids,
@@ -165,7 +199,7 @@ class VLLMEngine:
             top_p=params.top_p,
             top_k=params.top_k,
             min_p=params.min_p,
-            max_tokens=max(1, max(max_new_tokens)),  # one limit per request; finish_generation cuts each row
+            max_tokens=budget,
             logprobs=0,
             generation_kwargs=extra,
         )
@@ -205,6 +239,41 @@ class VLLMEngine:
         except ImportError as err:
             raise ImportError(VLLM_MISSING) from err
         return cls(tokenizer, client=client, generation_eos=generation_eos, lockstep=lockstep)
+
+
+def server_max_model_len(base_url: str, timeout: float = 240.0) -> int | None:
+    """The context window a vLLM server serves (`max_model_len` of its `/v1/models` card); None if not given.
+
+    `vllm serve` (which `trl vllm-serve` runs) lists each model with the `max_model_len` it was started with
+    (`--max-model-len`, else the model config's). Waits up to `timeout` s for the server to answer, as TRL's
+    client does, then raises ConnectionError.
+    """
+    import httpx
+
+    url = f"{base_url.rstrip('/')}/v1/models"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            response = httpx.get(url, timeout=10.0)
+            if response.status_code == 200:
+                break
+            problem = f"HTTP {response.status_code}: {response.text[:200]}"
+        except httpx.HTTPError as err:
+            problem = f"{type(err).__name__}: {err}"
+        if time.monotonic() >= deadline:
+            raise ConnectionError(
+                f"the vLLM server at {base_url} did not answer GET /v1/models within {timeout:.0f} s "
+                f"({problem}); start it first (`trl vllm-serve --model ...`)"
+            )
+        time.sleep(1.0)
+    cards = response.json().get("data") or []
+    value = cards[0].get("max_model_len") if cards else None
+    return value if isinstance(value, int) else None
+
+
+def colocated_max_model_len(llm: Any) -> int:
+    """The context window of an in-process `vllm.LLM`, as vLLM resolved it (TRL reads the same attribute)."""
+    return int(llm.llm_engine.model_config.max_model_len)
 
 
 def _logprob(value: Any) -> float:

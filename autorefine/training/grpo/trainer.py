@@ -12,12 +12,21 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from autorefine.api_key import API_KEY_ENV
 from autorefine.config import GRPORunConfig
 from autorefine.data import read_questions
-from autorefine.modeling import load_tokenizer_and_policy, lora_config
+from autorefine.modeling import load_model_tokenizer, load_tokenizer_and_policy, lora_config
 from autorefine.protocol import PromptTemplate
-from autorefine.retrieval import RetrieverClient, RetrieverUnavailableError, connect_retriever
-from autorefine.rollout.engines import TrainerEngine
+from autorefine.retrieval import (
+    RetrieverClient,
+    RetrieverError,
+    RetrieverUnavailableError,
+    connect_retriever,
+)
+from autorefine.rollout.agent import longest_prompt
+from autorefine.rollout.engine import GenerationError
+from autorefine.rollout.engines import TrainerEngine, vllm_server_url
+from autorefine.rollout.vllm_engine import colocated_max_model_len, server_max_model_len
 from autorefine.settings import check_trainer_args
 from autorefine.training.arguments import RunError, require_devices, with_trainer_defaults
 from autorefine.training.callbacks import SaveRunConfigCallback, StepTimerCallback, add_heldout_evaluation
@@ -32,6 +41,7 @@ from autorefine.training.search_rollout import SearchRollout, rollout_sampling
 from autorefine.trl_private import save_full_checkpoint
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
     from trl import GRPOTrainer
 
 logger = logging.getLogger(__name__)
@@ -89,6 +99,79 @@ def check_rollout_args(args: Any) -> None:
         )
 
 
+def vllm_context_window(args: Any) -> tuple[int, str] | None:
+    """vLLM's context window known before any model loads, and where it comes from; None if not known yet."""
+    if not args.use_vllm:
+        return None
+    if args.vllm_mode == "server":
+        url = vllm_server_url(args)
+        try:
+            limit = server_max_model_len(url, timeout=args.vllm_server_timeout)
+        except ConnectionError as err:
+            raise RunError(str(err)) from None
+        if limit is None:
+            logger.warning(
+                "the vLLM server at %s lists no max_model_len in GET /v1/models: whether the longest prompt + "
+                "rollout.max_completion_tokens fits its context window is not checked at start",
+                url,
+            )
+            return None
+        return limit, f"the vLLM server at {url}: its --max-model-len, from GET /v1/models"
+    if args.vllm_max_model_length:
+        return args.vllm_max_model_length, "trainer.vllm_max_model_length"
+    return None  # a colocated vLLM takes the model config's context length: known once it is built
+
+
+def rollout_questions(config: GRPORunConfig) -> list[str]:
+    """Every question a run generates for: training questions, and held-out ones when evaluated."""
+    questions = [q.question for q in read_questions(config.data.train_file)]
+    heldout = config.heldout
+    if heldout.file and heldout.every > 0:
+        questions += [q.question for q in read_questions(heldout.file, limit=heldout.limit)]
+    return questions
+
+
+def check_context_window(
+    config: GRPORunConfig,
+    args: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    window: tuple[int, str] | None = None,
+) -> None:
+    """Refuse a vLLM context window too small for the run's longest prompt + rollout.max_completion_tokens."""
+    window = window or vllm_context_window(args)  # given (a built vLLM's), else the one known before loading
+    if window is None:
+        return
+    limit, source = window
+    template = PromptTemplate.load(config.template)
+    prompt, question = longest_prompt(rollout_questions(config), tokenizer, template, config.rollout.topk)
+    completion = config.rollout.max_completion_tokens
+    if prompt + completion <= limit:
+        return
+    lower = (
+        f"or lower rollout.max_completion_tokens to {limit - prompt}"
+        if limit > prompt
+        else "(the prompt alone does not fit)"
+    )
+    raise RunError(
+        f"the longest prompt ({prompt} tokens, question {question[:80]!r}) + rollout.max_completion_tokens "
+        f"({completion}) = {prompt + completion} tokens do not fit vLLM's context window of {limit} tokens "
+        f"({source}): a trajectory near its completion budget would ask vLLM for more (a vLLM server refuses "
+        f"that with HTTP 400). Give vLLM at least {prompt + completion} tokens "
+        f"(trainer.vllm_max_model_length, or the server's --max-model-len) {lower}"
+    )
+
+
+def check_colocated_context_window(
+    config: GRPORunConfig, args: Any, tokenizer: PreTrainedTokenizerBase, engine: TrainerEngine
+) -> None:
+    """`check_context_window` for a colocated vLLM left to choose its own window (the model config's)."""
+    if engine.mode != "colocate" or args.vllm_max_model_length:
+        return  # the window was checked before loading
+    limit = colocated_max_model_len(engine.engine.llm)
+    source = "the colocated vLLM's, from the model config; trainer.vllm_max_model_length sets it"
+    check_context_window(config, args, tokenizer, (limit, source))
+
+
 def make_grpo_args(config: GRPORunConfig):  # -> trl.GRPOConfig
     """TRL arguments from the `trainer` section, with the fields autorefine derives filled in."""
     from trl import GRPOConfig
@@ -144,8 +227,10 @@ def build_trainer(
     guard_settings = check_guard(config.guard, config.heldout, args)
     template = PromptTemplate.load(config.template)
     train = build_dataset(config.data.train_file)
+    tokenizer = load_model_tokenizer(config.model)
+    check_context_window(config, args, tokenizer)
     client = client or connect_retriever(config.retriever)
-    tokenizer, model = load_tokenizer_and_policy(config.model, lora=config.lora)
+    tokenizer, model = load_tokenizer_and_policy(config.model, tokenizer=tokenizer, lora=config.lora)
     rollout = SearchRollout(client, config.rollout, template, config.eval_temperature)
     trainer = GRPOTrainer(
         model=model,
@@ -158,6 +243,7 @@ def build_trainer(
     )
     # One engine per trainer, shared by the rollouts and the held-out evaluation.
     rollout.engine = TrainerEngine(trainer)
+    check_colocated_context_window(config, args, tokenizer, rollout.engine)
     trainer.add_callback(StepTimerCallback(trainer, lambda: rollout.total_seconds))
     latest = LatestSamples()
     rewards.subscribe(latest)
@@ -184,8 +270,43 @@ def build_trainer(
     return trainer, rollout
 
 
+def failure_advice(err: Exception) -> tuple[str, str]:
+    """What stopped a run (a retriever or generation engine failure), and what to fix before resuming."""
+    if isinstance(err, RetrieverUnavailableError):
+        return "The retriever stayed down", "Restart the retriever"
+    if isinstance(err, RetrieverError) and err.status in (401, 403):
+        # Most often the server was restarted with a new key; the key file is read again on resume.
+        return (
+            f"The retriever refused access (HTTP {err.status})",
+            f"Give the run the retriever's current API key (retriever.api_key_file or ${API_KEY_ENV})",
+        )
+    if isinstance(err, RetrieverError):
+        status = f" (HTTP {err.status})" if err.status else ""
+        return f"The retriever answered with an error{status}", "Fix the retriever (see its log)"
+    return "The generation engine failed", "Fix the generation engine (a vLLM server: see its log)"
+
+
+def stop_with_checkpoint(trainer: GRPOTrainer, err: Exception, command: str) -> RunError:
+    """Write a checkpoint of the interrupted run; the RunError that says why it stopped and how to resume."""
+    if isinstance(err, GenerationError) and err.__cause__ is not None:
+        # The message carries the cause's text; its traceback is what a crashed engine's bug report needs.
+        logger.error("where the failure that stops training was raised:", exc_info=err.__cause__)
+    what, fix = failure_advice(err)
+    try:
+        save_full_checkpoint(trainer)
+    except Exception as save_failed:  # the state may be as broken as what stopped the run
+        return RunError(
+            f"{err}\n{what}, and writing a checkpoint failed too ({type(save_failed).__name__}: {save_failed}).\n"
+            f"{fix}, then resume from the last saved checkpoint: {command} --resume latest"
+        )
+    saved = latest_checkpoint(Path(trainer.args.output_dir))
+    return RunError(
+        f"{err}\n{what}; training state was saved to {saved}.\n{fix}, then resume with: {command} --resume {saved}"
+    )
+
+
 def run_grpo(trainer: GRPOTrainer, resume: str | None = None, command: str = "autorefine train-grpo") -> Path:
-    """Train; on a lost retriever or a guard `stop`, write a checkpoint and stop with the command that resumes."""
+    """Train; when the retriever or the engine fails, or the guard stops it, checkpoint and say how to resume."""
     output_dir = Path(trainer.args.output_dir)
     if resume == "latest":
         resume = latest_checkpoint(output_dir)
@@ -193,13 +314,9 @@ def run_grpo(trainer: GRPOTrainer, resume: str | None = None, command: str = "au
             raise RunError(f"--resume latest: no checkpoint-* directory in {output_dir}")
     try:
         trainer.train(resume_from_checkpoint=resume)
-    except RetrieverUnavailableError as err:
-        save_full_checkpoint(trainer)
-        saved = latest_checkpoint(output_dir)
-        raise RunError(
-            f"{err}\nThe retriever stayed down; training state was saved to {saved}.\n"
-            f"Restart the retriever, then resume with: {command} --resume {saved}"
-        ) from None
+    except (RetrieverError, GenerationError) as err:
+        # Any retriever failure (down, a 401 after a key change, a garbled answer) or engine failure.
+        raise stop_with_checkpoint(trainer, err, command) from None
     guard = next((c for c in trainer.callback_handler.callbacks if isinstance(c, GuardCallback)), None)
     if guard is not None and guard.stopped is not None:
         saved = latest_checkpoint(output_dir)
