@@ -48,6 +48,10 @@ def cmd_train_grpo(args: argparse.Namespace) -> int:
     from autorefine.training.grpo.trainer import train_grpo
 
     config = load_config(GRPORunConfig, args.config, args.overrides)
+    if args.check:
+        from autorefine.training.grpo.trainer import check_grpo
+
+        return check_grpo(config)
     command = " ".join(
         ["autorefine train-grpo", f"--config {args.config}" if args.config else "", *args.overrides]
     )
@@ -69,6 +73,10 @@ def cmd_train_ipdpo(args: argparse.Namespace) -> int:
     from autorefine.training.ipdpo.rounds import train_ipdpo
 
     config = load_config(IPDPORunConfig, args.config, args.overrides)
+    if args.check:
+        from autorefine.training.ipdpo.rounds import check_ipdpo
+
+        return check_ipdpo(config, resume=args.resume)
     final = train_ipdpo(config, resume=args.resume, command=_command_line("train-ipdpo", args))
     print(f"final policy: {final}")
     return 0
@@ -101,6 +109,10 @@ def cmd_train_sft(args: argparse.Namespace) -> int:
     from autorefine.training.sft.trainer import train_sft
 
     config = load_config(SFTRunConfig, args.config, args.overrides)
+    if args.check:
+        from autorefine.training.sft.trainer import check_sft
+
+        return check_sft(config)
     final = train_sft(config, resume=args.resume)
     print(f"final policy: {final}")
     return 0
@@ -274,9 +286,16 @@ def _add_policy_arguments(parser: argparse.ArgumentParser) -> None:
     decoding.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
 
 
+CHECK_HELP = (
+    "check the configuration and exit (0: fine, 2: refused): every refusal a start would make from the config "
+    "alone, the resolved configuration and what the launch needs; loads no model, contacts no server"
+)
+
+
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML preset (see configs/)")
     parser.add_argument("--resume", help="checkpoint directory to resume from, or 'latest'")
+    parser.add_argument("--check", action="store_true", help=CHECK_HELP)
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="override config values")
 
 
@@ -303,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     ipdpo.add_argument(
         "--resume", action="store_true", help="continue at the first unfinished stage of the last round"
     )
+    ipdpo.add_argument("--check", action="store_true", help=CHECK_HELP)
     ipdpo.add_argument("overrides", nargs="*", metavar="section.key=value", help="override config values")
     ipdpo.set_defaults(func=cmd_train_ipdpo)
 

@@ -24,14 +24,26 @@ def with_trainer_defaults(values: dict[str, Any], args_cls: type | None = None) 
     return values
 
 
-def require_devices(values: dict[str, Any]) -> None:
-    """Stop with one line when the arguments need a CUDA GPU (bf16/fp16, vLLM) and none is visible."""
+def gpu_switches(values: dict[str, Any]) -> list[str]:
+    """The trainer switches that need a CUDA GPU (bf16/fp16, vLLM), unless `use_cpu` asks for the CPU."""
+    # `use_cpu: true` asks for CPU training on purpose (bf16 autocast, vLLM's CPU build).
+    return [] if values.get("use_cpu") else [key for key in ("bf16", "fp16", "use_vllm") if values.get(key)]
+
+
+def require_devices(values: dict[str, Any], *, check_only: bool = False) -> None:
+    """Stop with one line when the arguments need a CUDA GPU (bf16/fp16, vLLM) and none is visible.
+
+    `check_only` (`--check` on a machine without the GPU): build the arguments on the CPU instead, so every
+    other check still runs; the GPU is reported as something the launch needs.
+    """
     import torch
 
-    if torch.cuda.is_available() or values.get("use_cpu"):
-        return  # `use_cpu: true` asks for CPU training on purpose (bf16 autocast, vLLM's CPU build)
-    needs = [key for key in ("bf16", "fp16", "use_vllm") if values.get(key)]
-    if needs:
+    if torch.cuda.is_available():
+        return
+    needs = gpu_switches(values)
+    if needs and check_only:
+        values["use_cpu"] = True
+    elif needs:
         raise RunError(
             f"this configuration needs a CUDA GPU (trainer.{', trainer.'.join(f'{k}=true' for k in needs)}) "
             "and none is visible here; on a CPU start from configs/grpo/tiny-cpu.yaml or set those to false"

@@ -15,7 +15,12 @@ from typing import TYPE_CHECKING, Any
 from autorefine.api_key import API_KEY_ENV
 from autorefine.config import GRPORunConfig
 from autorefine.data import read_questions
-from autorefine.modeling import load_model_tokenizer, load_tokenizer_and_policy, lora_config
+from autorefine.modeling import (
+    load_model_tokenizer,
+    load_tokenizer_and_policy,
+    lora_config,
+    trained_weights_dtype,
+)
 from autorefine.protocol import PromptTemplate
 from autorefine.retrieval import (
     RetrieverClient,
@@ -36,6 +41,7 @@ from autorefine.training.grpo.samples import LatestSamples, SampleTableCallback,
 from autorefine.training.guard import check_guard
 from autorefine.training.guardrails import GuardCallback, Guardrails
 from autorefine.training.health import rollout_means
+from autorefine.training.preflight import Preflight
 from autorefine.training.rewards import TrajectoryRewards, question_rows, reward_weights
 from autorefine.training.search_rollout import SearchRollout, rollout_sampling
 from autorefine.trl_private import save_full_checkpoint
@@ -99,10 +105,12 @@ def check_rollout_args(args: Any) -> None:
         )
 
 
-def vllm_context_window(args: Any) -> tuple[int, str] | None:
+def vllm_context_window(args: Any, *, contact_server: bool = True) -> tuple[int, str] | None:
     """vLLM's context window known before any model loads, and where it comes from; None if not known yet."""
     if not args.use_vllm:
         return None
+    if args.vllm_mode == "server" and not contact_server:
+        return None  # `--check` contacts no server: the server's window is checked at start
     if args.vllm_mode == "server":
         url = vllm_server_url(args)
         try:
@@ -136,9 +144,12 @@ def check_context_window(
     args: Any,
     tokenizer: PreTrainedTokenizerBase,
     window: tuple[int, str] | None = None,
+    *,
+    contact_server: bool = True,
 ) -> None:
     """Refuse a vLLM context window too small for the run's longest prompt + rollout.max_completion_tokens."""
-    window = window or vllm_context_window(args)  # given (a built vLLM's), else the one known before loading
+    # Given (a built vLLM's), else the one known before loading.
+    window = window or vllm_context_window(args, contact_server=contact_server)
     if window is None:
         return
     limit, source = window
@@ -172,8 +183,16 @@ def check_colocated_context_window(
     check_context_window(config, args, tokenizer, (limit, source))
 
 
-def make_grpo_args(config: GRPORunConfig):  # -> trl.GRPOConfig
-    """TRL arguments from the `trainer` section, with the fields autorefine derives filled in."""
+def make_grpo_args(config: GRPORunConfig, *, check_only: bool = False):  # -> trl.GRPOConfig
+    """TRL arguments from the `trainer` section, with the fields autorefine derives filled in, checked."""
+    args = grpo_config(config, check_only=check_only)
+    check_grpo_args(args)
+    return args
+
+
+def grpo_config(config: GRPORunConfig, *, check_only: bool = False):  # -> trl.GRPOConfig
+    """TRL arguments from the `trainer` section plus what autorefine derives (`check_only`: built on the CPU
+    where the GPU they ask for is missing, see `require_devices`)."""
     from trl import GRPOConfig
 
     derived = {
@@ -184,7 +203,7 @@ def make_grpo_args(config: GRPORunConfig):  # -> trl.GRPOConfig
     values = with_trainer_defaults(
         check_trainer_args(GRPOConfig, config.trainer, forbidden=derived), GRPOConfig
     )
-    require_devices(values)
+    require_devices(values, check_only=check_only)
     values.setdefault("output_dir", "runs/grpo")
     if (
         values.get("bf16")
@@ -205,6 +224,11 @@ def make_grpo_args(config: GRPORunConfig):  # -> trl.GRPOConfig
         reward_weights=reward_weights(),
         remove_unused_columns=False,
     )
+    return args
+
+
+def check_grpo_args(args: Any) -> None:
+    """Refuse trainer arguments a multi-turn GRPO run cannot honour (`check_rollout_args`) or resume exactly."""
     check_rollout_args(args)
     generate_every = args.steps_per_generation * args.num_iterations
     if args.save_steps and args.save_strategy == "steps" and args.save_steps % generate_every:
@@ -213,7 +237,54 @@ def make_grpo_args(config: GRPORunConfig):  # -> trl.GRPOConfig
             f"trainer.save_steps={args.save_steps} must be a multiple of steps_per_generation × num_iterations "
             f"= {generate_every}, or a resumed run would not match an uninterrupted one"
         )
-    return args
+
+
+def preflight(config: GRPORunConfig, pre: Preflight) -> dict[str, Any]:
+    """Every check a GRPO start runs before it contacts a server or loads a model, in order; what they built."""
+    from trl import GRPOConfig
+
+    if pre.checking:
+        pre.trainer(config.trainer, GRPOConfig)
+    args = pre.run("trainer", lambda: grpo_config(config, check_only=pre.checking))
+    built: dict[str, Any] = {"args": args}
+    if args is not None:
+        pre.run("trainer", lambda: check_grpo_args(args))
+        built["guard"] = pre.run("guard", lambda: check_guard(config.guard, config.heldout, args))
+    pre.run("model", lambda: trained_weights_dtype(config.model, config.lora))
+    built["template"] = pre.run("template", lambda: PromptTemplate.load(config.template))
+    built["train"] = pre.file("data.train_file", config.data.train_file, build_dataset)
+    if config.heldout.file and config.heldout.every > 0:
+        pre.file("heldout.file", config.heldout.file, lambda f: read_questions(f, limit=config.heldout.limit))
+    built["tokenizer"] = pre.run("tokenizer", lambda: tokenizer_for_check(config, pre))
+    if args is not None and built["tokenizer"] is not None and built["train"] is not None:
+        pre.run(
+            "context window",
+            lambda: check_context_window(config, args, built["tokenizer"], contact_server=not pre.checking),
+        )
+    if args is not None and args.use_vllm and args.vllm_mode == "server":
+        pre.need(f"a vLLM server at {vllm_server_url(args)} whose context window holds the longest prompt")
+    pre.retriever(config.retriever.url)
+    return built
+
+
+def tokenizer_for_check(config: GRPORunConfig, pre: Preflight) -> PreTrainedTokenizerBase | None:
+    """The policy's tokenizer; on `--check`, one that cannot be loaded here (a hub name offline) is needed."""
+    try:
+        return load_model_tokenizer(config.model)
+    except OSError:
+        if not pre.checking:
+            raise
+        pre.need(
+            f"the tokenizer of {config.model.tokenizer or config.model.name_or_path} (not loadable here)"
+        )
+        return None
+
+
+def check_grpo(config: GRPORunConfig) -> int:
+    """`train-grpo --check`: every configuration check, reported; 0 when none refuses, else 2."""
+    pre = Preflight("train-grpo", checking=True)
+    preflight(config, pre)
+    return pre.report(config)
 
 
 def build_trainer(
@@ -222,13 +293,9 @@ def build_trainer(
     """The configured GRPOTrainer and its rollout function; checks the retriever before loading the model."""
     from trl import GRPOTrainer
 
+    built = preflight(config, Preflight("train-grpo"))
+    args, template, tokenizer = built["args"], built["template"], built["tokenizer"]
     rewards = TrajectoryRewards(config.reward, means=rollout_means)
-    args = make_grpo_args(config)
-    guard_settings = check_guard(config.guard, config.heldout, args)
-    template = PromptTemplate.load(config.template)
-    train = build_dataset(config.data.train_file)
-    tokenizer = load_model_tokenizer(config.model)
-    check_context_window(config, args, tokenizer)
     client = client or connect_retriever(config.retriever)
     tokenizer, model = load_tokenizer_and_policy(config.model, tokenizer=tokenizer, lora=config.lora)
     rollout = SearchRollout(client, config.rollout, template, config.eval_temperature)
@@ -236,7 +303,7 @@ def build_trainer(
         model=model,
         reward_funcs=rewards.functions(),
         args=args,
-        train_dataset=train,
+        train_dataset=built["train"],
         processing_class=tokenizer,
         rollout_func=rollout,
         peft_config=lora_config(config.lora, model),
@@ -252,7 +319,7 @@ def build_trainer(
     if log.save_rollouts:
         trainer.add_callback(SaveRolloutsCallback(latest))
     trainer.add_callback(SaveRunConfigCallback(config))
-    guardrails = Guardrails(trainer, guard_settings, Path(args.output_dir) / "best")
+    guardrails = Guardrails(trainer, built["guard"], Path(args.output_dir) / "best")
     rewards.subscribe(guardrails.health.observe)
     add_heldout_evaluation(
         trainer,

@@ -24,8 +24,9 @@ if TYPE_CHECKING:
     from trl import DPOConfig, DPOTrainer
 
 
-def make_dpo_args(config: IPDPORunConfig, output_dir: Path) -> DPOConfig:
-    """TRL arguments of one round's DPO epoch, from the `trainer` section plus what autorefine derives."""
+def make_dpo_args(config: IPDPORunConfig, output_dir: Path, *, check_only: bool = False) -> DPOConfig:
+    """TRL arguments of one round's DPO epoch, from the `trainer` section plus what autorefine derives
+    (`check_only`: built on the CPU where the GPU they ask for is missing, see `require_devices`)."""
     from trl import DPOConfig
 
     derived = {
@@ -36,7 +37,7 @@ def make_dpo_args(config: IPDPORunConfig, output_dir: Path) -> DPOConfig:
     values = with_trainer_defaults(
         check_trainer_args(DPOConfig, config.trainer, forbidden=derived), DPOConfig
     )
-    require_devices(values)
+    require_devices(values, check_only=check_only)
     if values.get("sync_ref_model"):
         raise RunError(
             "trainer.sync_ref_model moves the reference during the epoch; IP-DPO keeps each round's starting "

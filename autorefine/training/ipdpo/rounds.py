@@ -31,6 +31,7 @@ from typing import Any
 from autorefine.config import IPDPORunConfig
 from autorefine.data import read_questions
 from autorefine.files import file_sha256, read_json, write_json, write_jsonl
+from autorefine.modeling import trained_weights_dtype
 from autorefine.protocol import PromptTemplate
 from autorefine.retrieval import RetrieverUnavailableError, connect_retriever
 from autorefine.rollout.agent import AgentLoop, Searcher
@@ -57,6 +58,7 @@ from autorefine.training.ipdpo.report import (
     start_wandb,
 )
 from autorefine.training.ipdpo.sampling import SampleStore
+from autorefine.training.preflight import Preflight
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +100,120 @@ def existing_rounds(root: Path) -> list[int]:
     return sorted(int(p.name.split("-")[1]) for p in root.glob("round-*") if p.name.split("-")[1].isdigit())
 
 
+# --- checks at start ------------------------------------------------------------------------------------
+
+
+def output_root(config: IPDPORunConfig) -> Path:
+    """The run's folder: `trainer.output_dir`, else runs/ipdpo."""
+    return Path(config.trainer.get("output_dir", DEFAULT_OUTPUT_DIR))
+
+
+def needs_questions(config: IPDPORunConfig) -> bool:
+    """Round 1 on given pairs needs no training questions; every sampled round does."""
+    return config.rounds > 1 or config.pairs.file is None
+
+
+def needs_retriever(config: IPDPORunConfig) -> bool:
+    """Sampling and held-out evaluation search."""
+    return needs_questions(config) or bool(config.heldout.file)
+
+
+def check_combination(config: IPDPORunConfig, args: Any, *, resume: bool, processes: int) -> None:
+    """Refuse settings that cannot work together (launch layout, engine, tokenizer, an existing run)."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        # Under ZeRO-3, every from_pretrained builds a sharded model: the sampling and evaluation engines,
+        # which load whole policies outside the trainer, could not generate.
+        raise RunError(
+            "train-ipdpo does not run under DeepSpeed ZeRO-3 (sampling loads whole policies); use "
+            "configs/accelerate/multi_gpu_ddp.yaml, deepspeed_zero2.yaml or fsdp2.yaml"
+        )
+    if config.sampling.engine == "vllm" and processes > 1:
+        raise RunError(
+            f"sampling.engine=vllm starts one vLLM engine in one process; this run has {processes} "
+            "processes. Use sampling.engine=transformers (every process samples its share) or one process."
+        )
+    if config.model.tokenizer not in (None, config.model.name_or_path):
+        raise RunError(
+            "train-ipdpo loads every policy with the tokenizer saved next to it; leave model.tokenizer unset "
+            f"and save the tokenizer into {config.model.name_or_path}"
+        )
+    max_length = args.max_length
+    if max_length is not None and max_length <= config.rollout.max_completion_tokens:
+        logger.warning(
+            "trainer.max_length=%d leaves no room for the prompt next to rollout.max_completion_tokens=%d: "
+            "pairs longer than max_length are dropped (counted in each round's logs), never truncated",
+            max_length,
+            config.rollout.max_completion_tokens,
+        )
+    root = output_root(config)
+    rounds = existing_rounds(root)
+    if rounds and not resume:
+        raise RunError(
+            f"{root} already holds round-{rounds[-1]} of a run: add --resume to continue it, or choose "
+            "another trainer.output_dir"
+        )
+    if rounds and rounds[-1] > config.rounds:
+        raise RunError(f"{root} holds round-{rounds[-1]} but rounds={config.rounds}")
+
+
+def count_pairs(path: str) -> int:
+    """Pairs in a given pairs file, each checked (`read_pairs`)."""
+    count = sum(1 for _ in read_pairs(path))
+    logger.info("round 1 trains on %d given pairs from %s", count, path)
+    return count
+
+
+def training_questions(path: str) -> list[Any]:
+    """The training questions, refused when there are none."""
+    questions = read_questions(path)
+    if not questions:
+        raise RunError(f"{path} holds no questions")
+    return questions
+
+
+def preflight(
+    config: IPDPORunConfig, pre: Preflight, *, resume: bool, processes: int = 1, args: Any = None
+) -> dict[str, Any]:
+    """Every check an IP-DPO start runs before it contacts a server or loads a model, in order (after the
+    trainer arguments, which set up the processes); what they built."""
+    if pre.checking:
+        from trl import DPOConfig
+
+        pre.trainer(config.trainer, DPOConfig)
+        args = pre.run(
+            "trainer", lambda: make_dpo_args(config, output_root(config) / "round-1" / "dpo", check_only=True)
+        )
+        pre.need("a launch with one process, DDP, DeepSpeed ZeRO-2 or FSDP (ZeRO-3 is refused)")
+        if config.sampling.engine == "vllm":
+            pre.need("one process: sampling.engine=vllm runs one vLLM engine")
+    built: dict[str, Any] = {}
+    pre.run("model", lambda: trained_weights_dtype(config.model, config.lora))
+    if args is not None:
+        pre.run("combination", lambda: check_combination(config, args, resume=resume, processes=processes))
+    if config.model.gguf_file:
+        pre.file("model.gguf_file", Path(config.model.name_or_path) / config.model.gguf_file, Path)
+    built["template"] = pre.run("template", lambda: PromptTemplate.load(config.template))
+    pre.file("pairs.file", config.pairs.file, count_pairs)
+    if needs_questions(config):
+        built["questions"] = pre.file("data.train_file", config.data.train_file, training_questions)
+    heldout = config.heldout
+    built["heldout"] = pre.file(
+        "heldout.file", heldout.file, lambda f: read_questions(f, limit=heldout.limit)
+    )
+    if needs_retriever(config):
+        pre.retriever(config.retriever.url)
+    return built
+
+
+def check_ipdpo(config: IPDPORunConfig, resume: bool = False) -> int:
+    """`train-ipdpo --check`: every configuration check, reported; 0 when none refuses, else 2."""
+    pre = Preflight("train-ipdpo", checking=True)
+    preflight(config, pre, resume=resume)
+    return pre.report(config)
+
+
 # --- the run ------------------------------------------------------------------------------------------------
 
 
@@ -116,74 +232,18 @@ class IPDPORun:
 
         self.config = config
         self.command = command
-        self.root = Path(config.trainer.get("output_dir", DEFAULT_OUTPUT_DIR))
-        self.args = make_dpo_args(config, self.root / "round-1" / "dpo")  # checks the trainer section now
+        self.root = output_root(config)
+        pre = Preflight("train-ipdpo")
+        self.args = pre.run("trainer", lambda: make_dpo_args(config, self.root / "round-1" / "dpo"))
         self.args.device  # noqa: B018  # sets up the process group (backend, timeout) from the arguments
         self.state = PartialState()
-        self._check_combination(resume)
-        self.template = PromptTemplate.load(config.template)
-        self.given_pairs = self._check_pairs_file()
-        needs_questions = config.rounds > 1 or self.given_pairs is None
-        self.questions = read_questions(config.data.train_file) if needs_questions else []
-        if needs_questions and not self.questions:
-            raise RunError(f"{config.data.train_file} holds no questions")
-        heldout = config.heldout
-        self.heldout = read_questions(heldout.file, limit=heldout.limit) if heldout.file else []
-        needs_retriever = needs_questions or bool(self.heldout)
-        self.searcher = searcher or (connect_retriever(config.retriever) if needs_retriever else None)
+        built = preflight(config, pre, resume=resume, processes=self.state.num_processes, args=self.args)
+        self.template = built["template"]
+        self.given_pairs = Path(config.pairs.file) if config.pairs.file else None
+        self.questions = built.get("questions") or []
+        self.heldout = built.get("heldout") or []
+        self.searcher = searcher or (connect_retriever(config.retriever) if needs_retriever(config) else None)
         self.wandb: Any = None
-
-    # -- checks at start ---------------------------------------------------------------------------------
-
-    def _check_combination(self, resume: bool) -> None:
-        from transformers.integrations import is_deepspeed_zero3_enabled
-
-        config, state = self.config, self.state
-        if is_deepspeed_zero3_enabled():
-            # Under ZeRO-3, every from_pretrained builds a sharded model: the sampling and evaluation engines,
-            # which load whole policies outside the trainer, could not generate.
-            raise RunError(
-                "train-ipdpo does not run under DeepSpeed ZeRO-3 (sampling loads whole policies); use "
-                "configs/accelerate/multi_gpu_ddp.yaml, deepspeed_zero2.yaml or fsdp2.yaml"
-            )
-        if config.sampling.engine == "vllm" and state.num_processes > 1:
-            raise RunError(
-                f"sampling.engine=vllm starts one vLLM engine in one process; this run has {state.num_processes} "
-                "processes. Use sampling.engine=transformers (every process samples its share) or one process."
-            )
-        if config.model.tokenizer not in (None, config.model.name_or_path):
-            raise RunError(
-                "train-ipdpo loads every policy with the tokenizer saved next to it; leave model.tokenizer unset "
-                f"and save the tokenizer into {config.model.name_or_path}"
-            )
-        max_length = self.args.max_length
-        if max_length is not None and max_length <= config.rollout.max_completion_tokens:
-            logger.warning(
-                "trainer.max_length=%d leaves no room for the prompt next to rollout.max_completion_tokens=%d: "
-                "pairs longer than max_length are dropped (counted in each round's logs), never truncated",
-                max_length,
-                config.rollout.max_completion_tokens,
-            )
-        rounds = existing_rounds(self.root)
-        if rounds and not resume:
-            raise RunError(
-                f"{self.root} already holds round-{rounds[-1]} of a run: add --resume to continue it, or choose "
-                "another trainer.output_dir"
-            )
-        if rounds and rounds[-1] > config.rounds:
-            raise RunError(f"{self.root} holds round-{rounds[-1]} but rounds={config.rounds}")
-
-    def _check_pairs_file(self) -> Path | None:
-        given = self.config.pairs.file
-        if given is None:
-            return None
-
-        def check() -> int:
-            return sum(1 for _ in read_pairs(given))
-
-        count = on_main(self.state, check)
-        logger.info("round 1 trains on %d given pairs from %s", count, given)
-        return Path(given)
 
     @contextlib.contextmanager
     def _on_every_process(self, stage: str, kept: str = "") -> Iterator[None]:

@@ -9,13 +9,14 @@ from typing import TYPE_CHECKING, Any
 
 from autorefine.config import SFTRunConfig
 from autorefine.data import read_questions
-from autorefine.modeling import load_tokenizer_and_policy, lora_config
+from autorefine.modeling import load_tokenizer_and_policy, lora_config, trained_weights_dtype
 from autorefine.protocol import PromptTemplate
 from autorefine.retrieval import connect_retriever
 from autorefine.settings import check_trainer_args
 from autorefine.training.arguments import RunError, require_devices, with_trainer_defaults
 from autorefine.training.callbacks import HeldoutEvalCallback, SaveRunConfigCallback, add_heldout_evaluation
 from autorefine.training.checkpoints import save_final
+from autorefine.training.preflight import Preflight
 from autorefine.training.sft.traces import build_gold_traces, load_trajectory_rows
 
 if TYPE_CHECKING:
@@ -46,23 +47,61 @@ def sft_dataset(examples: Iterable[dict[str, list[int]]]):  # -> datasets.Datase
     return Dataset.from_list(rows)
 
 
+def preflight(config: SFTRunConfig, pre: Preflight) -> dict[str, Any]:
+    """Every check an SFT start runs before it contacts a server or loads a model, in order; what they built."""
+    from trl import SFTConfig
+
+    if pre.checking:
+        pre.trainer(config.trainer, SFTConfig)
+    built: dict[str, Any] = {"values": pre.run("trainer", lambda: sft_trainer_values(config, pre.checking))}
+    pre.run("model", lambda: trained_weights_dtype(config.model, config.lora))
+    built["template"] = pre.run("template", lambda: PromptTemplate.load(config.template))
+    if config.traces_file:
+        built["rows"] = pre.file("traces_file", config.traces_file, lambda f: load_trajectory_rows(Path(f)))
+    else:
+        built["questions"] = pre.file("data.train_file", config.data.train_file, read_questions)
+    if config.heldout.file and config.heldout.every > 0:
+        pre.file("heldout.file", config.heldout.file, lambda f: read_questions(f, limit=config.heldout.limit))
+    if needs_retriever(config):
+        pre.retriever(config.retriever.url)
+    return built
+
+
+def sft_trainer_values(config: SFTRunConfig, check_only: bool = False) -> dict[str, Any]:
+    """The `trainer` section checked against trl.SFTConfig, with autorefine's defaults."""
+    from trl import SFTConfig
+
+    values = with_trainer_defaults(check_trainer_args(SFTConfig, config.trainer), SFTConfig)
+    require_devices(values, check_only=check_only)
+    values.setdefault("output_dir", "runs/sft")
+    return values
+
+
+def needs_retriever(config: SFTRunConfig) -> bool:
+    """Gold traces search the retriever, and so does held-out evaluation."""
+    return config.traces_file is None or bool(config.heldout.file and config.heldout.every)
+
+
+def check_sft(config: SFTRunConfig) -> int:
+    """`train-sft --check`: every configuration check, reported; 0 when none refuses, else 2."""
+    pre = Preflight("train-sft", checking=True)
+    preflight(config, pre)
+    return pre.report(config)
+
+
 def build_trainer(config: SFTRunConfig) -> SFTTrainer:
     """The configured SFTTrainer, its data built from saved trajectories or gold traces over real retrieval."""
     from trl import SFTConfig, SFTTrainer
 
-    values = with_trainer_defaults(check_trainer_args(SFTConfig, config.trainer), SFTConfig)
-    require_devices(values)
-    values.setdefault("output_dir", "runs/sft")
-    template = PromptTemplate.load(config.template)
-    needs_retriever = config.traces_file is None or bool(config.heldout.file and config.heldout.every)
-    client = connect_retriever(config.retriever) if needs_retriever else None
+    built = preflight(config, Preflight("train-sft"))
+    values, template = built["values"], built["template"]
+    client = connect_retriever(config.retriever) if needs_retriever(config) else None
     tokenizer, model = load_tokenizer_and_policy(config.model, config.tiny_model, lora=config.lora)
 
     if config.traces_file:
-        rows = load_trajectory_rows(Path(config.traces_file))
-        examples = [sft_example(r["prompt_ids"], r["completion_ids"], r["env_mask"]) for r in rows]
+        examples = [sft_example(r["prompt_ids"], r["completion_ids"], r["env_mask"]) for r in built["rows"]]
     else:
-        questions = read_questions(config.data.train_file)
+        questions = built["questions"]
         traces = build_gold_traces(
             questions, client, tokenizer, config.rollout, template, require_evidence=config.require_evidence
         )
