@@ -1,5 +1,5 @@
 """`autorefine` command line: fetch-model, prepare-data, train-sft, train-grpo, train-ipdpo, build-pairs,
-evaluate, infer.
+evaluate, compare, infer.
 
 Heavy libraries (torch, transformers, TRL) are imported inside each command, so `--help` is instant.
 """
@@ -26,6 +26,7 @@ EPILOG = """examples:
       train-grpo --config configs/grpo/autorefine-qwen2.5-3b-base.yaml
   autorefine evaluate --model runs/grpo/final --datasets nq,hotpotqa --data-dir data/demo/benchmarks \\
       --retriever-url http://127.0.0.1:8000 --out runs/eval
+  autorefine compare runs/eval/sft runs/eval/grpo --out runs/eval/sft-vs-grpo
   autorefine infer --model runs/grpo/final --retriever-url http://127.0.0.1:8000 "Who wrote Hamlet?"
   autorefine evaluate --model runs/models/smollm2 --no-retrieval --datasets hotpotqa --out runs/eval/closed
 """
@@ -202,6 +203,27 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             metrics, read_predictions(out), project=args.wandb_project, name=args.wandb_name, out=out
         )
     print(f"\npredictions.jsonl, metrics.json, results.md and results.csv in {out}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Paired differences (B − A) between two evaluations of the same questions, with bootstrap intervals."""
+    import json
+
+    from autorefine.evaluation.compare import compare_runs, markdown, to_json
+
+    a, b = Path(args.run_a), Path(args.run_b)
+    result = compare_runs(a, b, samples=args.samples, seed=args.seed)
+    table = markdown(result, args.name_a or a.name, args.name_b or b.name)
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "compare.md").write_text(table + "\n", encoding="utf-8")
+        (out / "compare.json").write_text(
+            json.dumps(to_json(result, a, b, args.samples, args.seed), indent=2) + "\n", encoding="utf-8"
+        )
+        print(f"\ncompare.md and compare.json in {out}")
     return 0
 
 
@@ -413,6 +435,22 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--wandb-project", default="autorefine-eval")
     evaluate.add_argument("--wandb-name", help="W&B run name")
     evaluate.set_defaults(func=cmd_evaluate)
+
+    compare = sub.add_parser(
+        "compare",
+        help="paired differences between two evaluations of the same questions (95% bootstrap intervals)",
+        description="Reads the predictions.jsonl of two `autorefine evaluate` output folders (the same questions) "
+        "and prints, per dataset and over all questions, B − A for EM, F1, valid format, searches and model "
+        "tokens with 95% paired-bootstrap intervals, and how many questions moved each way.",
+    )
+    compare.add_argument("run_a", metavar="RUN_A", help="evaluate --out folder of the baseline")
+    compare.add_argument("run_b", metavar="RUN_B", help="evaluate --out folder compared with it")
+    compare.add_argument("--name-a", help="label of RUN_A in the table (default: its folder name)")
+    compare.add_argument("--name-b", help="label of RUN_B in the table (default: its folder name)")
+    compare.add_argument("--samples", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    compare.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    compare.add_argument("--out", help="also write compare.md and compare.json into this folder")
+    compare.set_defaults(func=cmd_compare)
 
     infer = sub.add_parser(
         "infer", help="answer one question and show the trajectory (think/search/documents/refine/answer)"
