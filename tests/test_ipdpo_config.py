@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from autorefine.config import IPDPORunConfig
+from autorefine.modeling import trained_weights_dtype
 from autorefine.settings import ConfigError, load_config
 from autorefine.training.arguments import RunError
 from autorefine.training.ipdpo.dpo import make_dpo_args
@@ -33,7 +34,10 @@ def test_3b_presets_fit_one_8_gpu_node(name):
     t = config.trainer
     assert t["per_device_train_batch_size"] * t["gradient_accumulation_steps"] * 8 == 128  # pairs per update
     assert config.sampling.questions_per_round == 10_000  # TeaRAG's questions per round
-    assert t["bf16"] is True and t["activation_checkpointing"] is True and config.model.dtype == "bfloat16"
+    assert t["bf16"] is True and t["activation_checkpointing"] is True
+    # full fine-tuning: fp32 master weights (bf16 compute, bf16 references and rollouts); LoRA: a bf16 base
+    trained = trained_weights_dtype(config.model, config.lora)
+    assert trained == ("bfloat16" if name == "base-lora" else "float32")
     assert config.rollout.max_turns == 5 and config.rollout.max_completion_tokens == 4096  # as GRPO's presets
     assert config.lora.enabled == (name == "base-lora")
     assert t["learning_rate"] == (5e-6 if name == "base-lora" else 5e-7)
