@@ -263,7 +263,7 @@ def preflight(config: GRPORunConfig, pre: Preflight) -> dict[str, Any]:
         )
     if args is not None and args.use_vllm and args.vllm_mode == "server":
         pre.need(f"a vLLM server at {vllm_server_url(args)} whose context window holds the longest prompt")
-    pre.retriever(config.retriever.url)
+    pre.retriever(config.retriever)
     return built
 
 

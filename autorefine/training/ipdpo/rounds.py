@@ -203,7 +203,7 @@ def preflight(
         "heldout.file", heldout.file, lambda f: read_questions(f, limit=heldout.limit)
     )
     if needs_retriever(config):
-        pre.retriever(config.retriever.url)
+        pre.retriever(config.retriever)
     return built
 
 

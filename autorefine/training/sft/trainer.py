@@ -63,7 +63,7 @@ def preflight(config: SFTRunConfig, pre: Preflight) -> dict[str, Any]:
     if config.heldout.file and config.heldout.every > 0:
         pre.file("heldout.file", config.heldout.file, lambda f: read_questions(f, limit=config.heldout.limit))
     if needs_retriever(config):
-        pre.retriever(config.retriever.url)
+        pre.retriever(config.retriever)
     return built
 
 
