@@ -101,6 +101,7 @@ GRPO_REFUSALS = [
         ["trainer.use_vllm=true", "trainer.vllm_max_model_length=64"],
         "do not fit vLLM's context window of 64 tokens",
     ),
+    (["trainer.save_on_each_node=true"], "save_on_each_node=true makes the first process of every node"),
 ]
 
 
@@ -127,6 +128,8 @@ def test_sft_refusals(capsys):
     assert code == 2 and "model.dtype=float16 with full fine-tuning" in out
     code, out = check("train-sft", preset, "traces_file=missing.jsonl", capsys=capsys)
     assert code == 0 and "traces_file: missing.jsonl (not found here)" in out
+    code, out = check("train-sft", preset, "trainer.save_on_each_node=true", capsys=capsys)
+    assert code == 2 and "put trainer.output_dir on a filesystem every node shares" in out
 
 
 def test_ipdpo_refusals(tmp_path, capsys):
@@ -137,6 +140,7 @@ def test_ipdpo_refusals(tmp_path, capsys):
         ([f"model.tokenizer={SYNTHETIC_DIR / 'tokenizer'}"], "leave model.tokenizer unset"),
         ([run], "already holds round-1 of a run: add --resume"),
         (["model.dtype=bfloat16"], "model.dtype=bfloat16 with full fine-tuning"),
+        (["trainer.save_on_each_node=true"], "save_on_each_node=true makes the first process"),
     ]
     for overrides, message in cases:
         code, out = check("train-ipdpo", TINY_IPDPO, CLOSED, *overrides, capsys=capsys)
