@@ -57,6 +57,14 @@ def test_a_gpu_preset_checked_on_a_cpu_lists_the_gpu_and_vllm_it_needs(capsys):
     assert "data.train_file: data/prepared/train.jsonl (not found here)" in out
 
 
+def test_a_vllm_server_preset_lists_the_server_and_the_port_it_connects_back_to(capsys):
+    preset = REPO_ROOT / "configs/grpo/autorefine-qwen2.5-7b-base.yaml"
+    code, out = check("train-grpo", preset, "trainer.vllm_group_port=51300", capsys=capsys)
+    assert code == 0, out
+    assert "a vLLM server at http://generation-node:8000 serving Qwen/Qwen2.5-7B, whose context window" in out
+    assert "port 51300 (trainer.vllm_group_port) of the main training node open to the vLLM server" in out
+
+
 def test_every_refusal_is_reported_not_only_the_device_one(capsys):
     # On a CPU a real start stops at "needs a CUDA GPU": the importance-sampling refusal behind it was unreachable.
     preset = REPO_ROOT / "configs/grpo/autorefine-qwen2.5-3b-base.yaml"
