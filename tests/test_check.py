@@ -65,6 +65,20 @@ def test_a_vllm_server_preset_lists_the_server_and_the_port_it_connects_back_to(
     assert "port 51300 (trainer.vllm_group_port) of the main training node open to the vLLM server" in out
 
 
+def test_the_retriever_replicas_are_listed_this_nodes_first(capsys):
+    urls = "retriever.url=http://node-a:8001,http://node-b:8001"
+    code, out = check(
+        "train-ipdpo", TINY_IPDPO, urls, "retriever.local_url=http://node-b:8001", capsys=capsys
+    )
+    assert code == 0
+    assert (
+        "a retriever answering at http://node-b:8001, http://node-a:8001 (this node's first: http://node-b"
+        in out
+    )
+    code, out = check("train-grpo", TINY_GRPO, urls, "retriever.prefer_local=true", capsys=capsys)
+    assert code == 0 and "http://node-a:8001, http://node-b:8001 (each node's own first)" in out
+
+
 def test_every_refusal_is_reported_not_only_the_device_one(capsys):
     # On a CPU a real start stops at "needs a CUDA GPU": the importance-sampling refusal behind it was unreachable.
     preset = REPO_ROOT / "configs/grpo/autorefine-qwen2.5-3b-base.yaml"
