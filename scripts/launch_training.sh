@@ -107,7 +107,8 @@ fi
 
 # Several nodes: the same command on each, with its rank.
 if [[ -z "$address" && -n "${SLURM_JOB_NODELIST:-}" ]]; then
-  address="$(slurm_hostnames "$SLURM_JOB_NODELIST" | head -n1)"
+  mapfile -t hosts < <(slurm_hostnames "$SLURM_JOB_NODELIST")  # whole: `| head -n1` would SIGPIPE scontrol
+  address="${hosts[0]:-}"
 fi
 [[ -n "$address" ]] || {
   echo "error: --nodes $nodes needs --main-address (the main node's address, reachable from every node)," \

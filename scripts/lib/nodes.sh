@@ -42,5 +42,5 @@ slurm_hostnames() {
 # A top-level `key: value` of an accelerate config (YAML), quotes and comments dropped; empty when absent.
 accelerate_value() {
   local file="$1" key="$2"
-  sed -n "s/^${key}:[[:space:]]*\([^#]*\).*/\1/p" "$file" | head -n1 | tr -d "\"' "
+  sed -n "s/^${key}:[[:space:]]*\([^#]*\).*/\1/p" "$file" | sed -n 1p | tr -d "\"' "
 }
