@@ -245,7 +245,12 @@ class IPDPORun:
         process_hosts(self.state)
         # Before anything reads the folder: a node that saw another one would take other decisions.
         check_shared_folder(self.state, self.root)
-        built = preflight(config, pre, resume=resume, processes=self.state.num_processes, args=self.args)
+        # Every process decides from the folder as it is now: the main process writes round files only once all
+        # have (a broadcast does not hold its sender back), and a refusal on any stops all.
+        built = on_every_process(
+            self.state,
+            lambda: preflight(config, pre, resume=resume, processes=self.state.num_processes, args=self.args),
+        )
         self.template = built["template"]
         self.given_pairs = Path(config.pairs.file) if config.pairs.file else None
         self.questions = built.get("questions") or []
