@@ -4,7 +4,8 @@ The trainer talks to the retriever only through this client, so the retriever ca
 It works with any server that answers Search-R1's `POST /retrieve` (ours, Search-R1's, AutoRefine's):
 readiness uses `GET /health` where the server has it and otherwise a one-query `POST /retrieve`.
 Given several replica URLs it spreads requests over the healthy ones, retries a failed request on another
-replica, marks the failed one down and probes it back in a background thread.
+replica, marks the failed one down and probes it back in a background thread. Replicas marked local (this
+node's, in a multi-node job) take every request while one of them is healthy; the others cover for them.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from __future__ import annotations
 import logging
 import math
 import random
+import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -73,9 +75,49 @@ class RetrieverSettings:
     api_key_file: str | None = (
         None  # file holding the server's bearer token (else $AUTOREFINE_RETRIEVER_API_KEY)
     )
+    # This node's replica(s), asked first; the others only while every local one is down (added to `url`).
+    local_url: str | list[str] | None = None
+    prefer_local: bool = False  # replicas of `url` served by this machine (by name or address) are local too
 
     def __post_init__(self) -> None:
-        parse_urls(self.url)
+        self.urls  # noqa: B018  # every URL well formed, none repeated
+
+    @property
+    def urls(self) -> list[str]:
+        """Every replica: the local ones first, then the rest of `url`."""
+        local = parse_urls(self.local_url) if self.local_url else []
+        return parse_urls([*local, *(u for u in parse_urls(self.url) if u not in local)])
+
+    def local_urls(self) -> list[str]:
+        """The replicas this node asks first: `local_url`, and with `prefer_local` those on this machine."""
+        local = parse_urls(self.local_url) if self.local_url else []
+        if self.prefer_local:
+            local += [u for u in self.urls if u not in local and is_this_host(urlsplit(u).hostname or "")]
+        return local
+
+
+def this_host_addresses() -> set[str]:
+    """Names and addresses of this machine: loopback, its host name, FQDN and what they resolve to."""
+    names = {"localhost", socket.gethostname().lower(), socket.getfqdn().lower()}
+    addresses = {"127.0.0.1", "::1"}
+    for name in list(names):
+        try:
+            addresses |= {info[4][0] for info in socket.getaddrinfo(name, None)}
+        except OSError:  # a name the resolver does not know is simply not an address of ours
+            continue
+    return names | addresses
+
+
+def is_this_host(host: str) -> bool:
+    """Whether `host` (a name or an address of a URL) is this machine."""
+    host = host.lower().strip("[]")
+    if host.startswith("127.") or host in this_host_addresses():
+        return True
+    try:
+        resolved = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        return False
+    return bool(resolved & this_host_addresses())
 
 
 class _ReplicaFailed(Exception):
@@ -132,8 +174,12 @@ class RetrieverClient:
         api_key: str | None = None,
         probe_interval_s: float = 5.0,
         report_every_s: float = 300.0,
+        local: Sequence[str] = (),
     ) -> None:
         self.replicas = [Replica(u) for u in parse_urls(url)]
+        self.local = {u.rstrip("/") for u in local}  # asked first while one of them is healthy
+        if unknown := self.local - {r.url for r in self.replicas}:
+            raise ValueError(f"local replicas {sorted(unknown)} are not among the replicas given")
         self.url = ", ".join(r.url for r in self.replicas)  # for messages
         self.max_batch = max_batch  # queries per request; larger batches are split (servers cap request size)
         self.max_retries = max_retries
@@ -193,7 +239,7 @@ class RetrieverClient:
         return [hits for part in parts for hits in part]
 
     def _spans(self, n: int) -> list[tuple[int, int]]:
-        healthy = max(1, sum(r.healthy for r in self.replicas))
+        healthy = max(1, len(self._preferred(r for r in self.replicas if r.healthy)))
         per = max(1, min(self.max_batch, max(MIN_SPLIT, math.ceil(n / healthy))))
         return [(start, min(n, start + per)) for start in range(0, n, per)]
 
@@ -213,11 +259,17 @@ class RetrieverClient:
 
     # --- replicas: choice, failover, probing -------------------------------------------------------
 
+    def _preferred(self, replicas: Iterable[Replica]) -> list[Replica]:
+        """The local ones among `replicas` if there are any, else all of them."""
+        replicas = list(replicas)
+        return [r for r in replicas if r.url in self.local] or replicas
+
     def _pick(self, tried: set[str]) -> Replica | None:
-        """The healthy untried replica with the fewest requests in flight (round robin among equals)."""
+        """The healthy untried replica with the fewest requests in flight (round robin among equals); a healthy
+        local one before any other, a down one only as a last resort."""
         with self._lock:
             untried = [r for r in self.replicas if r.url not in tried]
-            candidates = [r for r in untried if r.healthy] or untried  # a down replica is a last resort
+            candidates = self._preferred(r for r in untried if r.healthy) or untried
             if not candidates:
                 return None
             self._cursor += 1
@@ -358,7 +410,8 @@ class RetrieverClient:
     def stats(self) -> dict[str, Any]:
         """Per-replica health and latency, and how many requests were retried on another replica."""
         with self._lock:
-            return {"retried": self.retried, "replicas": [r.to_dict() for r in self.replicas]}
+            replicas = [{**r.to_dict(), "local": r.url in self.local} for r in self.replicas]
+            return {"retried": self.retried, "replicas": replicas}
 
     # --- readiness ---------------------------------------------------------------------------------
 
@@ -472,12 +525,14 @@ def connect_retriever(settings: RetrieverSettings) -> RetrieverClient:
         api_key = read_api_key(settings.api_key_file, setting="retriever.api_key_file")
     except ApiKeyError as err:
         raise RetrieverError(str(err)) from None
+    local = settings.local_urls()
     client = RetrieverClient(
-        settings.url,
+        settings.urls,
         timeout=settings.timeout_s,
         max_retries=settings.max_retries,
         api_key=api_key,
         probe_interval_s=settings.probe_interval_s,
+        local=local,
     )
     try:
         client.wait_until_ready(timeout=settings.startup_wait_s)
@@ -493,6 +548,10 @@ def connect_retriever(settings: RetrieverSettings) -> RetrieverClient:
         health = "GET /health" if replica.has_health else "POST /retrieve (no /health)"
         state = "ready" if replica.healthy else f"not ready yet ({replica.last_problem}); probed again later"
         logger.info("retriever replica %s: %s, checked with %s", replica.url, state, health)
+    if local and len(local) < len(client.replicas):
+        logger.info(
+            "retriever: this node asks %s first; the other replicas only while it is down", ", ".join(local)
+        )
     return client
 
 

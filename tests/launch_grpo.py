@@ -8,8 +8,8 @@
 overrides say). `--fail-search-on-rank R` makes rank R's retriever connection drop at its N-th search call (as
 a lost server would: `RetrieverUnavailableError`). `--fail-generate-on-rank R` makes rank R's engine raise (as
 TRL's vLLM client does on an HTTP 400) once S optimizer steps are done. Each rank writes DIR/rank-R.json: its held-out history,
-how often its engine was called with and without prompts of its own, the vLLM calls it saw, and the error
-that stopped it, if any. The exit status is `autorefine`'s: 0, or 2 for a run that stopped with a message.
+how often its engine was called with and without prompts of its own, the vLLM calls it saw, its retriever
+client's per-replica counters, and the error that stopped it, if any. The exit status is `autorefine`'s: 0, or 2 for a run that stopped with a message.
 """
 
 from __future__ import annotations
@@ -70,6 +70,7 @@ def main() -> int:
     rank = int(os.environ.get("RANK", "0"))
     config = load_config(GRPORunConfig, REPO_ROOT / "configs/grpo/tiny-cpu.yaml", args.overrides)
     client = connect_retriever(config.retriever)
+    connection = client
     if args.fail_search_on_rank == rank:
         client = FailingSearcher(client, args.fail_at_search)
     report: dict[str, Any] = {"rank": rank, "calls_with_prompts": 0, "calls_without_prompts": 0}
@@ -99,6 +100,7 @@ def main() -> int:
         llm = getattr(getattr(trainer, "vllm_generation", None), "llm", None)
         report["vllm_calls"] = getattr(llm, "calls", None)
         report["global_step"] = trainer.state.global_step
+        report["retriever"] = connection.stats()
         Path(args.report).mkdir(parents=True, exist_ok=True)
         (Path(args.report) / f"rank-{rank}.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
     if status:

@@ -57,6 +57,28 @@ def test_a_gpu_preset_checked_on_a_cpu_lists_the_gpu_and_vllm_it_needs(capsys):
     assert "data.train_file: data/prepared/train.jsonl (not found here)" in out
 
 
+def test_a_vllm_server_preset_lists_the_server_and_the_port_it_connects_back_to(capsys):
+    preset = REPO_ROOT / "configs/grpo/autorefine-qwen2.5-7b-base.yaml"
+    code, out = check("train-grpo", preset, "trainer.vllm_group_port=51300", capsys=capsys)
+    assert code == 0, out
+    assert "a vLLM server at http://generation-node:8000 serving Qwen/Qwen2.5-7B, whose context window" in out
+    assert "port 51300 (trainer.vllm_group_port) of the main training node open to the vLLM server" in out
+
+
+def test_the_retriever_replicas_are_listed_this_nodes_first(capsys):
+    urls = "retriever.url=http://node-a:8001,http://node-b:8001"
+    code, out = check(
+        "train-ipdpo", TINY_IPDPO, urls, "retriever.local_url=http://node-b:8001", capsys=capsys
+    )
+    assert code == 0
+    assert (
+        "a retriever answering at http://node-b:8001, http://node-a:8001 (this node's first: http://node-b"
+        in out
+    )
+    code, out = check("train-grpo", TINY_GRPO, urls, "retriever.prefer_local=true", capsys=capsys)
+    assert code == 0 and "http://node-a:8001, http://node-b:8001 (each node's own first)" in out
+
+
 def test_every_refusal_is_reported_not_only_the_device_one(capsys):
     # On a CPU a real start stops at "needs a CUDA GPU": the importance-sampling refusal behind it was unreachable.
     preset = REPO_ROOT / "configs/grpo/autorefine-qwen2.5-3b-base.yaml"
@@ -101,6 +123,7 @@ GRPO_REFUSALS = [
         ["trainer.use_vllm=true", "trainer.vllm_max_model_length=64"],
         "do not fit vLLM's context window of 64 tokens",
     ),
+    (["trainer.save_on_each_node=true"], "save_on_each_node=true makes the first process of every node"),
 ]
 
 
@@ -127,6 +150,8 @@ def test_sft_refusals(capsys):
     assert code == 2 and "model.dtype=float16 with full fine-tuning" in out
     code, out = check("train-sft", preset, "traces_file=missing.jsonl", capsys=capsys)
     assert code == 0 and "traces_file: missing.jsonl (not found here)" in out
+    code, out = check("train-sft", preset, "trainer.save_on_each_node=true", capsys=capsys)
+    assert code == 2 and "put trainer.output_dir on a filesystem every node shares" in out
 
 
 def test_ipdpo_refusals(tmp_path, capsys):
@@ -137,6 +162,7 @@ def test_ipdpo_refusals(tmp_path, capsys):
         ([f"model.tokenizer={SYNTHETIC_DIR / 'tokenizer'}"], "leave model.tokenizer unset"),
         ([run], "already holds round-1 of a run: add --resume"),
         (["model.dtype=bfloat16"], "model.dtype=bfloat16 with full fine-tuning"),
+        (["trainer.save_on_each_node=true"], "save_on_each_node=true makes the first process"),
     ]
     for overrides, message in cases:
         code, out = check("train-ipdpo", TINY_IPDPO, CLOSED, *overrides, capsys=capsys)

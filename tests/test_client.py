@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import subprocess
 import sys
 import time
@@ -27,6 +28,7 @@ from autorefine.retrieval import (
     RetrieverSettings,
     RetrieverUnavailableError,
     connect_retriever,
+    is_this_host,
     parse_urls,
 )
 from autorefine.settings import ConfigError, load_config
@@ -273,6 +275,65 @@ def test_connect_starts_with_the_ready_replicas_and_probes_the_others(
                 while not client.replicas[1].healthy:
                     assert time.monotonic() < deadline
                     time.sleep(0.05)
+
+
+# --- this node's replica first (one retriever per node) ---------------------------------------------------
+
+
+def test_local_replicas_come_first_and_are_added_to_the_list() -> None:
+    node_b = RetrieverSettings(url="http://node-a:8001,http://node-b:8001", local_url="http://node-b:8001")
+    assert node_b.urls == ["http://node-b:8001", "http://node-a:8001"]
+    assert node_b.local_urls() == ["http://node-b:8001"]
+    # a local replica missing from `url` joins it (every node may share one `url` list, or give only its own)
+    assert RetrieverSettings(url="http://a:1", local_url="http://b:2").urls == ["http://b:2", "http://a:1"]
+    assert RetrieverSettings(url="http://a:1").local_urls() == []
+    config = load_config(GRPORunConfig, None, ["retriever.local_url=http://b:2", "retriever.url=http://a:1"])
+    assert config.retriever.urls == ["http://b:2", "http://a:1"]
+    with pytest.raises(ConfigError, match=r"'b:2' is not of the form"):
+        load_config(GRPORunConfig, None, ["retriever.local_url=b:2"])
+
+
+def test_prefer_local_marks_the_replicas_this_machine_serves() -> None:
+    here = socket.gethostname()
+    assert is_this_host(here) and is_this_host("localhost") and is_this_host("127.0.0.2")
+    assert not is_this_host("node-b.invalid")  # .invalid never resolves (RFC 2606)
+    settings = RetrieverSettings(
+        url=["http://node-b.invalid:8001", f"http://{here}:8001", "http://127.0.0.1:8002"], prefer_local=True
+    )
+    assert settings.local_urls() == [f"http://{here}:8001", "http://127.0.0.1:8002"]
+    assert RetrieverSettings(url=settings.url).local_urls() == []  # off by default: every replica is equal
+
+
+def test_the_local_replica_takes_every_request_and_the_others_cover_while_it_is_down(
+    start_retriever: Any, demo_bm25_index: Path, free_port: Any
+) -> None:
+    questions = QUESTIONS[:64]
+    port = free_port()
+    with start_retriever(demo_bm25_index) as (a, _):
+        with start_retriever(demo_bm25_index, port=port) as (b, process):
+            client = RetrieverClient([a, b], local=[b], probe_interval_s=0.2, max_retries=0)
+            expected = [client.search([q], topk=3)[0] for q in questions[:6]]
+            batch = client.search(questions, topk=3)  # not split over the replicas: all of it to b
+            assert (_requests_served(a), _requests_served(b)) == (0, 6 + 64)
+            process.kill()
+            process.wait(timeout=10)
+        # b is gone: a answers every question (max_retries=0: no backoff, the failover is immediate)
+        assert [client.search([q], topk=3)[0] for q in questions[:6]] == expected
+        assert client.search(questions, topk=3) == batch
+        assert _requests_served(a) == 6 + 64
+        stats = client.stats()
+        assert [(r["local"], r["healthy"]) for r in stats["replicas"]] == [(False, True), (True, False)]
+        assert stats["retried"] == 1
+        with start_retriever(demo_bm25_index, port=port):
+            deadline = time.monotonic() + 30
+            while not client.stats()["replicas"][1]["healthy"]:  # probed back
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            assert [client.search([q], topk=3)[0] for q in questions[:6]] == expected
+            assert _requests_served(b) == 6 and _requests_served(a) == 6 + 64  # back to the local one
+        client.close()
+    with pytest.raises(ValueError, match="not among the replicas"):
+        RetrieverClient(["http://a:1"], local=["http://b:2"])
 
 
 # --- API key --------------------------------------------------------------------------------------------

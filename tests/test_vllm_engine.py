@@ -324,6 +324,96 @@ def test_an_unreachable_vllm_server_stops_the_run_before_the_model_loads(tmp_pat
         build_trainer(config)
 
 
+def test_an_unreachable_vllm_server_says_where_it_is_looked_for_and_which_port_it_connects_back_to(
+    tmp_path, no_model_loading
+):
+    from autorefine.training.arguments import RunError
+    from autorefine.training.grpo.trainer import build_trainer
+
+    port = _port()
+    config = vllm_config(
+        tmp_path,
+        "trainer.vllm_mode=server",
+        "trainer.vllm_server_host=127.0.0.1",
+        f"trainer.vllm_server_port={port}",
+        "trainer.vllm_group_port=51299",
+        "trainer.vllm_server_timeout=1",
+    )
+    with pytest.raises(RunError) as err:
+        build_trainer(config)
+    message = str(err.value)
+    assert f"the vLLM server at http://127.0.0.1:{port} did not answer GET /v1/models within 1 s" in message
+    assert "trainer.vllm_server_host and trainer.vllm_server_port" in message
+    assert "on trainer.vllm_group_port (51299): that port must be open to it too" in message
+
+
+def test_a_vllm_server_serving_another_model_is_refused_before_the_model_loads(tmp_path, no_model_loading):
+    from autorefine.training.arguments import RunError
+    from autorefine.training.grpo.trainer import build_trainer
+
+    other = shutil.copytree(WARM, tmp_path / "another-policy")  # the same weights under another name
+    with fake_vllm.FakeVLLMServer(str(other), _port()) as running:
+        config = vllm_config(
+            tmp_path, "trainer.vllm_mode=server", f"trainer.vllm_server_base_url={running.url}"
+        )
+        with pytest.raises(RunError) as err:
+            build_trainer(config)
+    message, trained = str(err.value), config.model.name_or_path  # data/synthetic/warmstart
+    assert (
+        f"the vLLM server at {running.url} serves {other}, not the policy being trained ({trained}" in message
+    )
+    assert f"`trl vllm-serve --model {trained}`" in message and f"--served-model-name {trained}" in message
+    # a copy in a folder of the trained model's name is the trained model (e.g. a node-local copy of the weights)
+    copy = shutil.copytree(WARM, tmp_path / "node-local" / WARM.name)
+    with fake_vllm.FakeVLLMServer(str(copy), _port()) as running:
+        config = vllm_config(
+            tmp_path, "trainer.vllm_mode=server", f"trainer.vllm_server_base_url={running.url}"
+        )
+        with pytest.raises(RetrieverUnavailableError):  # past the check, on to the retriever
+            build_trainer(config)
+
+
+def test_a_job_on_several_machines_refuses_a_vllm_server_on_loopback():
+    from types import SimpleNamespace
+
+    from autorefine.training.arguments import RunError
+    from autorefine.training.grpo.trainer import check_vllm_server_host
+
+    def args(**kwargs):
+        defaults = {"use_vllm": True, "vllm_mode": "server", "vllm_server_base_url": None}
+        return SimpleNamespace(
+            **{**defaults, "vllm_server_host": "0.0.0.0", "vllm_server_port": 8000, **kwargs}
+        )
+
+    two_machines = ["node-a", "node-a", "node-b", "node-b"]
+    with pytest.raises(
+        RunError, match=r"runs on 2 machines \(node-a, node-b\) but the vLLM server is at http://0"
+    ):
+        check_vllm_server_host(args(), two_machines)
+    with pytest.raises(RunError, match="vllm_server_host"):
+        check_vllm_server_host(args(vllm_server_base_url="http://127.0.0.1:8000"), two_machines)
+    check_vllm_server_host(args(vllm_server_host="gen-node"), two_machines)  # another node: fine
+    check_vllm_server_host(args(), ["node-a", "node-a"])  # one machine: loopback is that machine
+    check_vllm_server_host(args(vllm_mode="colocate"), two_machines)  # no server
+
+
+def test_a_taken_group_port_is_refused():
+    import socket
+
+    from autorefine.training.arguments import RunError
+    from autorefine.training.grpo.trainer import check_group_port
+
+    with socket.socket() as taken:
+        taken.bind(("", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        from types import SimpleNamespace
+
+        with pytest.raises(RunError, match=f"trainer.vllm_group_port={port} is taken on"):
+            check_group_port(SimpleNamespace(vllm_group_port=port))
+    check_group_port(SimpleNamespace(vllm_group_port=_port()))
+
+
 def test_a_too_small_colocated_vllm_max_model_length_is_refused_before_the_model_loads(
     tokenizer, tmp_path, no_model_loading
 ):

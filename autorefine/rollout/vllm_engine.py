@@ -20,6 +20,7 @@ import math
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from autorefine.rollout.engine import Generation, SamplingParams, eos_token_ids, finish_generation
@@ -241,12 +242,13 @@ class VLLMEngine:
         return cls(tokenizer, client=client, generation_eos=generation_eos, lockstep=lockstep)
 
 
-def server_max_model_len(base_url: str, timeout: float = 240.0) -> int | None:
-    """The context window a vLLM server serves (`max_model_len` of its `/v1/models` card); None if not given.
+def served_models(base_url: str, timeout: float = 240.0) -> list[dict[str, Any]]:
+    """The model cards a vLLM server lists at `GET /v1/models` (`id`, `root`, `max_model_len`, ...).
 
-    `vllm serve` (which `trl vllm-serve` runs) lists each model with the `max_model_len` it was started with
-    (`--max-model-len`, else the model config's). Waits up to `timeout` s for the server to answer, as TRL's
-    client does, then raises ConnectionError.
+    `vllm serve MODEL` (which `trl vllm-serve` runs) lists one card per served name (`--served-model-name`, else
+    MODEL as given), each with `root` = MODEL and the `max_model_len` it was started with (`--max-model-len`,
+    else the model config's). Waits up to `timeout` s for the server to answer, as TRL's client does, then
+    raises ConnectionError.
     """
     import httpx
 
@@ -267,8 +269,22 @@ def server_max_model_len(base_url: str, timeout: float = 240.0) -> int | None:
             )
         time.sleep(1.0)
     cards = response.json().get("data") or []
-    value = cards[0].get("max_model_len") if cards else None
-    return value if isinstance(value, int) else None
+    return [card for card in cards if isinstance(card, dict)]
+
+
+def same_model(trained: str, served: str) -> bool:
+    """Whether a served model name is the trained one: the same name or path, or a copy in a folder of the same
+    name (`/shared/models/Qwen2.5-7B` serves `Qwen/Qwen2.5-7B`); no file is read."""
+    trained, served = trained.rstrip("/"), served.rstrip("/")
+    return trained == served or PurePosixPath(trained).name == PurePosixPath(served).name
+
+
+def serving_card(cards: Sequence[dict[str, Any]], trained: str) -> dict[str, Any] | None:
+    """The card of `cards` that serves the model `trained` (by its `id` or `root`), if any."""
+    for card in cards:
+        if any(same_model(trained, str(card.get(key) or "")) for key in ("id", "root") if card.get(key)):
+            return card
+    return None
 
 
 def colocated_max_model_len(llm: Any) -> int:

@@ -48,3 +48,14 @@ def require_devices(values: dict[str, Any], *, check_only: bool = False) -> None
             f"this configuration needs a CUDA GPU (trainer.{', trainer.'.join(f'{k}=true' for k in needs)}) "
             "and none is visible here; on a CPU start from configs/grpo/tiny-cpu.yaml or set those to false"
         )
+
+
+def check_saving(values: dict[str, Any]) -> None:
+    """Refuse `save_on_each_node`: a run's output folder is one folder every node shares, written once."""
+    if values.get("save_on_each_node"):
+        raise RunError(
+            "trainer.save_on_each_node=true makes the first process of every node write the same checkpoint, "
+            "while best/, the run config and IP-DPO's round files are written once, by the main process, and read "
+            "by every node: leave it false and put trainer.output_dir on a filesystem every node shares "
+            "(README: More than one node)"
+        )

@@ -20,6 +20,7 @@ from autorefine.rollout.agent import AgentLoop, RolloutSettings, Searcher
 from autorefine.rollout.engines import TrainerEngine
 from autorefine.scoring.metrics import mean_metrics
 from autorefine.settings import to_dict, write_run_config
+from autorefine.training.distributed import on_main
 from autorefine.trl_private import record_metric
 
 if TYPE_CHECKING:
@@ -120,9 +121,16 @@ class HeldoutEvalCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         best = Path(args.output_dir) / "best" / BEST_FILE
-        if state.global_step > 0 and self.save_best and best.is_file():
-            # Resumed: `best/` may hold a policy from before (or after) the checkpoint; only beat it.
-            self.best_reward = json.loads(best.read_text(encoding="utf-8"))["reward"]
+        if state.global_step > 0 and self.save_best:
+            # Resumed: `best/` may hold a policy from before (or after) the checkpoint; only beat it. Read by the
+            # main process for all: a node with an older view of the folder would decide alone to save (a
+            # collective under FSDP or ZeRO-3).
+            saved = on_main(
+                self.trainer.accelerator,
+                lambda: json.loads(best.read_text(encoding="utf-8"))["reward"] if best.is_file() else None,
+            )
+            if saved is not None:
+                self.best_reward = saved
         if self.every > 0 and state.global_step == 0:
             self._run(args, state, control, log=False)
 

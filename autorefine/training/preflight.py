@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import yaml
 
 from autorefine.data import DataError
-from autorefine.retrieval import parse_urls
+from autorefine.retrieval import RetrieverSettings, parse_urls
 from autorefine.settings import ConfigError, to_dict
 from autorefine.training.arguments import RunError, gpu_switches, with_trainer_defaults
 from autorefine.training.ipdpo.pairs import PairError
@@ -73,9 +73,13 @@ class Preflight:
                 )
             )
 
-    def retriever(self, url: str | list[str]) -> None:
-        """List the retriever replicas a launch needs (not contacted)."""
-        self.need(f"a retriever answering at {', '.join(parse_urls(url))}")
+    def retriever(self, settings: RetrieverSettings) -> None:
+        """List the retriever replicas a launch needs (not contacted; `prefer_local` is resolved on each node)."""
+        local = parse_urls(settings.local_url) if settings.local_url else []
+        first = f" (this node's first: {', '.join(local)})" if local else ""
+        if settings.prefer_local:
+            first += " (each node's own first)"
+        self.need(f"a retriever answering at {', '.join(settings.urls)}{first}")
 
     def report(self, config: Any) -> int:
         """Print the resolved configuration, what the launch needs and the refusals; 0 when none, else 2."""

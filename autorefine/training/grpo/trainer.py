@@ -9,8 +9,10 @@ published to the health signals, the guard, flat-group dropping and sample files
 from __future__ import annotations
 
 import logging
+import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from autorefine.api_key import API_KEY_ENV
 from autorefine.config import GRPORunConfig
@@ -31,11 +33,19 @@ from autorefine.retrieval import (
 from autorefine.rollout.agent import longest_prompt
 from autorefine.rollout.engine import GenerationError
 from autorefine.rollout.engines import TrainerEngine, vllm_server_url
-from autorefine.rollout.vllm_engine import colocated_max_model_len, server_max_model_len
+from autorefine.rollout.vllm_engine import colocated_max_model_len, served_models, serving_card
 from autorefine.settings import check_trainer_args
-from autorefine.training.arguments import RunError, require_devices, with_trainer_defaults
+from autorefine.training.arguments import RunError, check_saving, require_devices, with_trainer_defaults
 from autorefine.training.callbacks import SaveRunConfigCallback, StepTimerCallback, add_heldout_evaluation
 from autorefine.training.checkpoints import latest_checkpoint, save_final
+from autorefine.training.distributed import (
+    agreed_resume,
+    check_shared_folder,
+    on_every_process,
+    on_main,
+    process_hosts,
+    start_processes,
+)
 from autorefine.training.grpo.flat_groups import DropFlatGroups
 from autorefine.training.grpo.samples import LatestSamples, SampleTableCallback, SaveRolloutsCallback
 from autorefine.training.guard import check_guard
@@ -47,6 +57,7 @@ from autorefine.training.search_rollout import SearchRollout, rollout_sampling
 from autorefine.trl_private import save_full_checkpoint
 
 if TYPE_CHECKING:
+    from accelerate import PartialState
     from transformers import PreTrainedTokenizerBase
     from trl import GRPOTrainer
 
@@ -105,19 +116,48 @@ def check_rollout_args(args: Any) -> None:
         )
 
 
-def vllm_context_window(args: Any, *, contact_server: bool = True) -> tuple[int, str] | None:
+# Where a vLLM server is configured, for the errors that say it cannot be reached.
+VLLM_SERVER_SETTINGS = (
+    "It is found at trainer.vllm_server_host and trainer.vllm_server_port (or trainer.vllm_server_base_url): on "
+    "another node, that node's address as the training nodes reach it; trainer.vllm_server_timeout waits longer "
+    "for a server still loading. For the weight updates the server connects back to the main training process "
+    "on trainer.vllm_group_port ({group_port}): that port must be open to it too."
+)
+
+
+def vllm_server_card(config: GRPORunConfig, args: Any) -> dict[str, Any]:
+    """The vLLM server's card of the policy being trained; refused when unreachable or serving another model."""
+    url = vllm_server_url(args)
+    try:
+        cards = served_models(url, timeout=args.vllm_server_timeout)
+    except ConnectionError as err:
+        raise RunError(f"{err}.\n{VLLM_SERVER_SETTINGS.format(group_port=args.vllm_group_port)}") from None
+    trained = config.model.name_or_path
+    card = serving_card(cards, trained)
+    if card is None:
+        served = ", ".join(str(c.get("root") or c.get("id")) for c in cards) or "no model"
+        raise RunError(
+            f"the vLLM server at {url} serves {served}, not the policy being trained ({trained}, "
+            "model.name_or_path): the trainer replaces the served weights at every step, but the architecture, "
+            "tokenizer and context window stay those of the model the server loaded. Serve the trained model: "
+            f"`trl vllm-serve --model {trained}` (a copy at another path is recognised by its folder name; "
+            f"otherwise add `--served-model-name {trained}`)"
+        )
+    return card
+
+
+def vllm_context_window(
+    config: GRPORunConfig, args: Any, *, contact_server: bool = True
+) -> tuple[int, str] | None:
     """vLLM's context window known before any model loads, and where it comes from; None if not known yet."""
     if not args.use_vllm:
         return None
     if args.vllm_mode == "server" and not contact_server:
-        return None  # `--check` contacts no server: the server's window is checked at start
+        return None  # the server's window is checked once the processes are up (`--check`: never)
     if args.vllm_mode == "server":
         url = vllm_server_url(args)
-        try:
-            limit = server_max_model_len(url, timeout=args.vllm_server_timeout)
-        except ConnectionError as err:
-            raise RunError(str(err)) from None
-        if limit is None:
+        limit = vllm_server_card(config, args).get("max_model_len")
+        if not isinstance(limit, int):
             logger.warning(
                 "the vLLM server at %s lists no max_model_len in GET /v1/models: whether the longest prompt + "
                 "rollout.max_completion_tokens fits its context window is not checked at start",
@@ -128,6 +168,47 @@ def vllm_context_window(args: Any, *, contact_server: bool = True) -> tuple[int,
     if args.vllm_max_model_length:
         return args.vllm_max_model_length, "trainer.vllm_max_model_length"
     return None  # a colocated vLLM takes the model config's context length: known once it is built
+
+
+def check_vllm_server_host(args: Any, hosts: list[str]) -> None:
+    """Refuse a vLLM server on loopback in a job that spans machines: each machine would ask itself."""
+    if not (args.use_vllm and args.vllm_mode == "server") or len(set(hosts)) < 2:
+        return
+    url = vllm_server_url(args)
+    host = urlsplit(url).hostname or ""
+    if host in ("0.0.0.0", "::", "localhost") or host.startswith("127."):
+        raise RunError(
+            f"this job runs on {len(set(hosts))} machines ({', '.join(dict.fromkeys(hosts))}) but the vLLM server "
+            f"is at {url}, which each machine reaches as itself: set trainer.vllm_server_host (or "
+            "trainer.vllm_server_base_url) to the generation node's address"
+        )
+
+
+def check_group_port(args: Any) -> None:
+    """On the main process' node: refuse a trainer.vllm_group_port already taken (TRL's weight-update group
+    listens there once the model is loaded; a clash would only show minutes later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("", args.vllm_group_port))
+        except OSError as err:
+            raise RunError(
+                f"trainer.vllm_group_port={args.vllm_group_port} is taken on {socket.gethostname()} "
+                f"({err.strerror}): TRL's weight-update group listens there for the vLLM server; choose a free "
+                "port"
+            ) from None
+
+
+def check_job(config: GRPORunConfig, args: Any) -> PartialState:
+    """Once the processes are up: every node sees the output folder, and reaches the vLLM server, which in turn
+    can reach the main process for the weight updates; the job's processes."""
+    state = start_processes(args)
+    hosts = process_hosts(state)
+    check_vllm_server_host(args, hosts)
+    if args.use_vllm and args.vllm_mode == "server":
+        on_main(state, lambda: check_group_port(args))
+    check_shared_folder(state, args.output_dir)
+    return state
 
 
 def rollout_questions(config: GRPORunConfig) -> list[str]:
@@ -149,7 +230,7 @@ def check_context_window(
 ) -> None:
     """Refuse a vLLM context window too small for the run's longest prompt + rollout.max_completion_tokens."""
     # Given (a built vLLM's), else the one known before loading.
-    window = window or vllm_context_window(args, contact_server=contact_server)
+    window = window or vllm_context_window(config, args, contact_server=contact_server)
     if window is None:
         return
     limit, source = window
@@ -204,6 +285,7 @@ def grpo_config(config: GRPORunConfig, *, check_only: bool = False):  # -> trl.G
         check_trainer_args(GRPOConfig, config.trainer, forbidden=derived), GRPOConfig
     )
     require_devices(values, check_only=check_only)
+    check_saving(values)
     values.setdefault("output_dir", "runs/grpo")
     if (
         values.get("bf16")
@@ -257,13 +339,21 @@ def preflight(config: GRPORunConfig, pre: Preflight) -> dict[str, Any]:
         pre.file("heldout.file", config.heldout.file, lambda f: read_questions(f, limit=config.heldout.limit))
     built["tokenizer"] = pre.run("tokenizer", lambda: tokenizer_for_check(config, pre))
     if args is not None and built["tokenizer"] is not None and built["train"] is not None:
+        # A vLLM server's window is read once the processes are up (`build_trainer`).
         pre.run(
             "context window",
-            lambda: check_context_window(config, args, built["tokenizer"], contact_server=not pre.checking),
+            lambda: check_context_window(config, args, built["tokenizer"], contact_server=False),
         )
     if args is not None and args.use_vllm and args.vllm_mode == "server":
-        pre.need(f"a vLLM server at {vllm_server_url(args)} whose context window holds the longest prompt")
-    pre.retriever(config.retriever.url)
+        pre.need(
+            f"a vLLM server at {vllm_server_url(args)} serving {config.model.name_or_path}, whose context window "
+            "holds the longest prompt"
+        )
+        pre.need(
+            f"port {args.vllm_group_port} (trainer.vllm_group_port) of the main training node open to the vLLM "
+            "server: it connects back there for the weight updates"
+        )
+    pre.retriever(config.retriever)
     return built
 
 
@@ -295,8 +385,11 @@ def build_trainer(
 
     built = preflight(config, Preflight("train-grpo"))
     args, template, tokenizer = built["args"], built["template"], built["tokenizer"]
+    state = check_job(config, args)
+    if args.use_vllm and args.vllm_mode == "server":
+        on_every_process(state, lambda: check_context_window(config, args, tokenizer))
     rewards = TrajectoryRewards(config.reward, means=rollout_means)
-    client = client or connect_retriever(config.retriever)
+    client = client or on_every_process(state, lambda: connect_retriever(config.retriever))
     tokenizer, model = load_tokenizer_and_policy(config.model, tokenizer=tokenizer, lora=config.lora)
     rollout = SearchRollout(client, config.rollout, template, config.eval_temperature)
     trainer = GRPOTrainer(
@@ -375,10 +468,7 @@ def stop_with_checkpoint(trainer: GRPOTrainer, err: Exception, command: str) -> 
 def run_grpo(trainer: GRPOTrainer, resume: str | None = None, command: str = "autorefine train-grpo") -> Path:
     """Train; when the retriever or the engine fails, or the guard stops it, checkpoint and say how to resume."""
     output_dir = Path(trainer.args.output_dir)
-    if resume == "latest":
-        resume = latest_checkpoint(output_dir)
-        if resume is None:
-            raise RunError(f"--resume latest: no checkpoint-* directory in {output_dir}")
+    resume = agreed_resume(trainer.accelerator.state, output_dir, resume)
     try:
         trainer.train(resume_from_checkpoint=resume)
     except (RetrieverError, GenerationError) as err:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from autorefine.config import IPDPORunConfig
 from autorefine.files import atomic_path
 from autorefine.settings import check_trainer_args
-from autorefine.training.arguments import RunError, require_devices, with_trainer_defaults
+from autorefine.training.arguments import RunError, check_saving, require_devices, with_trainer_defaults
 from autorefine.training.distributed import on_main
 from autorefine.training.ipdpo.pairs import read_pairs
 
@@ -38,6 +38,7 @@ def make_dpo_args(config: IPDPORunConfig, output_dir: Path, *, check_only: bool 
         check_trainer_args(DPOConfig, config.trainer, forbidden=derived), DPOConfig
     )
     require_devices(values, check_only=check_only)
+    check_saving(values)
     if values.get("sync_ref_model"):
         raise RunError(
             "trainer.sync_ref_model moves the reference during the epoch; IP-DPO keeps each round's starting "

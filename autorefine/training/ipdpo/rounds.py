@@ -38,7 +38,15 @@ from autorefine.rollout.agent import AgentLoop, Searcher
 from autorefine.settings import to_dict, write_run_config
 from autorefine.training.arguments import RunError
 from autorefine.training.checkpoints import latest_checkpoint, merge_adapter
-from autorefine.training.distributed import all_succeeded, free_accelerator_memory, on_main
+from autorefine.training.distributed import (
+    all_succeeded,
+    check_shared_folder,
+    free_accelerator_memory,
+    on_every_process,
+    on_main,
+    process_hosts,
+    start_processes,
+)
 from autorefine.training.ipdpo.dpo import build_dpo_trainer, dpo_metrics, make_dpo_args
 from autorefine.training.ipdpo.heldout import heldout_metrics
 from autorefine.training.ipdpo.pairs import (
@@ -203,7 +211,7 @@ def preflight(
         "heldout.file", heldout.file, lambda f: read_questions(f, limit=heldout.limit)
     )
     if needs_retriever(config):
-        pre.retriever(config.retriever.url)
+        pre.retriever(config.retriever)
     return built
 
 
@@ -228,21 +236,28 @@ class IPDPORun:
         command: str = "autorefine train-ipdpo",
         searcher: Searcher | None = None,
     ) -> None:
-        from accelerate import PartialState
-
         self.config = config
         self.command = command
         self.root = output_root(config)
         pre = Preflight("train-ipdpo")
         self.args = pre.run("trainer", lambda: make_dpo_args(config, self.root / "round-1" / "dpo"))
-        self.args.device  # noqa: B018  # sets up the process group (backend, timeout) from the arguments
-        self.state = PartialState()
-        built = preflight(config, pre, resume=resume, processes=self.state.num_processes, args=self.args)
+        self.state = start_processes(self.args)
+        process_hosts(self.state)
+        # Before anything reads the folder: a node that saw another one would take other decisions.
+        check_shared_folder(self.state, self.root)
+        # Every process decides from the folder as it is now: the main process writes round files only once all
+        # have (a broadcast does not hold its sender back), and a refusal on any stops all.
+        built = on_every_process(
+            self.state,
+            lambda: preflight(config, pre, resume=resume, processes=self.state.num_processes, args=self.args),
+        )
         self.template = built["template"]
         self.given_pairs = Path(config.pairs.file) if config.pairs.file else None
         self.questions = built.get("questions") or []
         self.heldout = built.get("heldout") or []
-        self.searcher = searcher or (connect_retriever(config.retriever) if needs_retriever(config) else None)
+        if searcher is None and needs_retriever(config):
+            searcher = on_every_process(self.state, lambda: connect_retriever(config.retriever))
+        self.searcher = searcher
         self.wandb: Any = None
 
     @contextlib.contextmanager

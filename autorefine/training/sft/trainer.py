@@ -13,9 +13,16 @@ from autorefine.modeling import load_tokenizer_and_policy, lora_config, trained_
 from autorefine.protocol import PromptTemplate
 from autorefine.retrieval import connect_retriever
 from autorefine.settings import check_trainer_args
-from autorefine.training.arguments import RunError, require_devices, with_trainer_defaults
+from autorefine.training.arguments import RunError, check_saving, require_devices, with_trainer_defaults
 from autorefine.training.callbacks import HeldoutEvalCallback, SaveRunConfigCallback, add_heldout_evaluation
 from autorefine.training.checkpoints import save_final
+from autorefine.training.distributed import (
+    agreed_resume,
+    check_shared_folder,
+    on_every_process,
+    process_hosts,
+    start_processes,
+)
 from autorefine.training.preflight import Preflight
 from autorefine.training.sft.traces import build_gold_traces, load_trajectory_rows
 
@@ -63,7 +70,7 @@ def preflight(config: SFTRunConfig, pre: Preflight) -> dict[str, Any]:
     if config.heldout.file and config.heldout.every > 0:
         pre.file("heldout.file", config.heldout.file, lambda f: read_questions(f, limit=config.heldout.limit))
     if needs_retriever(config):
-        pre.retriever(config.retriever.url)
+        pre.retriever(config.retriever)
     return built
 
 
@@ -73,6 +80,7 @@ def sft_trainer_values(config: SFTRunConfig, check_only: bool = False) -> dict[s
 
     values = with_trainer_defaults(check_trainer_args(SFTConfig, config.trainer), SFTConfig)
     require_devices(values, check_only=check_only)
+    check_saving(values)
     values.setdefault("output_dir", "runs/sft")
     return values
 
@@ -95,7 +103,14 @@ def build_trainer(config: SFTRunConfig) -> SFTTrainer:
 
     built = preflight(config, Preflight("train-sft"))
     values, template = built["values"], built["template"]
-    client = connect_retriever(config.retriever) if needs_retriever(config) else None
+    state = start_processes(SFTConfig(**values))  # the process group, set up as the trainer will use it
+    process_hosts(state)
+    check_shared_folder(state, values["output_dir"])
+    client = (
+        on_every_process(state, lambda: connect_retriever(config.retriever))
+        if needs_retriever(config)
+        else None
+    )
     tokenizer, model = load_tokenizer_and_policy(config.model, config.tiny_model, lora=config.lora)
 
     if config.traces_file:
@@ -141,9 +156,11 @@ def sequence_length_limit(examples: list[dict[str, list[int]]], configured: int 
 
 
 def train_sft(config: SFTRunConfig, resume: str | None = None) -> Path:
-    """Run the warm start; the final policy (with its tokenizer) goes to <output_dir>/final."""
+    """Run the warm start (`resume`: a checkpoint, or `latest`); the final policy goes to <output_dir>/final."""
     trainer = build_trainer(config)
-    trainer.train(resume_from_checkpoint=resume)
+    trainer.train(
+        resume_from_checkpoint=agreed_resume(trainer.accelerator.state, trainer.args.output_dir, resume)
+    )
     return save_final(trainer)
 
 
