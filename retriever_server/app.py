@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from autorefine.api_key import API_KEY_ENV
 from retriever_server.batching import MicroBatcher
+from retriever_server.cache import ResultCache
 from retriever_server.corpus import DocumentStore
 from retriever_server.encoders import EncoderSpec, is_embedded
 from retriever_server.manifest import (
@@ -37,6 +38,7 @@ from retriever_server.manifest import (
     check_index_file,
     read_manifest,
 )
+from retriever_server.search import Fusion, Searcher
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +75,13 @@ class ServeConfig:
     search_params: dict[str, Any] = field(default_factory=dict)
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     api_key: str | None = field(default=None, repr=False)  # bearer token every request must carry
+    fusion: Fusion | None = None  # hybrid indexes only; None: the defaults
+    encoder_dtype: str = "fp32"  # dense query encoder weights on CPU: fp32 or bf16
+    rerank: str | None = None  # a causal LM folder judging relevance; None: no reranking
+    rerank_depth: int = 10  # candidates re-scored per query
+    rerank_dtype: str = "bf16"
+    rerank_batch: int = 16
+    cache_size: int = 4096  # results kept for repeated queries; 0 disables the cache
 
 
 @dataclass
@@ -100,99 +109,146 @@ def plan_serving(config: ServeConfig) -> Plan:
         )
     if not 1 <= config.topk <= config.max_topk:
         raise ValueError(f"--topk {config.topk} must be between 1 and --max-topk {config.max_topk}")
+    check_options(config, manifest, spec)
     return Plan(config=config, manifest=manifest, corpus=corpus, spec=spec)
 
 
-class Retriever:
-    """A loaded index, its encoder (dense) and document store; processes batches of requests."""
+def check_options(config: ServeConfig, manifest: dict[str, Any], spec: EncoderSpec | None) -> None:
+    """Refuse serve options the index cannot use: fusion without a hybrid, bf16 without a dense encoder, …"""
+    from retriever_server.encoders import ENCODER_DTYPES
+    from retriever_server.search import HYBRID, index_types
 
-    def __init__(self, plan: Plan, index: Any, store: DocumentStore, encoder: Any | None) -> None:
+    kinds = index_types(manifest, Path(config.index_dir))
+    if config.fusion is not None and HYBRID not in kinds:
+        raise ValueError(
+            f"fusion options apply to hybrid indexes; {config.index_dir} is {' over '.join(kinds)} "
+            "(build one with --encoder hybrid)"
+        )
+    if config.encoder_dtype not in ENCODER_DTYPES:
+        raise ValueError(
+            f"unknown --encoder-dtype {config.encoder_dtype!r} (choose from {', '.join(ENCODER_DTYPES)})"
+        )
+    if config.encoder_dtype != "fp32" and spec is None:
+        raise ValueError(
+            f"--encoder-dtype {config.encoder_dtype} needs a dense encoder; {config.index_dir} is BM25"
+        )
+    if config.cache_size < 0:
+        raise ValueError(f"--cache-size must be >= 0, got {config.cache_size}")
+    if config.rerank is not None:
+        from retriever_server.rerank import check_reranker
+
+        check_reranker(config.rerank, config.rerank_dtype)
+        if config.rerank_depth < 1:
+            raise ValueError(f"--rerank-depth must be positive, got {config.rerank_depth}")
+        if config.rerank_depth > config.max_topk * 10:
+            raise ValueError(
+                f"--rerank-depth {config.rerank_depth} is far beyond --max-topk {config.max_topk}"
+            )
+
+
+class Retriever:
+    """A loaded searcher, its document store, an optional reranker and a result cache; processes batches."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        searcher: Searcher,
+        store: DocumentStore,
+        reranker: Any | None = None,
+    ) -> None:
         self.plan = plan
-        self.index = index
+        self.searcher = searcher
         self.store = store
-        self.encoder = encoder
+        self.reranker = reranker
+        self.cache = ResultCache(plan.config.cache_size)
         self.lookup_seconds = 0.0
+        self.score_kind = reranker.score_kind if reranker is not None else searcher.score_kind
 
     @classmethod
     def load(cls, plan: Plan) -> Retriever:
-        """Load the index, offsets and encoder named by a checked plan."""
-        from retriever_server.indexes import BM25Index, FaissIndex, configure_threads
+        """Load the searcher, offsets, encoder and reranker named by a checked plan."""
+        from retriever_server.indexes import configure_threads
+        from retriever_server.search import load_searcher
 
-        manifest, index_dir = plan.manifest, Path(plan.config.index_dir)
-        dense = plan.spec is not None
-        configure_threads(plan.config.threads, torch_threads=dense)
+        config, manifest, index_dir = plan.config, plan.manifest, Path(plan.config.index_dir)
+        dense = plan.spec is not None or config.rerank is not None
+        configure_threads(config.threads, torch_threads=dense)
         store = DocumentStore(plan.corpus, index_dir / manifest["offsets"])
         if len(store) != manifest["corpus"]["passages"]:
             raise ManifestMismatch(
                 f"{index_dir}: offsets table has {len(store)} rows, manifest says {manifest['corpus']['passages']}"
             )
-        info = manifest["index"]
-        params = {**info["params"], **plan.config.search_params}
-        if not dense:
-            return cls(plan, BM25Index.load(index_dir / info["path"], params), store, None)
-        from retriever_server.encoders import DenseEncoder
-
-        assert plan.spec is not None
-        encoder = DenseEncoder(
-            plan.spec, batch_size=plan.config.batch_max_size, max_batch_tokens=plan.config.max_batch_tokens
+        searcher = load_searcher(
+            index_dir,
+            plan.corpus,
+            encoder_spec=plan.spec,
+            search_params=config.search_params,
+            batch_size=config.batch_max_size,
+            max_batch_tokens=config.max_batch_tokens,
+            fusion=config.fusion or Fusion(),
+            encoder_dtype=config.encoder_dtype,
         )
-        if encoder.dim != manifest["dim"]:
-            raise ManifestMismatch(
-                f"encoder {plan.spec.name!r} makes {encoder.dim}-d vectors, the index holds {manifest['dim']}-d"
-            )
-        index = FaissIndex.load(index_dir / info["path"], info["type"], params)
-        retriever = cls(plan, index, store, encoder)
-        retriever.process([(["warm-up query"], 1)])  # first passes allocate; keep that out of request latency
+        reranker = None
+        if config.rerank is not None:
+            from retriever_server.rerank import load_reranker
+
+            reranker = load_reranker(config.rerank, dtype=config.rerank_dtype, batch_size=config.rerank_batch)
+        retriever = cls(plan, searcher, store, reranker)
+        if dense:
+            retriever.process([(["warm-up query"], 1)])  # first passes allocate; keep that out of latency
+            retriever.cache = ResultCache(config.cache_size)  # the warm-up is no request: forget it
         return retriever
 
-    def _keys(self, queries: list[str]) -> Any:
-        """What the index searches: the query strings (BM25) or their embeddings (dense)."""
-        return queries if self.encoder is None else self.encoder.encode_queries(queries)
-
     def search(self, queries: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Encode (dense) and search a list of queries; each distinct query is encoded and searched once."""
+        """Encode and search a list of queries (no reranking, no cache); each distinct query once."""
         distinct = list(dict.fromkeys(queries))
-        scores, rows = self.index.search(self._keys(distinct), k)
+        keys = self.searcher.encode(distinct)
+        scores, rows = self.searcher.search(keys, list(range(len(distinct))), k)
         where = {query: i for i, query in enumerate(distinct)}
         picks = [where[query] for query in queries]
         return scores[picks], rows[picks]
 
     def process(self, requests: list[tuple[list[str], int]]) -> list[list[list[Hit]]]:
-        """One batch: distinct queries encoded once, then searched once per distinct topk, hits per request.
+        """One batch: cached results reused, other distinct queries encoded once and searched per topk.
 
         Searching each topk on its own keeps a request's hits independent of the batch it landed in: an
         approximate index searched with a larger k widens its search (HNSW's beam is max(efSearch, k),
         IVF-PQ re-ranks k·k_factor candidates), so cutting a larger-k result back would change the answer.
         """
-        distinct = list(dict.fromkeys(q for queries, _ in requests for q in queries))
-        position = {query: i for i, query in enumerate(distinct)}
+        found: dict[tuple[str, int], list[Hit]] = {}
+        for queries, k in requests:
+            for q in queries:
+                if (q, k) not in found:
+                    cached = self.cache.get((q, k))
+                    if cached is not None:
+                        found[(q, k)] = cached
+        todo = list(dict.fromkeys((q, k) for queries, k in requests for q in queries if (q, k) not in found))
         # GRPO groups often send the same query several times (same question, several rollouts).
-        keys = self._keys(distinct)
-        found: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
-        for k in sorted({k for _, k in requests}):
-            group = list(dict.fromkeys(q for queries, kk in requests if kk == k for q in queries))
-            picks = [position[q] for q in group]
-            scores, rows = self.index.search(
-                [keys[i] for i in picks] if self.encoder is None else keys[picks], k
-            )
-            found.update({(q, k): (scores[i], rows[i]) for i, q in enumerate(group)})
-        start = time.perf_counter()
-        results = [
-            [
-                [(float(s), self.store.get(int(r))) for s, r in zip(*found[(q, k)], strict=True) if r >= 0]
-                for q in queries
+        distinct = list(dict.fromkeys(q for q, _ in todo))
+        position = {query: i for i, query in enumerate(distinct)}
+        keys = self.searcher.encode(distinct) if distinct else None
+        for k in sorted({k for _, k in todo}):
+            group = list(dict.fromkeys(q for q, kk in todo if kk == k))
+            depth = k if self.reranker is None else max(k, self.plan.config.rerank_depth)
+            scores, rows = self.searcher.search(keys, [position[q] for q in group], depth)
+            start = time.perf_counter()
+            hits = [
+                [(float(s), self.store.get(int(r))) for s, r in zip(s_row, r_row, strict=True) if r >= 0]
+                for s_row, r_row in zip(scores, rows, strict=True)
             ]
-            for queries, k in requests
-        ]
-        self.lookup_seconds += time.perf_counter() - start
-        return results
+            self.lookup_seconds += time.perf_counter() - start
+            if self.reranker is not None:
+                hits = self.reranker.rerank(group, hits)
+            for q, h in zip(group, hits, strict=True):
+                found[(q, k)] = h[:k]
+                self.cache.put((q, k), h[:k])
+        return [[found[(q, k)] for q in queries] for queries, k in requests]
 
     def timings(self) -> dict[str, float]:
         """Cumulative seconds spent in each stage of batch processing."""
-        timings = {"search_seconds": self.index.search_seconds, "lookup_seconds": self.lookup_seconds}
-        if self.encoder is not None:
-            timings["tokenize_seconds"] = self.encoder.tokenize_seconds
-            timings["encoder_forward_seconds"] = self.encoder.forward_seconds
+        timings = {**self.searcher.timings(), "lookup_seconds": self.lookup_seconds}
+        if self.reranker is not None:
+            timings["rerank_seconds"] = self.reranker.seconds
         return {key: round(value, 6) for key, value in timings.items()}
 
 
@@ -257,13 +313,15 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def render_result(hits: list[list[Hit]], return_scores: bool) -> bytes:
-    """The Search-R1 response body: documents with scores, or bare documents."""
+def render_result(hits: list[list[Hit]], return_scores: bool, score_kind: str | None = None) -> bytes:
+    """The Search-R1 response body: documents with scores (and what the scores are), or bare documents."""
     if return_scores:
         result: list[list[Any]] = [[{"document": doc, "score": score} for score, doc in q] for q in hits]
-    else:
-        result = [[doc for _, doc in q] for q in hits]
-    return json.dumps({"result": result}, ensure_ascii=False).encode("utf-8")
+        body: dict[str, Any] = {"result": result}
+        if score_kind is not None:
+            body["score_kind"] = score_kind  # an extra key: Search-R1 clients read only "result"
+        return json.dumps(body, ensure_ascii=False).encode("utf-8")
+    return json.dumps({"result": [[doc for _, doc in q] for q in hits]}, ensure_ascii=False).encode("utf-8")
 
 
 class _State:
@@ -372,6 +430,11 @@ def create_app(
                 "max_request_bytes": config.max_request_bytes,
                 "api_key_required": config.api_key is not None,
                 "busy": batcher.stats.busy,
+                "score_kind": retriever.score_kind,
+                "rerank": config.rerank,
+                "rerank_depth": config.rerank_depth if config.rerank else None,
+                "encoder_dtype": config.encoder_dtype if plan.spec is not None else None,
+                "cache": retriever.cache.to_dict(),
             }
         )
 
@@ -414,7 +477,7 @@ def create_app(
         except Exception as err:
             logger.exception("retrieval failed")
             return _error(500, f"retrieval failed: {type(err).__name__}: {err}")
-        body = render_result(hits, return_scores)
+        body = render_result(hits, return_scores, state.retriever.score_kind)
         state.retrieve_requests += 1
         state.request_seconds += time.perf_counter() - start
         return Response(body, media_type="application/json")

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from autorefine.files import atomic_open, atomic_path, file_sha256, read_json, write_json
+from retriever_server.composite import build_composite
 from retriever_server.corpus import OFFSETS_FILE, DocumentStore, corpus_fingerprint, scan_corpus
 from retriever_server.encoders import BM25, EncoderSpec, is_embedded, model_fingerprint, resolve_encoder_spec
 from retriever_server.indexes import (
@@ -38,9 +39,11 @@ from retriever_server.indexes import (
     build_faiss_index,
     configure_threads,
     factory_string,
+    param_names,
     resolve_params,
 )
 from retriever_server.manifest import MANIFEST_FILE, new_manifest, read_manifest, write_manifest
+from retriever_server.search import HYBRID
 
 logger = logging.getLogger(__name__)
 
@@ -269,10 +272,46 @@ def build_index(
     force: bool = False,
     threads: int | None = None,
     progress: bool = True,
+    dense_encoder: str | None = None,
+    chunk_tokens: int | None = None,
 ) -> BuildResult:
-    """Build (or resume, or confirm up to date) the index of `corpus` in `out`; see the module docstring."""
+    """Build (or resume, or confirm up to date) the index of `corpus` in `out`; see the module docstring.
+
+    `encoder="hybrid"` (BM25 + `dense_encoder`) and `chunk_tokens` build composite folders (composite.py).
+    """
     started = time.perf_counter()
     corpus, out = Path(corpus), Path(out)
+    if (encoder or "").lower() == HYBRID or chunk_tokens is not None or dense_encoder is not None:
+        if not corpus.is_file():
+            raise BuildError(f"corpus file not found: {corpus}")
+        member_args = {
+            "index_params": index_params,
+            "family": family,
+            "pooling": pooling,
+            "max_length": max_length,
+            "batch_size": batch_size,
+            "max_batch_tokens": max_batch_tokens,
+            "shard_size": shard_size,
+            "keep_shards": keep_shards,
+            "skip_malformed": skip_malformed,
+            "force": force,
+            "threads": threads,
+            "progress": progress,
+        }
+        try:
+            manifest = build_composite(
+                corpus,
+                out,
+                encoder=encoder,
+                dense_encoder=dense_encoder,
+                index_type="flat" if index_type == BM25 else index_type,
+                chunk_tokens=chunk_tokens,
+                build_member=_member,
+                member_args=member_args,
+            )
+        except IndexBuildError as err:
+            raise BuildError(str(err)) from None
+        return BuildResult(manifest=manifest)
     if index_type not in INDEX_TYPES:
         raise BuildError(f"unknown index type {index_type!r} (choose from {', '.join(INDEX_TYPES)})")
     if not corpus.is_file():
@@ -343,6 +382,16 @@ def build_index(
     )
     write_manifest(out, result.manifest)
     return result
+
+
+def _member(corpus: Path, out: Path, *, encoder: str | None, index_type: str, **args: Any) -> dict[str, Any]:
+    """Build one ordinary index of a composite folder, passing it only the parameters of its type."""
+    params = {k: v for k, v in (args.pop("index_params") or {}).items() if k in param_names(index_type)}
+    if (encoder or "").lower() == BM25:
+        args = {**args, "family": None, "pooling": None}
+    return build_index(
+        corpus, out, encoder=encoder, index_type=index_type, index_params=params, **args
+    ).manifest
 
 
 def encoder_manifest(spec: EncoderSpec) -> dict[str, Any]:

@@ -69,7 +69,29 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument(
         "--encoder",
         default=None,
-        help="hub name or local path of a dense encoder, or 'bm25'; default: the embedded all-MiniLM-L6-v2",
+        help="hub name or local path of a dense encoder, 'bm25', or 'hybrid' (BM25 + --dense-encoder, fused "
+        "by reciprocal rank when serving); default: the embedded all-MiniLM-L6-v2",
+    )
+    build.add_argument(
+        "--dense-encoder",
+        default=None,
+        help="with --encoder hybrid: the dense member (default: the embedded all-MiniLM-L6-v2)",
+    )
+    build.add_argument(
+        "--chunk-tokens",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="index chunks of whole sentences up to N encoder tokens (each under its passage's title); "
+        "serving returns the parent passages, ranked by their best chunk. Any --encoder, hybrid included",
+    )
+    build.add_argument(
+        "--add-evidence",
+        type=Path,
+        default=None,
+        metavar="QUESTIONS",
+        help="questions JSONL with metadata.evidence: evidence passages missing from the corpus are added "
+        "(written with the corpus into OUT/corpus+evidence.jsonl, each marked with its provenance)",
     )
     build.add_argument(
         "--index-type",
@@ -245,6 +267,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="require 'Authorization: Bearer <token>' on every request, the token being this file's "
         f"content (default: ${API_KEY_ENV} if set, else no token)",
     )
+    fusion = serve.add_argument_group("hybrid indexes: weighted reciprocal-rank fusion, Σ w / (k + rank)")
+    fusion.add_argument("--rrf-k", type=_non_negative_float, default=None, help="RRF constant k (60)")
+    fusion.add_argument("--bm25-weight", type=_non_negative_float, default=None, help="BM25's weight (0.6)")
+    fusion.add_argument("--dense-weight", type=_non_negative_float, default=None, help="dense weight (0.4)")
+    fusion.add_argument(
+        "--fusion-depth", type=_positive_int, default=None, help="candidates per member before fusion (50)"
+    )
+    serve.add_argument(
+        "--encoder-dtype",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="dense query encoder precision on CPU (bf16: faster where the CPU has AVX512-BF16/AMX)",
+    )
+    rerank = serve.add_argument_group("reranking: a causal LM judges each of the top candidates (yes/no)")
+    rerank.add_argument("--rerank", default=None, metavar="MODEL_DIR", help="causal LM folder (none)")
+    rerank.add_argument(
+        "--rerank-depth", type=_positive_int, default=10, help="candidates re-scored per query (10)"
+    )
+    rerank.add_argument("--rerank-dtype", choices=("fp32", "bf16"), default="bf16", help="(bf16)")
+    rerank.add_argument("--rerank-batch", type=_positive_int, default=16, help="pairs per forward pass (16)")
+    serve.add_argument(
+        "--cache-size",
+        type=_non_negative_int,
+        default=4096,
+        help="results kept for repeated (query, topk); hit rate in /health; 0 disables (4096)",
+    )
     serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     serve.add_argument(
         "--access-log", action="store_true", help="log every request (off: it costs throughput)"
@@ -324,6 +372,8 @@ def _build(args: argparse.Namespace) -> int:
         force=args.force,
         threads=args.threads,
         progress=not args.no_progress,
+        dense_encoder=args.dense_encoder,
+        chunk_tokens=args.chunk_tokens,
     )
     return _report(args, result)
 
@@ -356,8 +406,23 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from retriever_server.app import ServeConfig, create_app, plan_serving
+    from retriever_server.search import Fusion
 
+    fusion_given = {
+        "rrf_k": args.rrf_k,
+        "bm25_weight": args.bm25_weight,
+        "dense_weight": args.dense_weight,
+        "depth": args.fusion_depth,
+    }
+    fusion_given = {key: value for key, value in fusion_given.items() if value is not None}
     config = ServeConfig(
+        fusion=Fusion(**fusion_given) if fusion_given else None,
+        encoder_dtype=args.encoder_dtype,
+        rerank=args.rerank,
+        rerank_depth=args.rerank_depth,
+        rerank_dtype=args.rerank_dtype,
+        rerank_batch=args.rerank_batch,
+        cache_size=args.cache_size,
         index_dir=args.index,
         corpus=args.corpus,
         encoder=args.encoder,

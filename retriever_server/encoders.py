@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 BM25 = "bm25"
 FAMILIES = ("e5", "bge", "sentence-transformers")
 POOLINGS = ("mean", "cls")
+# Weights' precision of a dense encoder on CPU (a GPU always runs fp16).
+ENCODER_DTYPES = ("fp32", "bf16")
 E5_QUERY_PREFIX = "query: "
 E5_PASSAGE_PREFIX = "passage: "
 BGE_QUERY_INSTRUCTION = "Represent this sentence for searching relevant passages: "
@@ -212,6 +214,7 @@ class DenseEncoder:
         max_batch_tokens: int | None = None,
         device: str | None = None,
         fp16: bool | None = None,
+        dtype: str = "fp32",
     ) -> None:
         import torch
         from transformers import AutoModel, AutoTokenizer
@@ -230,8 +233,13 @@ class DenseEncoder:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         fp16 = self.device.type == "cuda" if fp16 is None else fp16
         model = model.eval().to(self.device)
+        if dtype not in ENCODER_DTYPES:
+            raise EncoderError(f"unknown encoder dtype {dtype!r} (choose from {', '.join(ENCODER_DTYPES)})")
         if fp16:
             model = model.half()
+        elif dtype == "bf16":
+            # CPUs with AVX512-BF16/AMX run bf16 matmuls natively; pooling and normalization stay fp32.
+            model = model.to(torch.bfloat16)
         module = _pooled_module(model, spec.pooling, spec.normalize)
         if self.device.type == "cuda" and torch.cuda.device_count() > 1:
             module = torch.nn.DataParallel(module)

@@ -128,6 +128,11 @@ def default_params(kind: str, n: int, dim: int) -> dict[str, Any]:
     raise IndexBuildError(f"unknown index type {kind!r} (choose from {', '.join(INDEX_TYPES)})")
 
 
+def param_names(kind: str) -> tuple[str, ...]:
+    """The build parameters an index type takes."""
+    return _PARAM_NAMES.get(kind, ())
+
+
 def resolve_params(kind: str, n: int, dim: int, given: dict[str, Any] | None = None) -> dict[str, Any]:
     """Defaults for `kind` updated with `given`; unknown names and invalid values are errors."""
     params = default_params(kind, n, dim)

@@ -1,0 +1,123 @@
+"""A small causal LM as a relevance judge: re-scores a query's top candidates by P(yes) − P(no) from logits.
+
+One forward pass per (query, passage) pair, batched over the candidates, no generation: the score is the
+log-odds of the next token being "yes" rather than "no" after a fixed question. Each passage is judged
+alone against the query (no pairwise or listwise prompts, so K candidates cost K short passes). Passages
+are cut to `MAX_PASSAGE_TOKENS`; the model runs in bf16 where the CPU has native bf16 (AVX512-BF16/AMX).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+Hit = tuple[float, dict[str, str]]
+RERANK_DTYPES = ("fp32", "bf16")
+MAX_PASSAGE_TOKENS = 160
+_QUESTION = (
+    "Does the passage contain information that helps answer the search query? Answer yes or no.\n\n"
+    "Search query: {query}\n\nPassage: {passage}"
+)
+_YES = ("yes", "Yes", " yes", " Yes")
+_NO = ("no", "No", " no", " No")
+
+
+class RerankError(ValueError):
+    """A reranker that cannot be used as named."""
+
+
+def check_reranker(name: str, dtype: str = "bf16") -> Path:
+    """The folder of a causal LM usable as a judge; refuse anything else with a clear message."""
+    if dtype not in RERANK_DTYPES:
+        raise RerankError(f"unknown reranker dtype {dtype!r} (choose from {', '.join(RERANK_DTYPES)})")
+    path = Path(name).expanduser()
+    config = path / "config.json"
+    if not config.is_file():
+        raise RerankError(
+            f"unknown reranker {name!r}: give the folder of a causal language model (config.json, weights, "
+            "tokenizer), e.g. the output of `autorefine fetch-model smollm2-135m-instruct`"
+        )
+    architectures = json.loads(config.read_text("utf-8")).get("architectures") or []
+    if not any(a.endswith("ForCausalLM") for a in architectures):
+        raise RerankError(
+            f"reranker {name!r} is not a causal language model (architectures {architectures}); "
+            "cross-encoder weights are not installable offline here, use a causal LM judge"
+        )
+    return path
+
+
+def _token_ids(tokenizer: Any, words: tuple[str, ...]) -> list[int]:
+    """The single-token ids among `words` (a word several tokens long cannot be read from one logit)."""
+    ids = {tuple(tokenizer.encode(w, add_special_tokens=False)) for w in words}
+    return sorted({i[0] for i in ids if len(i) == 1})
+
+
+class LMReranker:
+    """Scores (query, passage) pairs with a causal LM's yes/no logits; higher is more relevant."""
+
+    score_kind = "rerank_logodds"
+
+    def __init__(self, path: Path, *, dtype: str = "bf16", batch_size: int = 16) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.tokenizer.padding_side = "left"  # the judged token is the last position of every row
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.convert_ids_to_tokens(0)
+        torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+        self.model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch_dtype).eval()
+        self.yes = _token_ids(self.tokenizer, _YES)
+        self.no = _token_ids(self.tokenizer, _NO)
+        if not self.yes or not self.no:
+            raise RerankError(f"reranker {path}: its tokenizer has no single token for 'yes' or 'no'")
+        self.batch_size = batch_size
+        self.chat = getattr(self.tokenizer, "chat_template", None) is not None
+        self.seconds = 0.0
+
+    def prompt(self, query: str, passage: str) -> str:
+        """The judged text, ending where the model's answer starts."""
+        ids = self.tokenizer.encode(passage, add_special_tokens=False)[:MAX_PASSAGE_TOKENS]
+        question = _QUESTION.format(query=query, passage=self.tokenizer.decode(ids))
+        if self.chat:
+            return self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+            )
+        return f"{question}\nAnswer:"
+
+    def score(self, pairs: list[tuple[str, str]]) -> list[float]:
+        """log P(yes) − log P(no) of each (query, passage), batched by similar length."""
+        import torch
+
+        start = time.perf_counter()
+        prompts = [self.prompt(q, p) for q, p in pairs]
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        scores = [0.0] * len(prompts)
+        with torch.inference_mode():
+            for i in range(0, len(order), self.batch_size):
+                rows = order[i : i + self.batch_size]
+                batch = self.tokenizer([prompts[r] for r in rows], return_tensors="pt", padding=True)
+                logits = self.model(**batch).logits[:, -1].float()
+                logp = torch.log_softmax(logits, dim=-1)
+                odds = torch.logsumexp(logp[:, self.yes], -1) - torch.logsumexp(logp[:, self.no], -1)
+                for r, value in zip(rows, odds.tolist(), strict=True):
+                    scores[r] = value
+        self.seconds += time.perf_counter() - start
+        return scores
+
+    def rerank(self, queries: list[str], candidates: list[list[Hit]]) -> list[list[Hit]]:
+        """Each query's candidates re-scored and sorted, best first (ties keep the first-stage order)."""
+        pairs = [(q, doc["contents"]) for q, hits in zip(queries, candidates, strict=True) for _, doc in hits]
+        scores = iter(self.score(pairs))
+        out = []
+        for hits in candidates:
+            rescored = [(next(scores), doc) for _, doc in hits]
+            out.append(sorted(rescored, key=lambda hit: -hit[0]))
+        return out
+
+
+def load_reranker(name: str, *, dtype: str = "bf16", batch_size: int = 16) -> LMReranker:
+    """The LM judge in folder `name` (checked by `check_reranker`)."""
+    return LMReranker(check_reranker(name, dtype), dtype=dtype, batch_size=batch_size)
