@@ -122,3 +122,16 @@ def test_no_test_module_imports_another_test_module():
         if target.startswith("tests.test_")
     }
     assert not offending, sorted(offending)
+
+
+def test_the_retriever_server_imports_no_trainer_code():
+    # The server runs on its own (another node, another venv): training and rollout code must not leak in.
+    known = modules(LIBRARY)
+    offending = {
+        f"{name} imports {target}"
+        for name, path in known.items()
+        if name.startswith("retriever_server")
+        for target in imported_names(path, name)
+        if target.startswith(("autorefine.training", "autorefine.rollout", "trl", "vllm"))
+    }
+    assert not offending, sorted(offending)
