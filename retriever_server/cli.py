@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{build,serve}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{build,serve,audit}")
 
     build = sub.add_parser(
         "build",
@@ -297,6 +297,23 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--access-log", action="store_true", help="log every request (off: it costs throughput)"
     )
+    audit = sub.add_parser(
+        "audit",
+        help="is the questions' gold evidence in the corpus, and in the index's top k?",
+        description="For questions carrying metadata.evidence ({title, text} passages): how many evidence "
+        "passages the corpus holds (exactly, or as near duplicates: same title and text after normalizing "
+        "case, punctuation and whitespace, or >= 90%% shared words under the same title), and evidence "
+        "recall@k through the index. Prints a table; --json writes the report "
+        "(keys evidence_in_corpus, recall_at_k, all_evidence_at_k; per dataset and overall).",
+    )
+    audit.add_argument("--index", required=True, type=Path, help="index directory")
+    audit.add_argument("--questions", required=True, type=Path, nargs="+", help="questions JSONL file(s)")
+    audit.add_argument(
+        "--topk", type=_positive_int, nargs="+", default=[3, 5], help="k of recall@k (default 3 5)"
+    )
+    audit.add_argument("--corpus", type=Path, default=None, help="corpus file (default: the manifest's)")
+    audit.add_argument("--json", type=Path, default=None, help="write the report here as JSON")
+    audit.add_argument("--threads", type=_positive_int, default=None, help="CPU threads")
     return parser
 
 
@@ -354,8 +371,14 @@ def _build(args: argparse.Namespace) -> int:
         return _report(args, _import(args, params))
     bm25 = (args.encoder or "").lower() == "bm25"
     index_type = args.index_type or ("bm25" if bm25 else "flat")
+    corpus, added = args.corpus, None
+    if args.add_evidence is not None:
+        from retriever_server.audit import add_evidence
+
+        corpus, added = add_evidence(args.corpus, [args.add_evidence], args.out / "corpus+evidence.jsonl")
+        print(f"{corpus}: {args.corpus} plus {added} evidence passages of {args.add_evidence} it lacked")
     result = build_index(
-        args.corpus,
+        corpus,
         args.out,
         encoder=args.encoder,
         index_type=index_type,
@@ -376,6 +399,21 @@ def _build(args: argparse.Namespace) -> int:
         chunk_tokens=args.chunk_tokens,
     )
     return _report(args, result)
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from retriever_server.audit import audit, render_table
+    from retriever_server.indexes import configure_threads
+
+    configure_threads(args.threads)
+    report = audit(args.index, args.questions, args.topk, corpus=args.corpus)
+    print(render_table(report))
+    if args.json is not None:
+        from autorefine.files import write_json
+
+        write_json(args.json, report)
+        print(f"report written to {args.json}")
+    return 0
 
 
 def _report(args: argparse.Namespace, result: Any) -> int:
@@ -494,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
         # transformers reads this when first imported: its "Loading weights" bar goes too.
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
-        return _build(args) if args.command == "build" else _serve(args)
+        return {"build": _build, "serve": _serve, "audit": _audit}[args.command](args)
     except KeyboardInterrupt:
         print("retriever-server: interrupted", file=sys.stderr)
         return 130
