@@ -413,6 +413,28 @@ class RetrieverClient:
             replicas = [{**r.to_dict(), "local": r.url in self.local} for r in self.replicas]
             return {"retried": self.retried, "replicas": replicas}
 
+    def server_cache(self) -> dict[str, Any] | None:
+        """Result-cache counters summed over the healthy replicas' `/health`; None when none reports one.
+
+        Only retriever-server has a cache (Search-R1's server has no /health); errors count as "no report":
+        this feeds training logs and must never stop a run.
+        """
+        hits = misses = 0
+        reported = False
+        for replica in self.replicas:
+            if not replica.healthy or replica.has_health is False:
+                continue
+            try:
+                cache = self._http.get(f"{replica.url}/health").json().get("cache")
+            except (httpx.HTTPError, ValueError, AttributeError):
+                continue
+            if isinstance(cache, dict) and "hits" in cache:
+                hits, misses, reported = hits + int(cache["hits"]), misses + int(cache["misses"]), True
+        if not reported:
+            return None
+        lookups = hits + misses
+        return {"hits": hits, "misses": misses, "hit_rate": hits / lookups if lookups else None}
+
     # --- readiness ---------------------------------------------------------------------------------
 
     def health(self) -> dict[str, Any]:

@@ -82,6 +82,7 @@ class ServeConfig:
     rerank_dtype: str = "bf16"
     rerank_batch: int = 16
     cache_size: int = 4096  # results kept for repeated queries; 0 disables the cache
+    query_log: Path | None = None  # append every /retrieve request's queries here (JSONL), to replay later
 
 
 @dataclass
@@ -370,12 +371,17 @@ def create_app(
             if on_fatal is not None:
                 on_fatal(state.error)
 
+    query_logs: list[Any] = []  # the open --query-log file while serving
+
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await batcher.start()
-        threading.Thread(target=load, name="retriever-loader", daemon=True).start()
-        yield
-        await batcher.stop()
+        with contextlib.ExitStack() as files:
+            if config.query_log is not None:
+                query_logs.append(files.enter_context(Path(config.query_log).open("a", encoding="utf-8")))
+            await batcher.start()
+            threading.Thread(target=load, name="retriever-loader", daemon=True).start()
+            yield
+            await batcher.stop()
 
     async def require_api_key(
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)],
@@ -465,6 +471,9 @@ def create_app(
             return _error(err.status, err.message)
         if not queries:
             return Response(b'{"result": []}', media_type="application/json")
+        for log in query_logs:  # one line per request, flushed: a killed server keeps what it logged
+            log.write(json.dumps({"t": round(time.time(), 3), "topk": topk, "queries": queries}) + "\n")
+            log.flush()
         if state.retriever is None:
             return _error(
                 503,

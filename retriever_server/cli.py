@@ -293,6 +293,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=4096,
         help="results kept for repeated (query, topk); hit rate in /health; 0 disables (4096)",
     )
+    serve.add_argument(
+        "--query-log",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="append each /retrieve request's queries and topk to FILE (JSONL), e.g. to replay a run's "
+        "searches against another cache size (benchmarks/retrieval_quality.py --replay)",
+    )
     serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     serve.add_argument(
         "--access-log", action="store_true", help="log every request (off: it costs throughput)"
@@ -461,6 +469,7 @@ def _serve(args: argparse.Namespace) -> int:
         rerank_dtype=args.rerank_dtype,
         rerank_batch=args.rerank_batch,
         cache_size=args.cache_size,
+        query_log=args.query_log,
         index_dir=args.index,
         corpus=args.corpus,
         encoder=args.encoder,

@@ -225,6 +225,30 @@ class StepTimerCallback(TrainerCallback):
         record_metric(self.trainer, "time/update_s", max(step - rollout, 0.0))
 
 
+class RetrieverCacheCallback(TrainerCallback):
+    """Logs `retriever/cache_hit_rate`: the share of this step's searches the server answered from its cache."""
+
+    def __init__(self, trainer: Trainer, server_cache: Callable[[], dict[str, Any] | None]) -> None:
+        self.trainer = trainer
+        self.server_cache = server_cache  # RetrieverClient.server_cache: the one place that reads it
+        self._last: dict[str, Any] | None = None
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        now = self.server_cache()
+        if now is None:
+            return
+        last = self._last or {"hits": 0, "misses": 0}
+        self._last = now
+        hits, lookups = (
+            now["hits"] - last["hits"],
+            now["hits"] + now["misses"] - last["hits"] - last["misses"],
+        )
+        if lookups > 0:  # a restarted server resets its counters: that step shows nothing
+            record_metric(self.trainer, "retriever/cache_hit_rate", hits / lookups)
+
+
 class SaveRunConfigCallback(TrainerCallback):
     """Writes the run's configuration into the run folder and every checkpoint: each says how it was made."""
 

@@ -36,7 +36,12 @@ from autorefine.rollout.engines import TrainerEngine, vllm_server_url
 from autorefine.rollout.vllm_engine import colocated_max_model_len, served_models, serving_card
 from autorefine.settings import check_trainer_args
 from autorefine.training.arguments import RunError, check_saving, require_devices, with_trainer_defaults
-from autorefine.training.callbacks import SaveRunConfigCallback, StepTimerCallback, add_heldout_evaluation
+from autorefine.training.callbacks import (
+    RetrieverCacheCallback,
+    SaveRunConfigCallback,
+    StepTimerCallback,
+    add_heldout_evaluation,
+)
 from autorefine.training.checkpoints import latest_checkpoint, save_final
 from autorefine.training.distributed import (
     agreed_resume,
@@ -405,6 +410,8 @@ def build_trainer(
     rollout.engine = TrainerEngine(trainer)
     check_colocated_context_window(config, args, tokenizer, rollout.engine)
     trainer.add_callback(StepTimerCallback(trainer, lambda: rollout.total_seconds))
+    if hasattr(client, "server_cache"):
+        trainer.add_callback(RetrieverCacheCallback(trainer, client.server_cache))
     latest = LatestSamples()
     rewards.subscribe(latest)
     log = config.logging
