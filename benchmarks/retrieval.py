@@ -1,6 +1,6 @@
 """Retrieval benchmark: server throughput and latency, micro-batching, recall; client failover and start-up.
 
-    python benchmarks/retrieval.py [--sections throughput,failover,startup,overhead] [--duration 10]
+    python benchmarks/retrieval.py [--sections throughput,searchr1,failover,startup,overhead] [--duration 10]
                                    [--index-root runs/bench] [--repeats 3] [--eval-questions 96]
                                    [--baseline OTHER_CHECKOUT]
 
@@ -20,6 +20,11 @@ identically.
 `startup`: `connect_retriever` against our server (`GET /health`) and against tests/searchr1_server.py,
 which speaks only `POST /retrieve` (404 on /health, then a one-query probe): time to connect to a running
 server, and how long after a freshly started server first answers the client reports it ready.
+
+`searchr1`: our server against a Search-R1-style dense server (testbed/searchr1_server.py --dense-index:
+one forward pass per request, FastAPI's thread pool), same corpus, MiniLM and flat index, 32 concurrent
+1-query clients, distinct queries, the result cache off (`--cache-size 0`): requests/s of Search-R1, ours
+with the fp32 query encoder, ours with `--encoder-dtype bf16`, one run each, interleaved as listed.
 
 `overhead`: the HTTP layer's per-request cost (BM25, batching off, one client, 1-query requests) with and
 without an API key, and, with `--baseline DIR`, served by another checkout's code, interleaved.
@@ -600,7 +605,7 @@ def main() -> None:
     parser.add_argument(
         "--sections",
         default="throughput,failover,startup,overhead",
-        help="comma-separated: throughput, failover, startup, overhead",
+        help="comma-separated: throughput, searchr1, failover, startup, overhead",
     )
     parser.add_argument(
         "--baseline",
@@ -621,7 +626,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     sections = {name.strip() for name in args.sections.split(",")}
-    unknown = sections - {"throughput", "failover", "startup", "overhead"}
+    unknown = sections - {"throughput", "searchr1", "failover", "startup", "overhead"}
     if unknown:
         parser.error(f"unknown section(s): {', '.join(sorted(unknown))}")
 
@@ -640,11 +645,56 @@ def main() -> None:
             print("\n".join(startup_section(synthetic, args.repeats)) + "\n")
     if "throughput" in sections:
         throughput_section(args, questions)
+    if "searchr1" in sections:
+        print("\n".join(searchr1_section(args, questions)) + "\n")
     load_after = os.getloadavg()
     print(
         f"- load average (1/5/15 min) before: {'/'.join(f'{x:.2f}' for x in load_before)}, "
         f"after: {'/'.join(f'{x:.2f}' for x in load_after)}; {os.cpu_count()} CPUs; Python {platform.python_version()}"
     )
+
+
+def searchr1_section(args: argparse.Namespace, questions: list[str]) -> list[str]:
+    """Markdown lines: requests/s at 32 one-query clients, Search-R1-style dense server vs ours (fp32, bf16)."""
+    flat = build_indexes(args.index_root)["flat"]
+    extra = {"threads": args.threads} if args.threads else {}
+    cells: dict[str, dict[str, float]] = {}
+    port = free_port()
+    process = _spawn(
+        [
+            sys.executable,
+            "-m",
+            "testbed.searchr1_server",
+            "--corpus",
+            str(CORPUS),
+            "--port",
+            str(port),
+            "--dense-index",
+            str(flat),
+        ]
+    )
+    try:
+        _wait_answering(f"http://127.0.0.1:{port}", timeout=300)
+        asyncio.run(_load(port, 32, 1, questions, min(2.0, args.duration / 4)))  # warm-up
+        cells["Search-R1-style (testbed/searchr1_server.py --dense-index)"] = asyncio.run(
+            _load(port, 32, 1, questions, args.duration)
+        )
+    finally:
+        stop(process)
+    for label, dtype in (("ours, fp32 query encoder", "fp32"), ("ours, bf16 query encoder", "bf16")):
+        with server(flat, cache_size=0, encoder_dtype=dtype, **extra) as (url, port):
+            cells[label] = measure(url, port, 32, 1, questions, args.duration)
+        print(f"{label}: {cells[label]}", file=sys.stderr)
+    base = next(iter(cells.values()))["qps"]
+    lines = [
+        "| server | requests/s | × Search-R1 | p50 ms | p99 ms |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for label, cell in cells.items():
+        lines.append(
+            f"| {label} | {cell['qps']:.1f} | {cell['qps'] / base:.2f}× | {cell['p50_ms']:.1f} | {cell['p99_ms']:.1f} |"
+        )
+    return lines
 
 
 def throughput_section(args: argparse.Namespace, questions: list[str]) -> None:
@@ -662,7 +712,8 @@ def throughput_section(args: argparse.Namespace, questions: list[str]) -> None:
     rows = []
     split: dict[str, float] = {}
     for label, wait_ms in (("on (5 ms)", 5), ("off", 0)):
-        with server(dirs["flat"], batch_wait_ms=wait_ms, **extra) as (url, port):
+        # Cache off: the 500 questions cycle, and a cached answer would measure the cache, not the server.
+        with server(dirs["flat"], batch_wait_ms=wait_ms, cache_size=0, **extra) as (url, port):
             if wait_ms == 0:
                 split = time_split(url, port, questions, 30)
             for per_request in (1, 64):

@@ -37,15 +37,53 @@ def _tokens(texts: list[str]) -> list[list[str]]:
     return bm25s.tokenize(texts, lower=True, stopwords="en", return_ids=False, show_progress=False)
 
 
-def create_app(corpus: Path, *, bare_documents: bool = False, unquoted_titles: bool = False) -> FastAPI:
+def _dense_search(index_dir: Path) -> Any:
+    """`search(queries, k) -> (rows, scores)` over a flat MiniLM index, one forward pass per call."""
+    import faiss
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from retriever_server.encoders import model_path
+
+    manifest = json.loads((index_dir / "manifest.json").read_text("utf-8"))
+    name = model_path(manifest["encoder"]["name"])
+    tokenizer, model = AutoTokenizer.from_pretrained(name), AutoModel.from_pretrained(name).eval()
+    index = faiss.read_index(str(index_dir / manifest["index"]["path"]))
+
+    def search(queries: list[str], k: int) -> tuple[Any, Any]:
+        batch = tokenizer(queries, padding=True, truncation=True, max_length=256, return_tensors="pt")
+        with torch.inference_mode():
+            hidden = model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        emb = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+        scores, rows = index.search(emb.numpy(), k)
+        return rows, scores
+
+    return search
+
+
+def create_app(
+    corpus: Path,
+    *,
+    bare_documents: bool = False,
+    unquoted_titles: bool = False,
+    dense_index: Path | None = None,
+) -> FastAPI:
     """The app over `corpus` (FlashRAG JSONL with `id` and `contents`)."""
     documents = [json.loads(line) for line in corpus.read_text("utf-8").splitlines() if line.strip()]
     if unquoted_titles:
         for doc in documents:
             title, _, text = doc["contents"].partition("\n")
             doc["contents"] = f"{title.strip(chr(34))}\n{text}"
-    index = bm25s.BM25()
-    index.index(_tokens([doc["contents"] for doc in documents]), show_progress=False)
+    if dense_index is not None:
+        search = _dense_search(dense_index)
+    else:
+        index = bm25s.BM25()
+        index.index(_tokens([doc["contents"] for doc in documents]), show_progress=False)
+
+        def search(queries: list[str], k: int) -> tuple[Any, Any]:
+            return index.retrieve(_tokens(queries), k=k, show_progress=False)
+
     app = FastAPI()
 
     @app.post("/retrieve")
@@ -53,7 +91,7 @@ def create_app(corpus: Path, *, bare_documents: bool = False, unquoted_titles: b
         if not request.return_scores and not bare_documents:
             raise RuntimeError("return_scores=False is not supported")  # the reference server's crash
         k = min(request.topk or 3, len(documents))
-        rows, scores = index.retrieve(_tokens(request.queries), k=k, show_progress=False)
+        rows, scores = search(request.queries, k)
         result = []
         for query_rows, query_scores in zip(rows, scores, strict=True):
             hits = [
@@ -80,8 +118,16 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--bare-documents", action="store_true")
     parser.add_argument("--unquoted-titles", action="store_true")
+    parser.add_argument(
+        "--dense-index", type=Path, default=None, help="flat MiniLM index folder (dense mode)"
+    )
     args = parser.parse_args()
-    app = create_app(args.corpus, bare_documents=args.bare_documents, unquoted_titles=args.unquoted_titles)
+    app = create_app(
+        args.corpus,
+        bare_documents=args.bare_documents,
+        unquoted_titles=args.unquoted_titles,
+        dense_index=args.dense_index,
+    )
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
 
 
