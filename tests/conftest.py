@@ -210,12 +210,21 @@ def synthetic_bm25_server(synthetic_bm25_index: Path) -> Iterator[str]:
 
 @contextlib.contextmanager
 def launch_searchr1_server(
-    corpus: str | os.PathLike[str], *, port: int | None = None, timeout: float = 120.0, **flags: bool
+    corpus: str | os.PathLike[str], *, port: int | None = None, timeout: float = 120.0, **flags: Any
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """Run tests/searchr1_server.py on 127.0.0.1; yield (url, process) once `POST /retrieve` answers."""
+    """Run tests/searchr1_server.py on 127.0.0.1; yield (url, process) once `POST /retrieve` answers.
+
+    A flag set to True is an option alone (`bare_documents=True`); a path or string is its value
+    (`dense_index=DIR` → `--dense-index DIR`).
+    """
     port = port or free_port_number()
     url = f"http://127.0.0.1:{port}"
-    options = [f"--{name.replace('_', '-')}" for name, on in flags.items() if on]
+    options: list[str] = []
+    for name, value in flags.items():
+        if value is True:
+            options.append(f"--{name.replace('_', '-')}")
+        elif value not in (False, None):
+            options += [f"--{name.replace('_', '-')}", str(value)]
     command = [sys.executable, "-m", "testbed.searchr1_server", "--corpus", str(corpus), "--port", str(port)]
     with tempfile.TemporaryDirectory(prefix="searchr1-log-") as tmp:
         log = Path(tmp) / "server.log"

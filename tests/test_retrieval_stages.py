@@ -254,3 +254,15 @@ def test_bf16_query_encoder_keeps_the_ranking(hybrid_index: Path, start_retrieve
         ]
     with pytest.raises(ValueError, match="needs a dense encoder"):
         plan_serving(ServeConfig(index_dir=hybrid_index / "member-bm25", encoder_dtype="bf16"))
+
+
+def test_searchr1_style_dense_baseline_ranks_like_our_flat_index(
+    wiki200_corpus: Path, wiki200_flat_index: Path, start_searchr1_server: Any, start_retriever: Any
+) -> None:
+    # The throughput baseline of benchmarks/retrieval.py must answer what ours answers, or the race is unfair.
+    queries = ["Aaron priest of Israel", "Moses brother", "Egypt pharaoh"]
+    with start_searchr1_server(wiki200_corpus, dense_index=wiki200_flat_index) as (url, _):
+        theirs = _ids(_retrieve(url, queries, 3))
+    with start_retriever(wiki200_flat_index) as (url, _):
+        ours = _ids(_retrieve(url, queries, 3))
+    assert theirs == ours
