@@ -217,13 +217,13 @@ class Retriever:
         IVF-PQ re-ranks k·k_factor candidates), so cutting a larger-k result back would change the answer.
         """
         found: dict[tuple[str, int], list[Hit]] = {}
-        for queries, k in requests:
-            for q in queries:
-                if (q, k) not in found:
-                    cached = self.cache.get((q, k))
-                    if cached is not None:
-                        found[(q, k)] = cached
-        todo = list(dict.fromkeys((q, k) for queries, k in requests for q in queries if (q, k) not in found))
+        todo = []  # one cache lookup per distinct (query, topk) of the batch
+        for key in dict.fromkeys((q, k) for queries, k in requests for q in queries):
+            cached = self.cache.get(key)
+            if cached is None:
+                todo.append(key)
+            else:
+                found[key] = cached
         # GRPO groups often send the same query several times (same question, several rollouts).
         distinct = list(dict.fromkeys(q for q, _ in todo))
         position = {query: i for i, query in enumerate(distinct)}

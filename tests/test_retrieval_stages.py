@@ -266,3 +266,25 @@ def test_searchr1_style_dense_baseline_ranks_like_our_flat_index(
     with start_retriever(wiki200_flat_index) as (url, _):
         ours = _ids(_retrieve(url, queries, 3))
     assert theirs == ours
+
+
+def test_cache_hit_rate_reaches_the_training_logs(demo_bm25_index: Path, start_retriever: Any) -> None:
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from autorefine.retrieval import RetrieverClient
+    from autorefine.training.callbacks import RetrieverCacheCallback
+
+    trainer = SimpleNamespace(_metrics=defaultdict(lambda: defaultdict(list)))
+    with start_retriever(demo_bm25_index) as (url, _):
+        client = RetrieverClient([url])
+        client.search(["before training"])
+        callback = RetrieverCacheCallback(trainer, client.server_cache)
+        callback.on_train_begin(None, None, None)
+        client.search(["Shirley Temple", "Shirley Temple", "Corliss Archer"])  # 2 distinct: 2 misses
+        client.search(["Shirley Temple", "Meet Corliss Archer"])  # 1 hit, 1 miss
+        callback.on_step_end(None, None, None)
+        client.search(["Shirley Temple"])  # 1 hit
+        callback.on_step_end(None, None, None)
+        client.close()
+    assert trainer._metrics["train"]["retriever/cache_hit_rate"] == [pytest.approx(1 / 4), 1.0]

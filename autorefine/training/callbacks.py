@@ -233,6 +233,11 @@ class RetrieverCacheCallback(TrainerCallback):
         self.server_cache = server_cache  # RetrieverClient.server_cache: the one place that reads it
         self._last: dict[str, Any] | None = None
 
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._last = self.server_cache()  # searches before training (readiness, other runs) are not ours
+
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
