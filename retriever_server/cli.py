@@ -269,8 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fusion = serve.add_argument_group("hybrid indexes: weighted reciprocal-rank fusion, Σ w / (k + rank)")
     fusion.add_argument("--rrf-k", type=_non_negative_float, default=None, help="RRF constant k (60)")
-    fusion.add_argument("--bm25-weight", type=_non_negative_float, default=None, help="BM25's weight (0.6)")
-    fusion.add_argument("--dense-weight", type=_non_negative_float, default=None, help="dense weight (0.4)")
+    fusion.add_argument("--bm25-weight", type=_non_negative_float, default=None, help="BM25's weight (0.3)")
+    fusion.add_argument("--dense-weight", type=_non_negative_float, default=None, help="dense weight (0.7)")
     fusion.add_argument(
         "--fusion-depth", type=_positive_int, default=None, help="candidates per member before fusion (50)"
     )

@@ -68,7 +68,7 @@ class LMReranker:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.convert_ids_to_tokens(0)
         torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
-        self.model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch_dtype).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).eval()
         self.yes = _token_ids(self.tokenizer, _YES)
         self.no = _token_ids(self.tokenizer, _NO)
         if not self.yes or not self.no:

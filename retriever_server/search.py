@@ -17,9 +17,10 @@ import numpy as np
 # Reciprocal-rank fusion (Cormack et al., 2009): score(d) = Σ_m w_m / (RRF_K + rank_m(d)), ranks from 1.
 # 60 is the constant of the original paper; larger values flatten the advantage of the very first ranks.
 RRF_K = 60
-# BM25 : dense weights. On the demo HotpotQA dev questions (multi-hop, entity-heavy) BM25 is the better
-# member, and equal weights lose to it (REFERENCE §7); see BENCHMARKS.md "Retrieval quality" for the sweep.
-DEFAULT_WEIGHTS = (0.6, 0.4)
+# BM25 : dense weights, chosen on the 400 demo HotpotQA train questions (BENCHMARKS.md "Retrieval quality"):
+# MiniLM is the better member there, and leaning towards it won recall@3 and @5 (0.3:0.7 best, 0.7:0.3
+# lost 3 points of recall@3 to it). Equal weights can lose to the better member (REFERENCE §7).
+DEFAULT_WEIGHTS = (0.3, 0.7)
 # Candidates each member contributes before fusion; a document outside both lists gets no fused score.
 FUSION_DEPTH = 50
 # Chunks searched per parent passage wanted: several chunks of one passage often rank together.
