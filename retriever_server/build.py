@@ -284,6 +284,10 @@ def build_index(
     if (encoder or "").lower() == HYBRID or chunk_tokens is not None or dense_encoder is not None:
         if not corpus.is_file():
             raise BuildError(f"corpus file not found: {corpus}")
+        if (encoder or "").lower() == HYBRID and index_type == BM25:
+            raise BuildError(
+                "--encoder hybrid builds BM25 itself; --index-type names the dense member's (flat, ...)"
+            )
         member_args = {
             "index_params": index_params,
             "family": family,
@@ -304,7 +308,7 @@ def build_index(
                 out,
                 encoder=encoder,
                 dense_encoder=dense_encoder,
-                index_type="flat" if index_type == BM25 else index_type,
+                index_type=index_type,
                 chunk_tokens=chunk_tokens,
                 build_member=_member,
                 member_args=member_args,

@@ -349,6 +349,9 @@ def _import(args: argparse.Namespace, params: dict[str, Any]) -> Any:
         (args.skip_malformed, "--skip-malformed"),
         (args.shards_dir, "--shards-dir"),
         (args.delete_shards, "--delete-shards"),
+        (args.chunk_tokens, "--chunk-tokens"),
+        (args.dense_encoder, "--dense-encoder"),
+        (args.add_evidence, "--add-evidence"),
     ):
         if given:
             raise BuildError(f"{flag} does not apply to --import-faiss (no passages are encoded)")
