@@ -99,7 +99,9 @@ class LMReranker:
             for i in range(0, len(order), self.batch_size):
                 rows = order[i : i + self.batch_size]
                 batch = self.tokenizer([prompts[r] for r in rows], return_tensors="pt", padding=True)
-                logits = self.model(**batch).logits[:, -1].float()
+                # Positions counted from each row's first real token: left padding must not shift them.
+                positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+                logits = self.model(**batch, position_ids=positions).logits[:, -1].float()
                 logp = torch.log_softmax(logits, dim=-1)
                 odds = torch.logsumexp(logp[:, self.yes], -1) - torch.logsumexp(logp[:, self.no], -1)
                 for r, value in zip(rows, odds.tolist(), strict=True):
