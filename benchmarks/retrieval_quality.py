@@ -79,11 +79,11 @@ def table(rows: list[tuple[str, dict[str, float]]], extra: str = "") -> str:
 def replay(logs: list[Path], sizes: list[int]) -> str:
     """Hit rate of the recorded requests through an LRU result cache of each size."""
     lines = [
-        "| query log | requests | queries | distinct (query, topk) | "
-        + " | ".join(f"hit rate, {s}" for s in sizes)
+        "| query log | requests | queries | repeated within a request | distinct per request | "
+        + " | ".join(f"cache hit rate, {s} entries" for s in sizes)
         + " |"
     ]
-    lines.append("|---|---:|---:|---:|" + "---:|" * len(sizes))
+    lines.append("|---|---:|---:|---:|---:|" + "---:|" * len(sizes))
     for log in logs:
         requests = [json.loads(line) for line in log.read_text("utf-8").splitlines() if line.strip()]
         rates = []
@@ -96,9 +96,9 @@ def replay(logs: list[Path], sizes: list[int]) -> str:
                         cache.put(key, True)
             rates.append(cache.to_dict()["hit_rate"] or 0.0)
         n = sum(len(r["queries"]) for r in requests)
-        distinct = len({(q, r["topk"]) for r in requests for q in r["queries"]})
+        per_request = sum(len(set(r["queries"])) for r in requests)
         lines.append(
-            f"| {log.name} | {len(requests)} | {n} | {distinct} | "
+            f"| {log.name} | {len(requests)} | {n} | {(n - per_request) / n:.1%} | {per_request} | "
             + " | ".join(f"{x:.3f}" for x in rates)
             + " |"
         )

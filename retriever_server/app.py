@@ -218,7 +218,10 @@ class Retriever:
         """
         found: dict[tuple[str, int], list[Hit]] = {}
         todo = []  # one cache lookup per distinct (query, topk) of the batch
-        for key in dict.fromkeys((q, k) for queries, k in requests for q in queries):
+        pairs = [(q, k) for queries, k in requests for q in queries]
+        distinct_pairs = dict.fromkeys(pairs)
+        self.cache.batch_duplicates += len(pairs) - len(distinct_pairs)
+        for key in distinct_pairs:
             cached = self.cache.get(key)
             if cached is None:
                 todo.append(key)

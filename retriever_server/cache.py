@@ -18,6 +18,9 @@ class ResultCache:
         self._lock = threading.Lock()  # /health reads the counters from the event loop thread
         self.hits = 0
         self.misses = 0
+        # Queries repeated inside one batch (a GRPO group's samples in one request): answered by the
+        # batch's own de-duplication, never looked up twice; counted to show how much repetition there is.
+        self.batch_duplicates = 0
 
     def get(self, key: Any) -> Any | None:
         """The cached value (now most recent), or None; counts a hit or a miss."""
@@ -49,4 +52,5 @@ class ResultCache:
                 "hits": self.hits,
                 "misses": self.misses,
                 "hit_rate": round(self.hits / lookups, 6) if lookups else None,
+                "batch_duplicates": self.batch_duplicates,
             }

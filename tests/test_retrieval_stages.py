@@ -229,7 +229,7 @@ def test_repeated_queries_are_served_from_the_cache(hybrid_index: Path, start_re
     assert again["result"][0] == again["result"][1] == first["result"][0]
     assert _ids(other_k)[0] == _ids(first)[0][:2]
     # Lookups per distinct (query, topk) of a batch: 3 misses, then 1 hit + 1 miss, then 1 miss.
-    assert (cache["hits"], cache["misses"]) == (1, 5)
+    assert (cache["hits"], cache["misses"], cache["batch_duplicates"]) == (1, 5, 1)
     assert cache["hit_rate"] == pytest.approx(1 / 6, abs=1e-6)
     with start_retriever(hybrid_index, cache_size=0) as (url, _):
         _retrieve(url, QUERIES, 3)
