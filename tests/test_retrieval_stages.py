@@ -288,3 +288,21 @@ def test_cache_hit_rate_reaches_the_training_logs(demo_bm25_index: Path, start_r
         callback.on_step_end(None, None, None)
         client.close()
     assert trainer._metrics["train"]["retriever/cache_hit_rate"] == [pytest.approx(1 / 4), 1.0]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--encoder", "hybrid", "--index-type", "bm25"], "--encoder hybrid builds BM25 itself"),
+        (
+            ["--chunk-tokens", "64", "--import-faiss", "x.index"],
+            "--chunk-tokens does not apply to --import-faiss",
+        ),
+    ],
+)
+def test_combinations_that_cannot_work_are_refused(
+    extra: list[str], message: str, small_corpus: Path, tmp_path: Path, capsys: Any
+) -> None:
+    args = ["build", "--corpus", str(small_corpus), "--out", str(tmp_path), "--no-progress", *extra]
+    assert cli_main(args) == 1
+    assert message in capsys.readouterr().err
