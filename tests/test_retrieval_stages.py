@@ -141,7 +141,10 @@ def test_a_chunk_size_that_cannot_hold_a_word_is_refused(
     assert "--chunk-tokens 3 cannot hold a word" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("encoder", ["bm25", None, "hybrid"])
+@pytest.mark.parametrize(
+    "encoder",
+    ["bm25", pytest.param(None, marks=pytest.mark.slow), pytest.param("hybrid", marks=pytest.mark.slow)],
+)
 def test_chunked_search_returns_whole_parents_deduplicated(
     encoder: str | None, small_corpus: Path, tmp_path: Path, start_retriever: Any
 ) -> None:
@@ -256,6 +259,7 @@ def test_bf16_query_encoder_keeps_the_ranking(hybrid_index: Path, start_retrieve
         plan_serving(ServeConfig(index_dir=hybrid_index / "member-bm25", encoder_dtype="bf16"))
 
 
+@pytest.mark.slow  # two servers and the wiki200 MiniLM index
 def test_searchr1_style_dense_baseline_ranks_like_our_flat_index(
     wiki200_corpus: Path, wiki200_flat_index: Path, start_searchr1_server: Any, start_retriever: Any
 ) -> None:
