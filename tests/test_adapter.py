@@ -10,9 +10,14 @@ from autorefine.modeling import load_policy
 from autorefine.rollout.engines import engine_from_checkpoint
 from autorefine.settings import ConfigError
 from tests.helpers import SYNTHETIC_DIR
-from tests.test_inference import QUESTION, WARMSTART_ARGS
 
 BASE = SYNTHETIC_DIR / "warmstart"
+QUESTION = "What is the home city of Bigu Bolvou?"
+WARMSTART_ARGS = [
+    "--model", str(BASE), "--template", str(SYNTHETIC_DIR / "template.txt"),
+    "--max-turns", "2", "--max-new-tokens", "48", "--max-obs-tokens", "160",
+    "--max-completion-tokens", "320", "--topk", "3",
+]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
