@@ -62,11 +62,13 @@ def main() -> None:
         )  # fmt: skip
     seconds = time.perf_counter() - started
     ship(run_dir / "final" / "adapter", args.out)
+    provenance = json.loads((args.model_dir / "provenance.json").read_text(encoding="utf-8"))
+    provenance.pop("gguf_file", None)  # where pip put it on the machine that converted it
     log = json.loads((run_dir / "trainer_state.json").read_text(encoding="utf-8"))["log_history"]
     losses = [h["loss"] for h in log if "loss" in h]
     recipe = {
         "base_model": "SmolLM2-135M-Instruct (autorefine fetch-model smollm2-135m-instruct)",
-        "base_provenance": json.loads((args.model_dir / "provenance.json").read_text(encoding="utf-8")),
+        "base_provenance": provenance,
         "command": " ".join(
             ["autorefine train-sft --config", CONFIG, *OVERRIDES, f"trainer.max_steps={args.steps}"]
         ),
@@ -88,7 +90,10 @@ def ship(adapter: Path, out: Path) -> None:
     from safetensors.torch import load_file, save_file
 
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(adapter / "adapter_config.json", out / "adapter_config.json")
+    config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+    # Where the base is on the machine that trained it says nothing elsewhere; where `fetch-model` puts it does.
+    config["base_model_name_or_path"] = "runs/models/smollm2"
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     weights = load_file(str(adapter / "adapter_model.safetensors"))
     save_file({k: v.half().contiguous() for k, v in weights.items()}, str(out / "adapter_model.safetensors"))
 
