@@ -170,6 +170,7 @@ def _load(args: argparse.Namespace):  # -> autorefine.evaluation.policy.LoadedPo
         device=args.device,
         max_batch_size=args.engine_batch_size,
         seed=args.seed,
+        adapter=args.adapter,
     )
 
 
@@ -258,6 +259,11 @@ def _add_policy_arguments(parser: argparse.ArgumentParser) -> None:
 
     esc_defaults = ESCSettings()
     parser.add_argument("--model", required=True, help="policy folder (or hub name) with its tokenizer")
+    parser.add_argument(
+        "--adapter",
+        metavar="PATH",
+        help="a PEFT LoRA adapter folder to merge over --model (its base), e.g. data/adapters/smollm2-sft-lora",
+    )
     retrieval = parser.add_mutually_exclusive_group()
     retrieval.add_argument(
         "--retriever-url",

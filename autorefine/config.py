@@ -57,6 +57,9 @@ class SFTRunConfig(RunConfig):
     require_evidence: bool = True  # gold traces only where the retrieved documents contain the answer
     tiny_model: dict[str, int] | None = None  # build a fresh tiny Qwen2 of this shape instead of loading one
 
+    def __post_init__(self) -> None:
+        _grpo_only_filter(self, "train-sft")
+
 
 @dataclass(frozen=True)
 class IPDPORunConfig(RunConfig):
@@ -75,3 +78,12 @@ class IPDPORunConfig(RunConfig):
             raise ValueError(f"rounds must be at least 1, got {self.rounds}")
         if self.nll_weight < 0:
             raise ValueError(f"nll_weight must be >= 0, got {self.nll_weight}")
+        _grpo_only_filter(self, "train-ipdpo")
+
+
+def _grpo_only_filter(config: RunConfig, command: str) -> None:
+    """The difficulty filter picks GRPO's questions; elsewhere it would be silently ignored, so it is refused."""
+    if config.data.difficulty_filter.enabled:
+        raise ValueError(
+            f"data.difficulty_filter is a train-grpo option; {command} does not filter its questions (turn it off)"
+        )

@@ -31,10 +31,49 @@ class DataError(ValueError):
 
 
 @dataclass(frozen=True)
+class DifficultyFilterSettings:
+    """GRPO trains only on questions the starting policy sometimes solves (`data.difficulty_filter`).
+
+    Before training, each training question is sampled `samples` times with the starting policy; a sample
+    succeeds when its reward is at least `success_reward`; a question is kept when its success rate lies
+    strictly between `low` and `high` (default: solved sometimes, not always — a group whose rewards are all
+    equal teaches nothing). See autorefine/training/grpo/difficulty.py.
+    """
+
+    enabled: bool = False
+    samples: int = 8  # K trajectories per question, at the trainer's sampling temperature
+    low: float = 0.0  # keep questions whose success rate is > low ...
+    high: float = 1.0  # ... and < high
+    success_reward: float = 0.5
+    batch_questions: int = 8  # questions per sampling batch (× samples trajectories); the resume unit
+    refilter_every: int = (
+        0  # every N optimizer steps, drop questions whose latest group left the band; 0: never
+    )
+
+    def __post_init__(self) -> None:
+        if self.samples < 1:
+            raise ValueError(f"difficulty_filter.samples must be >= 1, got {self.samples}")
+        if not 0.0 <= self.low < self.high <= 1.0:
+            raise ValueError(
+                f"difficulty_filter needs 0 <= low < high <= 1 (the kept band of success rates), "
+                f"got low={self.low}, high={self.high}"
+            )
+        if self.batch_questions < 1:
+            raise ValueError(f"difficulty_filter.batch_questions must be >= 1, got {self.batch_questions}")
+        if self.refilter_every < 0:
+            raise ValueError(f"difficulty_filter.refilter_every must be >= 0, got {self.refilter_every}")
+
+    def keeps(self, rate: float) -> bool:
+        """Whether a question with this success rate is trained on."""
+        return self.low < rate < self.high
+
+
+@dataclass(frozen=True)
 class DataSettings:
     """Training questions in FlashRAG format (`id`, `question`, `golden_answers`): the `data` section."""
 
     train_file: str = "data/prepared/train.jsonl"
+    difficulty_filter: DifficultyFilterSettings = field(default_factory=DifficultyFilterSettings)
 
 
 @dataclass(frozen=True)

@@ -115,6 +115,23 @@ def load_policy(
     return model.to(device) if device else model
 
 
+def apply_adapter(model: PreTrainedModel, adapter: str | Path) -> PreTrainedModel:
+    """`model` with the PEFT LoRA adapter saved in folder `adapter` merged into its weights (for inference)."""
+    from peft import PeftModel
+
+    folder = Path(adapter)
+    if not (folder / "adapter_config.json").is_file():
+        raise ConfigError(
+            f"--adapter {folder}: no adapter_config.json there; expected a PEFT adapter folder "
+            "(e.g. a LoRA run's final/adapter, or data/adapters/smollm2-sft-lora)"
+        )
+    try:
+        # Merged: generation then runs at the base model's speed, with no adapter layers in the way.
+        return PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
+    except (RuntimeError, ValueError, KeyError) as err:  # shapes or module names of another base model
+        raise ConfigError(f"--adapter {folder} does not fit this base model: {err}") from err
+
+
 def tiny_qwen2(
     tokenizer: PreTrainedTokenizerBase,
     *,

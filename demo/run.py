@@ -28,6 +28,8 @@ SYNTHETIC = Path("data/synthetic")
 HOTPOTQA_DEV = Path("data/demo/hotpotqa_dev.jsonl")
 # Shared with the README and benchmarks/real_model.py: converted once, reused by every later run.
 REAL_MODEL = Path("runs/models/smollm2")
+# Its SFT warm start, shipped as a LoRA adapter (recipe, provenance and licence in its README.md).
+REAL_ADAPTER = Path("data/adapters/smollm2-sft-lora")
 # Laptop budgets for the real model: one search with the top-2 documents, short turns.
 REAL_MODEL_LIMITS = ("--max-new-tokens", "64", "--max-obs-tokens", "256", "--max-completion-tokens", "512",
                      "--topk", "2")  # fmt: skip
@@ -143,28 +145,42 @@ def evaluate(
     return json.loads((target / "metrics.json").read_text(encoding="utf-8"))
 
 
-def real_model_section(out: Path, url: str, questions: int, console: Console) -> dict[str, dict[str, Any]]:
-    """SmolLM2-135M-Instruct from PyPI: fetch, evaluate with and without retrieval, show one trajectory."""
+def real_model_section(
+    out: Path, url: str, questions: int, console: Console, model: Path = REAL_MODEL
+) -> dict[str, dict[str, Any]]:
+    """SmolLM2-135M-Instruct from PyPI: zero-shot (with and without retrieval) and with the shipped SFT
+    adapter, on the same HotpotQA questions; one trajectory of the warm-started model."""
     console.header(
-        "a real pretrained chat model: SmolLM2-135M-Instruct",
-        "installed from PyPI, converted to a plain HF folder, then the same evaluate command, zero-shot, "
-        "with the MiniLM retriever and without retrieval (a 135M model untrained on the protocol: "
-        "benchmarks/real_model.py warm-starts and trains it)",
+        "a real pretrained chat model: SmolLM2-135M-Instruct, zero-shot and warm-started",
+        "installed from PyPI, converted to a plain HF folder, then the same evaluate command: zero-shot "
+        f"(with the MiniLM retriever, and without retrieval), then with the SFT LoRA adapter in {REAL_ADAPTER} "
+        "(16 steps on gold-like HotpotQA traces; scripts/make_smollm2_adapter.py rebuilds it)",
     )
-    if (REAL_MODEL / "provenance.json").is_file():
-        console.note(f"{REAL_MODEL} holds a verified conversion: reusing it")
-    run(["autorefine", "fetch-model", "smollm2-135m-instruct", "--out", str(REAL_MODEL)])
+    if (model / "provenance.json").is_file():
+        console.note(f"{model} holds a verified conversion: reusing it")
+    run(["autorefine", "fetch-model", "smollm2-135m-instruct", "--out", str(model)])
     dataset = f"hotpotqa_dev={HOTPOTQA_DEV}"
+    retrieval = ("--max-turns", "1", *REAL_MODEL_LIMITS, "--no-progress")
     results = {
-        "retrieval": evaluate(REAL_MODEL, url, out, "smollm2-retrieval", dataset, questions, "--max-turns", "1",
-                              *REAL_MODEL_LIMITS, "--no-progress"),
-        "no retrieval": evaluate(REAL_MODEL, None, out, "smollm2-no-retrieval", dataset, questions,
-                                 "--no-retrieval", *REAL_MODEL_LIMITS, "--no-progress"),
+        "zero-shot, no retrieval": evaluate(model, None, out, "smollm2-no-retrieval", dataset, questions,
+                                            "--no-retrieval", *REAL_MODEL_LIMITS, "--no-progress"),
+        "zero-shot, retrieval": evaluate(model, url, out, "smollm2-retrieval", dataset, questions, *retrieval),
+        "SFT adapter, retrieval": evaluate(model, url, out, "smollm2-sft", dataset, questions, *retrieval,
+                                           "--adapter", str(REAL_ADAPTER)),
     }  # fmt: skip
-    question = read_questions(HOTPOTQA_DEV, limit=1)[0].question
-    run(["autorefine", "infer", "--model", str(REAL_MODEL), "--retriever-url", url, "--max-turns", "1",
-         *REAL_MODEL_LIMITS, question])  # fmt: skip
+    console.note("one trajectory of the warm-started model (search, documents, refine, answer):")
+    run(["autorefine", "infer", "--model", str(model), "--adapter", str(REAL_ADAPTER), "--retriever-url", url,
+         *retrieval[:-1], shown_question(out / "eval" / "smollm2-sft")])  # fmt: skip
     return results
+
+
+def shown_question(evaluation: Path) -> str:
+    """The first evaluated question the warm-started model answered at least partly right (else the first)."""
+    from autorefine.evaluation.benchmark import read_predictions
+
+    rows = read_predictions(evaluation)
+    best = next((r for r in rows if r["scores"].get("f1", 0.0) > 0), rows[0])
+    return best["question"]
 
 
 def main(out: Path = Path("runs/demo"), quick: bool = False) -> int:

@@ -305,3 +305,79 @@ def test_synced_engine_without_prompts_still_runs_the_forward_passes(model, toke
         handle.remove()
     with pytest.raises(ValueError, match="max_batch_size"):
         TransformersEngine(model, tokenizer, max_batch_size=2, synced_gpus=True)
+
+
+# --- shared group prefixes: G samples of a prompt prefill it once -----------------------------------------
+
+
+@pytest.fixture
+def forward_shapes(model):
+    """(rows, width) of every multi-token forward pass the model runs while the test does."""
+    shapes: list[tuple[int, int]] = []
+
+    def hook(module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is not None and input_ids.shape[1] > 1:
+            shapes.append(tuple(input_ids.shape))
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    yield shapes
+    handle.remove()
+
+
+def group_prompts(tokenizer) -> list[list[int]]:
+    """Two questions of different lengths × 4 samples each, interleaved as a trainer may order them."""
+    short, long = (
+        ids(tokenizer, "Who wrote Hamlet?"),
+        ids(tokenizer, "A much longer prompt about Rome and its"),
+    )
+    return [short, long, short, short, long, long, short, long]
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0), SamplingParams(temperature=0)])
+def test_shared_prefix_samples_what_separate_prefills_sample(model, tokenizer, forward_shapes, params):
+    prompts = group_prompts(tokenizer)
+    runs = {}
+    for share in (False, True):
+        forward_shapes.clear()
+        torch.manual_seed(7)
+        engine = TransformersEngine(model, tokenizer, share_prefixes=share)
+        runs[share] = (engine.generate(prompts, [12] * len(prompts), params, []), list(forward_shapes))
+    (separate, separate_shapes), (shared, shared_shapes) = runs[False], runs[True]
+    longest = max(map(len, prompts))
+    assert separate_shapes == [(8, longest)]
+    assert shared_shapes == [(2, longest - 1)]  # each distinct prompt once; its last token is the 1st step
+    if not params.greedy:
+        assert len({tuple(g.token_ids) for g in shared}) > 2  # real samples, not one copied row
+    for s, o, prompt in zip(shared, separate, prompts, strict=True):
+        assert s.token_ids == o.token_ids
+        assert s.logprobs == pytest.approx(o.logprobs, abs=1e-4)
+        assert s.entropies == pytest.approx(o.entropies, abs=1e-4)
+        assert torch.allclose(
+            torch.tensor(s.logprobs),
+            recomputed_logprobs(model, prompt, s.token_ids, params.temperature or 1.0),
+            atol=1e-4,
+        )
+
+
+def test_shared_prefix_next_turn_continues_the_expanded_cache(model, tokenizer, prefill_widths):
+    engine = TransformersEngine(model, tokenizer)
+    greedy = SamplingParams(temperature=0)
+    prompts = group_prompts(tokenizer)
+    contexts = next_turn(tokenizer, prompts, engine.generate(prompts, [5] * 8, greedy, []))
+    prefill_widths.clear()
+    continued = engine.generate(contexts, [6] * 8, greedy, [])
+    assert max(prefill_widths) < min(map(len, contexts))  # only the new tokens of each row
+    fresh = TransformersEngine(model, tokenizer, reuse_cache=False).generate(contexts, [6] * 8, greedy, [])
+    assert [c.token_ids for c in continued] == [f.token_ids for f in fresh]
+
+
+def test_distinct_or_one_token_prompts_are_not_shared(model, tokenizer, forward_shapes):
+    engine = TransformersEngine(model, tokenizer)
+    greedy = SamplingParams(temperature=0)
+    prompts = [ids(tokenizer, "Who wrote Hamlet?"), ids(tokenizer, "Rome")]
+    engine.generate(prompts, [3, 3], greedy, [])
+    assert forward_shapes == [(2, max(map(len, prompts)))]
+    forward_shapes.clear()
+    engine.generate([[prompts[1][0]]] * 3, [3] * 3, greedy, [])
+    assert forward_shapes == []  # one-token prompts: nothing to prefill before the first step

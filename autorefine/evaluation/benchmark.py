@@ -168,7 +168,16 @@ def evaluate_benchmarks(
         "batch_size": batch_size,
     }
     # The engine and weight dtype change greedy outputs too (bf16 vs fp32, vLLM's kernels vs transformers').
-    identity_keys = ("model", "engine", "dtype", "decoding", "rollout", "template_sha256", "reward")
+    identity_keys = (
+        "model",
+        "adapter",
+        "engine",
+        "dtype",
+        "decoding",
+        "rollout",
+        "template_sha256",
+        "reward",
+    )
     file_info = {name: {"path": str(path), "sha256": file_sha256(path)} for name, path in files.items()}
     done = {name for name, _ in store.rows}
     check_run_file(out / RUN_FILE, {k: settings.get(k) for k in identity_keys}, file_info, done, batch_size)

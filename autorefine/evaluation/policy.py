@@ -187,6 +187,7 @@ def load_policy_and_loop(
     loop = AgentLoop(build_engine(model, **engine_options), searcher, rollout, prompt)
     record = {
         "model": str(Path(model).resolve()) if Path(model).is_dir() else model,
+        "adapter": str(Path(adapter).resolve()) if (adapter := engine_options.get("adapter")) else None,
         "retrieval": not no_retrieval,
         "defaults_from": defaults.source or "package defaults (no autorefine_config.yaml found)",
         "overrides": {k: v for k, v in (overrides or {}).items() if v is not None},

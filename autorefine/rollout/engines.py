@@ -143,10 +143,19 @@ def engine_from_checkpoint(
     device: str | None = None,
     max_batch_size: int | None = None,
     seed: int = 0,
+    adapter: str | None = None,
 ) -> GenerationEngine:
-    """An engine over a saved policy (weights and tokenizer from the same folder or hub name)."""
-    from autorefine.modeling import load_policy, load_tokenizer
+    """An engine over a saved policy (weights and tokenizer from the same folder or hub name).
 
+    `adapter`: a PEFT LoRA adapter folder, merged into the base weights after loading (transformers only).
+    """
+    from autorefine.modeling import apply_adapter, load_policy, load_tokenizer
+    from autorefine.settings import ConfigError
+
+    if adapter is not None and engine != "transformers":
+        raise ConfigError(
+            "--adapter works with --engine transformers; for vLLM merge the adapter into a model folder first"
+        )
     tokenizer = load_tokenizer(model)
     if engine == "vllm":
         vllm = require_vllm()
@@ -156,7 +165,10 @@ def engine_from_checkpoint(
     if engine != "transformers":
         raise ValueError(f"engine must be 'transformers' or 'vllm', got {engine!r}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    policy = load_policy(model, dtype=dtype, device=device).eval()
+    policy = load_policy(model, dtype=dtype, device=device)
+    if adapter is not None:
+        policy = apply_adapter(policy, adapter)
+    policy.eval()
     return TransformersEngine(policy, tokenizer, max_batch_size=max_batch_size)
 
 

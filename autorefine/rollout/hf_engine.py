@@ -2,6 +2,8 @@
 
 The KV cache of one call is kept for the next: when every new context extends a context of the previous call
 (the agent loop's next turn: previous context + sampled turn + documents), only the new tokens are prefilled.
+Identical prompts in one call (the G samples of a GRPO group) are prefilled once and their KV cache expanded to
+every row that shares them, instead of G prefills of the same tokens.
 """
 
 from __future__ import annotations
@@ -148,6 +150,10 @@ class TransformersEngine:
     call, in the same order, prefills only the new tokens; anything else is prefilled from scratch. Without
     it, every call runs on transformers' own cache and nothing is kept between calls.
 
+    With `share_prefixes` (the default; needs `reuse_cache`), a fresh call whose prompts repeat prefills each
+    distinct prompt once, expands its cache to the rows that repeat it, and samples every row from there: the
+    same tokens and log-probs as G separate prefills up to floating-point rounding.
+
     With `synced_gpus` (a model sharded across processes: FSDP, DeepSpeed ZeRO-3), every forward pass is a
     collective: `generate` runs with transformers' `synced_gpus`, and a call with no prompts still runs the
     forward passes of a one-token dummy row, so that a process whose trajectories are done keeps pace.
@@ -160,6 +166,7 @@ class TransformersEngine:
         *,
         max_batch_size: int | None = None,
         reuse_cache: bool = True,
+        share_prefixes: bool = True,
         synced_gpus: bool = False,
         lockstep: Lockstep | None = None,
     ) -> None:
@@ -178,6 +185,9 @@ class TransformersEngine:
         self.pad_id = pad if pad is not None else min(self.eos_ids)
         self._stop_criteria: dict[tuple[str, ...], StopStringCriteria] = {}
         self.reuse_cache = reuse_cache
+        # Processes of a sharded model must run the same forward passes: one that deduplicates would run an
+        # extra prefill the others do not.
+        self.share_prefixes = share_prefixes and reuse_cache and not synced_gpus
         self._kept: _KeptCache | None = None
 
     def release_cache(self) -> None:
@@ -242,6 +252,8 @@ class TransformersEngine:
         if not prompts:
             return []
         device = self.model.device
+        if continued is None and self.share_prefixes:
+            continued = self._shared_prefill(prompts)
         if continued is not None:
             cache, input_ids, attention_mask = self._continue(*continued, prompts)
         else:
@@ -295,6 +307,37 @@ class TransformersEngine:
         if keep and self.reuse_cache:
             self._kept = self._kept_cache(output, attention_mask, prompts, generations)
         return generations
+
+    def _shared_prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[_KeptCache, list[int]] | None:
+        """Prefill every distinct prompt but its last token once; the kept cache and each prompt's row in it.
+
+        None when no prompt repeats (nothing to share), a prompt is one token long, or the model's cache
+        layers cannot be kept. The last token is left out so that `generate` still prefills one column per row
+        and samples the first token from its own forward pass, exactly as it does from scratch.
+        """
+        distinct: dict[tuple[int, ...], int] = {}
+        rows = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
+        if len(distinct) == len(prompts) or min(len(p) for p in prompts) < 2:
+            return None
+        cache = _reserved_cache(self.model)
+        if cache is None:
+            return None
+        prefixes = [list(p[:-1]) for p in distinct]
+        input_ids, attention_mask = left_padded(prefixes, self.pad_id)
+        # Positions as `generate` gives left-padded rows: counted over real tokens only.
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        device = self.model.device
+        with torch.no_grad() if self.synced_gpus else torch.inference_mode():
+            self.model(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                position_ids=positions.to(device),
+                use_cache=True,
+                logits_to_keep=1,  # only the cache is wanted; no vocabulary-wide logits for every column
+                **{_CACHE: cache},
+            )
+        kept = _KeptCache(cache, input_ids, attention_mask, prefixes, self._weights_version())
+        return kept, rows
 
     def _continued_rows(self, kept: _KeptCache, prompts: Sequence[Sequence[int]]) -> list[int] | None:
         """For each prompt, the kept row whose tokens it strictly extends (rows keep their order), else None."""

@@ -51,6 +51,7 @@ from autorefine.training.distributed import (
     process_hosts,
     start_processes,
 )
+from autorefine.training.grpo.difficulty import apply_difficulty_filter, policy_hash
 from autorefine.training.grpo.flat_groups import DropFlatGroups
 from autorefine.training.grpo.samples import LatestSamples, SampleTableCallback, SaveRolloutsCallback
 from autorefine.training.guard import check_guard
@@ -395,7 +396,16 @@ def build_trainer(
         on_every_process(state, lambda: check_context_window(config, args, tokenizer))
     rewards = TrajectoryRewards(config.reward, means=rollout_means)
     client = client or on_every_process(state, lambda: connect_retriever(config.retriever))
+    difficulty = config.data.difficulty_filter
+    if difficulty.enabled and state.num_processes > 1:
+        raise RunError(
+            "data.difficulty_filter samples on one process; this job has "
+            f"{state.num_processes}: filter on one process first (the samples are cached under the run's "
+            "trainer.output_dir), or turn it off"
+        )
     tokenizer, model = load_tokenizer_and_policy(config.model, tokenizer=tokenizer, lora=config.lora)
+    # The starting policy, before TRL wraps it (a LoRA run: the base weights its adapter starts from).
+    policy = policy_hash(model) if difficulty.enabled else ""
     rollout = SearchRollout(client, config.rollout, template, config.eval_temperature)
     trainer = GRPOTrainer(
         model=model,
@@ -433,6 +443,11 @@ def build_trainer(
     guardrails.attach()  # after the held-out callback: a step's signals and rules see that step's evaluation
     if config.drop_flat_groups:
         rewards.subscribe(DropFlatGroups(trainer))
+    if difficulty.enabled:
+        questions = read_questions(config.data.train_file)
+        kept = apply_difficulty_filter(trainer, rollout.engine, questions, config, policy, template, client)
+        if kept.refilter is not None:
+            rewards.subscribe(kept.refilter.observe)
     rewards.attach(trainer)
     return trainer, rollout
 
