@@ -190,7 +190,9 @@ def test_oversearch_traces_answer_right_after_redundant_searches(client):
         q for q in HELDOUT if q.metadata["kind"] == "city"
     ][:6]
     habits = {"repeat": 1.0, "paraphrase": 1.0, "unneeded": 1.0}
-    plans = oversearch_plans(questions, WORLD, extra_searches={1: (0, 0, 1), 2: (0, 1)}, habits=habits, seed=1)
+    plans = oversearch_plans(
+        questions, WORLD, extra_searches={1: (0, 0, 1), 2: (0, 1)}, habits=habits, seed=1
+    )
     assert set(plans) == {q.id for q in questions}  # no weight on 0 extra searches: every question has a plan
     assert {h for _, used in plans.values() for h in used} == set(habits)
     traces = traces_of(questions, client, planned_turns({k: p for k, (p, _) in plans.items()}))
