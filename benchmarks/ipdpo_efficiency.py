@@ -161,6 +161,26 @@ def pair_stats(folder: Path) -> list[dict]:
     return out
 
 
+def pair_table(stats: dict[int, dict[str, list]]) -> str:
+    """Per seed, DPO variant and round: pairs by type, searches and model tokens of chosen vs rejected."""
+    lines = [
+        "| seed | policy | round | pairs (weaker / wrong / malformed) | searches chosen / rejected "
+        "| model tokens chosen / rejected |",
+        "|---:|---|---:|---|---|---|",
+    ]
+    for seed, variants in stats.items():
+        for name, rounds in variants.items():
+            for r in rounds:
+                s, t = r["stats"], r["stats"]["by_type"]
+                c, j = s["chosen"], s["rejected"]
+                lines.append(
+                    f"| {seed} | {POLICIES[name][0]} | {r['round']} | {s['pairs']} ({t.get('weaker', 0)} / "
+                    f"{t.get('wrong', 0)} / {t.get('malformed', 0)}) | {c['steps']:.2f} / {j['steps']:.2f} | "
+                    f"{c['model_tokens']:.1f} / {j['model_tokens']:.1f} |"
+                )
+    return "\n".join(lines)
+
+
 def compare(a: Path, b: Path) -> dict:
     """`autorefine compare`'s paired differences B − A (per hop count and overall), as JSON."""
     from autorefine.evaluation.compare import compare_runs, to_json
@@ -301,6 +321,8 @@ def main() -> None:
     print(table(results))
     print()
     print(differences(comparisons))
+    print()
+    print(pair_table(stats))
     print("\n".join(goals(results)))
     print(f"load average at end: {load_average()}")
     plot(results, args.out / "ipdpo_efficiency.png")
