@@ -78,6 +78,14 @@ class IPDPORunConfig(RunConfig):
             raise ValueError(f"rounds must be at least 1, got {self.rounds}")
         if self.nll_weight < 0:
             raise ValueError(f"nll_weight must be >= 0, got {self.nll_weight}")
+        # IP-DPO ranks by the process score itself (pairs.ranking) and matches evidence with sampling.matcher.
+        if self.reward.process_weight:
+            raise ValueError(
+                "reward.process_weight is GRPO's process-aware reward; IP-DPO ranks by the process score "
+                "itself: set pairs.ranking instead"
+            )
+        if self.reward.matcher != "lexical":
+            raise ValueError("IP-DPO's evidence matcher is sampling.matcher, not reward.matcher")
         _grpo_only_filter(self, "train-ipdpo")
 
 

@@ -2,6 +2,7 @@
 
     python scripts/make_warmstart.py [--seed 0] [--out data/synthetic/warmstart]
     python scripts/make_warmstart.py --task multihop [--seed 0] [--out data/synthetic_multihop/warmstart]
+    python scripts/make_warmstart.py --task multihop-oversearch [--out data/synthetic_multihop/warmstart-oversearch]
 
 Builds a BM25 index over the task's corpus, serves it on a free loopback port, runs the task's SFT preset
 (`configs/sft/synthetic-warmstart.yaml`: from scratch until held-out EM reaches its target;
@@ -13,6 +14,10 @@ For `multihop`, the traces are written first (`traces.jsonl` in the work folder)
 (`autorefine.synthetic_multihop.warmstart_plans`): some repeat their last search, some two-hop questions are
 answered after the first hop. The held-out report of the final policy (per hop count, greedy and sampled)
 goes to `<out>/heldout_report.json`.
+
+`multihop-oversearch` (`configs/sft/multihop-oversearch.yaml`: 400 steps from the multi-hop warm start) writes
+traces that search more than they need (`oversearch_plans`: a repeated query, a paraphrase, an entity the
+question does not need, each after the answer is already in a refine), for the IP-DPO efficiency benchmark.
 """
 
 from __future__ import annotations
@@ -40,14 +45,23 @@ KEEP = (
 TASKS = {
     "onehop": (REPO / "data/synthetic", REPO / "configs/sft/synthetic-warmstart.yaml"),
     "multihop": (REPO / "data/synthetic_multihop", REPO / "configs/sft/multihop-warmstart.yaml"),
+    "multihop-oversearch": (REPO / "data/synthetic_multihop", REPO / "configs/sft/multihop-oversearch.yaml"),
 }
+OUT = {"multihop-oversearch": "warmstart-oversearch"}
 # The multi-hop warm start's imperfections (see warmstart_plans): clear majorities, so that greedy decoding is
 # stable (it re-checks city questions, answers the rest in the fewest searches) and sampling shows the rest.
 EARLY_FRACTION = 0.3
 REPEAT_FRACTION = {"employer": 0.15, "city": 0.7, "two_hop": 0.15}
+# The over-searching warm start (see oversearch_plans): weights of 0, 1, 2 extra searches per hop count (the
+# rollout allows 3 searches, so a two-hop trace has at most one extra), and of each redundant habit. Clear
+# majorities over-search, so that greedy decoding does too.
+EXTRA_SEARCHES = {1: (0.1, 0.7, 0.2), 2: (0.15, 0.85)}
+HABIT_WEIGHTS = {"repeat": 0.4, "paraphrase": 0.35, "unneeded": 0.25}
 
 
-def write_multihop_traces(url: str, preset: Path, task_dir: Path, out: Path, seed: int) -> dict[str, int]:
+def write_multihop_traces(
+    url: str, preset: Path, task_dir: Path, out: Path, seed: int, oversearch: bool = False
+) -> dict[str, int]:
     """Imperfect traces of every training question, played through the real agent loop; counts per plan."""
     from autorefine.config import SFTRunConfig
     from autorefine.data import read_questions
@@ -62,22 +76,27 @@ def write_multihop_traces(url: str, preset: Path, task_dir: Path, out: Path, see
         retrieved_evidence,
         save_trajectories,
     )
-    from testbed.synthetic_multihop import load_world, warmstart_plans
+    from testbed.synthetic_multihop import load_world, oversearch_plans, warmstart_plans
 
     config = load_config(SFTRunConfig, preset, [f"retriever.url={url}"])
     questions = read_questions(REPO / config.data.train_file)
-    plans = warmstart_plans(
-        questions,
-        load_world(task_dir),
-        early_fraction=EARLY_FRACTION,
-        repeat_fraction=REPEAT_FRACTION,
-        seed=seed,
-    )
+    world = load_world(task_dir)
+    if oversearch:
+        habits = oversearch_plans(
+            questions, world, extra_searches=EXTRA_SEARCHES, habits=HABIT_WEIGHTS, seed=seed
+        )
+        plans = {qid: plan for qid, (plan, _) in habits.items()}
+    else:
+        plans = warmstart_plans(
+            questions, world, early_fraction=EARLY_FRACTION, repeat_fraction=REPEAT_FRACTION, seed=seed
+        )
 
     def kind(question) -> str:
         plan, gold = plans.get(question.id), TracePlan.gold(question)
         if plan is None:
             return "gold"
+        if oversearch:
+            return "+".join(habits[question.id][1])
         return "repeat" if len(plan.searches) > len(gold.searches) else "early"
 
     with RetrieverClient(url) as client:
@@ -138,18 +157,19 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="extra train-sft overrides (section.key=value)")
     args = parser.parse_args()
     task_dir, preset = TASKS[args.task]
-    out = args.out or task_dir / "warmstart"
+    out = args.out or task_dir / OUT.get(args.task, "warmstart")
     work_dir = args.work_dir or REPO / "runs" / (
-        "warmstart" if args.task == "onehop" else "warmstart-multihop"
+        "warmstart" if args.task == "onehop" else f"warmstart-{args.task}"
     )
 
     index = ensure_bm25_index(task_dir / "corpus.jsonl", work_dir / f"{task_dir.name}-bm25")
     sft_dir = work_dir / "sft"
     with running_retriever(index) as url:
         extra = []
-        if args.task == "multihop":
+        if args.task.startswith("multihop"):
             traces = work_dir / "traces.jsonl"
-            counts = write_multihop_traces(url, preset, task_dir, traces, args.seed)
+            oversearch = args.task == "multihop-oversearch"
+            counts = write_multihop_traces(url, preset, task_dir, traces, args.seed, oversearch)
             print(f"traces: {json.dumps(counts)}")
             extra = [f"traces_file={traces}"]
         subprocess.run(
@@ -173,7 +193,7 @@ def main() -> None:
         for name in KEEP:
             shutil.copyfile(sft_dir / "final" / name, out / name)
         shutil.copyfile(sft_dir / "heldout.jsonl", out / "heldout_history.jsonl")
-        if args.task == "multihop":
+        if args.task.startswith("multihop"):
             report = {"traces": counts, **heldout_report(url, out, preset, args.seed)}
             (out / "heldout_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
             print(json.dumps(report, indent=2))

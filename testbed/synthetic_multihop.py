@@ -239,6 +239,81 @@ def warmstart_plans(
     return plans
 
 
+# The redundant searches of the over-searching warm start (`oversearch_plans`).
+HABITS = ("repeat", "paraphrase", "unneeded")
+# Query rewordings of an entity title that BM25 still resolves to the same passages.
+_PARAPHRASE = {"person": "{name} employer", "company": "{name} home city"}
+
+
+def oversearch_plans(
+    questions: list[Question],
+    world: World,
+    *,
+    extra_searches: dict[int, Sequence[float]],
+    habits: dict[str, float],
+    seed: int = 0,
+) -> dict[str, tuple[TracePlan, tuple[str, ...]]]:
+    """Trace plans of an agent that over-searches, each with the habits behind its extra searches.
+
+    A question of `h` hops gets `k` extra searches with probability `extra_searches[h][k]`, each after the gold
+    chain (the answer is already in a refine when it runs) and each one habit drawn with the weights `habits`:
+    `repeat` the last query, a `paraphrase` of it (same entity, other words), or an `unneeded` entity the
+    question does not ask about (the answer's company, or another employee of the company). The answer stays
+    the gold one, so the traces teach over-searching, not wrong answers. No plan (`k = 0`): a gold trace.
+    """
+    if unknown := set(habits) - set(HABITS):
+        raise ValueError(f"habits has unknown names {sorted(unknown)} (habits: {HABITS})")
+    for hops, weights in extra_searches.items():
+        if not weights or min(weights) < 0 or sum(weights) <= 0:
+            raise ValueError(
+                f"extra_searches[{hops}] must be non-negative weights of 0, 1, ... extra searches"
+            )
+    staff: dict[str, list[Employee]] = {}
+    for person in world.people.values():
+        staff.setdefault(person.company, []).append(person)
+    rng = random.Random(seed)
+    names, weights = list(habits), list(habits.values())
+    plans = {}
+    for question in questions:
+        gold = TracePlan.gold(question)
+        counts = extra_searches.get(len(gold.searches), [1.0])
+        extra = rng.choices(range(len(counts)), weights=counts)[0]
+        if extra == 0:
+            continue
+        searches, used = list(gold.searches), []
+        for habit in rng.choices(names, weights=weights, k=extra):
+            extra_item = _redundant_search(habit, gold.searches[-1], question, world, staff, rng)
+            searches.append(searches[-1] if habit == "repeat" else extra_item)
+            used.append(habit)
+        plans[question.id] = (TracePlan(tuple(searches), gold.answer), tuple(used))
+    return plans
+
+
+def _redundant_search(
+    habit: str,
+    last: Evidence,
+    question: Question,
+    world: World,
+    staff: dict[str, list[Employee]],
+    rng: random.Random,
+) -> Evidence:
+    """The evidence item an extra search of `habit` looks up after the chain's `last` item (its title is the
+    query)."""
+    if habit == "repeat":
+        return last
+    is_person = last.title in world.people
+    if habit == "paraphrase":
+        template = _PARAPHRASE["person" if is_person else "company"]
+        return Evidence(template.format(name=last.title), last.text, last.answer)
+    if is_person:  # the company the person works for: named already, its city not asked
+        return city_evidence(world.companies[world.people[last.title].company])
+    mentioned = question_entities(question)
+    others = [p for p in staff.get(last.title, []) if p.name not in mentioned]
+    if not others:  # a company without another employee: its own passage again
+        return last
+    return employer_evidence(rng.choice(sorted(others, key=lambda p: p.name)))
+
+
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     with path.open("w", encoding="utf-8") as f:
         for row in rows:

@@ -58,6 +58,8 @@ def test_3b_presets_fit_one_8_gpu_node(name):
             "not a valid list, each a choice among 'weaker', 'wrong', 'malformed'",
         ),
         ("heldout.every=5", "unknown key(s) heldout.every"),
+        ("reward.process_weight=0.5", "IP-DPO ranks by the process score itself"),
+        ("reward.matcher=embedding", "IP-DPO's evidence matcher is sampling.matcher"),
     ],
 )
 def test_bad_settings_are_refused_with_the_reason(override, message, tmp_path):

@@ -424,3 +424,35 @@ def test_one_round_from_the_warm_start_learns_from_its_pairs(synthetic_bm25_serv
     assert after["pairs"]["pairs"] >= 30, after["pairs"]
     assert after["dpo"]["pairs_reward_accuracy"] > 0.6, after["dpo"]
     assert after["heldout"]["em"] >= start["heldout"]["em"] - 0.02, (start["heldout"], after["heldout"])
+
+
+@pytest.mark.slow
+def test_one_round_from_the_over_searching_warm_start_cuts_searches(multihop_bm25_server, tmp_path):
+    """IP-DPO's promise where it applies (benchmarks/ipdpo_efficiency.py): from a policy that searches about
+    twice where once suffices, one round's process-ranked pairs lower held-out searches per question."""
+    from autorefine.config import IPDPORunConfig
+    from autorefine.settings import load_config
+
+    out = tmp_path / "run"
+    config = load_config(
+        IPDPORunConfig,
+        REPO_ROOT / "configs" / "ipdpo" / "tiny-cpu-oversearch.yaml",
+        [
+            f"retriever.url={multihop_bm25_server}",
+            f"trainer.output_dir={out}",
+            "rounds=1",
+            "sampling.questions_per_round=64",
+            "logging.pair_accuracy_pairs=64",
+        ],
+    )
+    train_ipdpo(config)
+    start, after = rows(out / "rounds.jsonl")
+    stats = json.loads((out / "round-1" / "pair_stats.json").read_text())["stats"]
+    assert after["pairs"]["pairs"] >= 16, after["pairs"]
+    assert start["heldout"]["searches"] >= 2.0  # the warm start over-searches
+    assert after["heldout"]["searches"] <= start["heldout"]["searches"] - 0.1, (
+        start["heldout"],
+        after["heldout"],
+    )
+    assert after["heldout"]["em"] >= start["heldout"]["em"] - 0.05, (start["heldout"], after["heldout"])
+    assert stats["chosen"]["steps"] < stats["rejected"]["steps"], stats  # what the pairs taught

@@ -21,6 +21,7 @@ from autorefine.retrieval import RetrieverClient
 from autorefine.rollout import AgentLoop, RolloutSettings, SamplingParams
 from autorefine.rollout.trajectory import FinishReason, Segment, Trajectory
 from autorefine.scoring.process import ChannelWeights, EmbeddingMatcher, LexicalMatcher, build_matcher
+from autorefine.scoring.reward import RewardSettings
 from autorefine.scoring.trajectory import score_trajectories, score_trajectory
 from tests.helpers import QWEN_TOKENIZER, REPO_ROOT, ScriptedEngine, Turn
 
@@ -399,3 +400,43 @@ def test_no_search_is_scored_by_the_answer_alone_with_or_without_evidence(played
     assert with_evidence.steps == without.steps == 0
     assert with_evidence.process == with_evidence.outcome == 1.0
     assert without.process == without.outcome == 1.0
+
+
+# --- process-aware reward (reward.process_weight) --------------------------------------------------------
+
+
+def test_process_weight_adds_the_process_score_only_where_there_is_evidence(played, servers):
+    weighted = RewardSettings(process_weight=0.5)
+    gold, repeat = (played["full"][s] for s in ("gold", "repeat"))
+    plain_gold, plain_repeat = score_trajectories([gold, repeat], [TWO_HOP] * 2, LexicalMatcher())
+    aware_gold, aware_repeat = score_trajectories([gold, repeat], [TWO_HOP] * 2, LexicalMatcher(), weighted)
+    for plain, aware in ((plain_gold, aware_gold), (plain_repeat, aware_repeat)):
+        assert plain.process_reward == 0.0
+        assert aware.process_reward == pytest.approx(0.5 * plain.process)
+        assert aware.reward == pytest.approx(plain.reward + 0.5 * plain.process)
+        assert (aware.f1, aware.process) == (plain.f1, plain.process)
+    # Same answer (F1 1): the redundant search now costs reward, which GRPO's advantages see.
+    assert plain_gold.reward == plain_repeat.reward == 1.0
+    assert aware_gold.reward > aware_repeat.reward
+
+    once = play(
+        servers["full"],
+        {
+            "once": [
+                Turn("<think> t </think>\n<search> Big Apple </search>"),
+                Turn("<refine> a nickname </refine>\n<answer> New York </answer>"),
+            ]
+        },
+        NO_EVIDENCE,
+    )["once"]
+    plain, aware = (
+        score_trajectory(once, NO_EVIDENCE, LexicalMatcher(), r) for r in (RewardSettings(), weighted)
+    )
+    assert aware.reward == plain.reward == pytest.approx(0.8) and aware.process_reward == 0.0
+
+
+def test_process_weight_and_matcher_are_checked():
+    with pytest.raises(ValueError, match="process_weight must be >= 0"):
+        RewardSettings(process_weight=-0.1)
+    with pytest.raises(ValueError, match=r"reward\.matcher must be lexical"):
+        RewardSettings(matcher="bm25")

@@ -176,6 +176,7 @@ def _bd(reward, outcome, em, f1, cover_em, hit, has_answer, fmt) -> dict[str, fl
         "refine_hit": hit,
         "has_answer": has_answer,
         "format": fmt,
+        "process_reward": 0.0,
     }
 
 
@@ -317,4 +318,5 @@ def test_as_dict_has_every_field() -> None:
         "refine_hit",
         "has_answer",
         "format",
+        "process_reward",
     ]

@@ -20,7 +20,13 @@ from autorefine.scoring.process import LexicalMatcher
 from autorefine.scoring.trajectory import score_trajectories
 from autorefine.settings import load_config
 from autorefine.training.sft.traces import TracePlan, build_gold_traces, planned_turns
-from testbed.synthetic_multihop import hop_report, load_world, warmstart_plans, write_multihop_task
+from testbed.synthetic_multihop import (
+    hop_report,
+    load_world,
+    oversearch_plans,
+    warmstart_plans,
+    write_multihop_task,
+)
 from tests.helpers import MULTIHOP_DIR, REPO_ROOT, SYNTHETIC_DIR
 
 PRESET = REPO_ROOT / "configs" / "sft" / "multihop-warmstart.yaml"
@@ -177,6 +183,37 @@ def test_planned_traces_repeat_a_search_or_answer_early(client):
         TracePlan((), "x")
     with pytest.raises(ValueError, match=r"unknown question kinds \['three_hop'\]"):
         warmstart_plans(two_hop, WORLD, early_fraction=0.0, repeat_fraction={"three_hop": 1.0})
+
+
+def test_oversearch_traces_answer_right_after_redundant_searches(client):
+    questions = [q for q in HELDOUT if q.metadata["kind"] != "city"][:12] + [
+        q for q in HELDOUT if q.metadata["kind"] == "city"
+    ][:6]
+    habits = {"repeat": 1.0, "paraphrase": 1.0, "unneeded": 1.0}
+    plans = oversearch_plans(
+        questions, WORLD, extra_searches={1: (0, 0, 1), 2: (0, 1)}, habits=habits, seed=1
+    )
+    assert set(plans) == {q.id for q in questions}  # no weight on 0 extra searches: every question has a plan
+    assert {h for _, used in plans.values() for h in used} == set(habits)
+    traces = traces_of(questions, client, planned_turns({k: p for k, (p, _) in plans.items()}))
+    assert len(traces) == len(questions)  # each trace still retrieves its gold evidence and answers
+    scores = score_trajectories([t for _, t in traces], [q for q, _ in traces], LexicalMatcher())
+    for (question, trajectory), score in zip(traces, scores, strict=True):
+        gold = [item.title for item in question_evidence(question)]
+        used = plans[question.id][1]
+        assert trajectory.queries[: len(gold)] == gold and trajectory.num_searches == len(gold) + len(used)
+        assert trajectory.answer == question.golden_answers[0] and score.outcome == 1.0
+        assert score.process < 1.0  # every extra search is redundant
+        for i, habit in enumerate(used, start=len(gold)):
+            query = trajectory.queries[i]
+            if habit == "repeat":
+                assert query == trajectory.queries[i - 1]
+            elif habit == "paraphrase":
+                assert query.startswith(gold[-1]) and query != gold[-1]
+            else:
+                assert query not in gold
+    with pytest.raises(ValueError, match=r"unknown names \['guess'\]"):
+        oversearch_plans(questions, WORLD, extra_searches={1: (1,)}, habits={"guess": 1.0})
 
 
 def test_warm_start_checkpoint_is_small_and_records_how_it_was_made():

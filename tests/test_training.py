@@ -493,3 +493,50 @@ def test_latest_checkpoint_skips_folders_that_are_no_checkpoint(tmp_path):
     # A stray `checkpoint-x` (a copy, a renamed folder) used to crash `--resume latest` with a ValueError.
     assert latest_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")
     assert latest_checkpoint(tmp_path / "missing") is None
+
+
+# --- process-aware GRPO (reward.process_weight) ----------------------------------------------------------
+
+
+def test_process_weight_without_any_evidence_is_refused_before_anything_loads(tmp_path, monkeypatch):
+    import autorefine.training.grpo.trainer as grpo
+
+    monkeypatch.setattr(
+        grpo, "load_tokenizer_and_policy", lambda *a, **k: pytest.fail("the model was loaded")
+    )
+    # The one-hop synthetic task carries no evidence; no retriever is needed to refuse.
+    config = tiny_config("http://127.0.0.1:9", tmp_path, "reward.process_weight=0.5")
+    with pytest.raises(RunError, match=r"reward.process_weight=0.5 needs gold evidence, but none of the \d+"):
+        build_trainer(config)
+    from autorefine.cli import main
+
+    assert main(["train-grpo", "--config", str(TINY_CPU), "--check", "reward.process_weight=0.5"]) == 2
+
+
+def test_process_aware_grpo_step_adds_the_process_score_to_the_reward(multihop_bm25_server, tmp_path):
+    """One real GRPO step on the multi-hop task: each evidence question's reward is its AutoRefine reward plus
+    0.5 × its process score, and the term is logged as its own reward component."""
+    config = tiny_config(
+        multihop_bm25_server,
+        tmp_path,
+        "model.name_or_path=data/synthetic_multihop/warmstart",
+        "template=data/synthetic_multihop/template.txt",
+        "data.train_file=data/synthetic_multihop/train.jsonl",
+        "rollout.max_turns=3",
+        "rollout.max_completion_tokens=448",
+        "trainer.max_steps=1",
+        "reward.process_weight=0.5",
+    )
+    trainer, _ = build_trainer(config)
+    events = []
+    trainer.reward_funcs[0].rewards.subscribe(events.append)
+    trainer.train()
+    (event,) = events
+    assert len(event.scores) == 32
+    for score, reward in zip(event.scores, event.rewards, strict=True):
+        assert score.process_reward == pytest.approx(0.5 * score.process)
+        plain = score.outcome if score.outcome > 0 else 0.1 * score.refine_hit
+        assert reward == pytest.approx(score.has_answer * plain + score.process_reward)
+    assert any(s.process_reward > 0 for s in event.scores)
+    logged = [h for h in trainer.state.log_history if "rewards/process_reward/mean" in h]
+    assert logged and logged[0]["rewards/process_reward/mean"] > 0

@@ -98,6 +98,8 @@ METRICS: list[Metric] = [
         cost=True,
     ),
     Metric("has_answer", lambda s: s.reward.has_answer, logged=True),
+    # The process term of a process-aware reward (`reward.process_weight`), logged beside the reward it is in.
+    Metric("process_reward", lambda s: s.reward.process_reward, logged=True),
     Metric("refine_words", lambda s: _words(s.trajectory.refine_texts)),
     Metric("document_words", lambda s: _words([s.trajectory.documents_text])),
     Metric("coverage", lambda s: s.process.coverage),

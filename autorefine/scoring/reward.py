@@ -8,6 +8,7 @@ inserted block. `score_model_text` scores one piece of model text read as a sing
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Literal
@@ -50,10 +51,21 @@ class RewardSettings:
     outcome_metric: OutcomeMetric = "f1"
     refine_bonus: float = 0.1
     format_weight: float = 0.0
+    # Process-aware reward: + process_weight × process score on questions with gold evidence (see
+    # `with_process`); 0 is the AutoRefine reward. `matcher` matches the evidence (lexical | embedding[:model]).
+    process_weight: float = 0.0
+    matcher: str = "lexical"
 
     def __post_init__(self) -> None:
         if self.outcome_metric not in _OUTCOME:
             raise ValueError(f"outcome_metric must be one of {sorted(_OUTCOME)}, got {self.outcome_metric!r}")
+        if not self.process_weight >= 0:  # also refuses NaN
+            raise ValueError(f"reward.process_weight must be >= 0, got {self.process_weight}")
+        kind, _, model = self.matcher.partition(":")
+        if not (kind == "embedding" or (kind == "lexical" and not model)):
+            raise ValueError(
+                f"reward.matcher must be lexical, embedding or embedding:<model>, got {self.matcher!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -68,6 +80,7 @@ class RewardBreakdown:
     refine_hit: float
     has_answer: float
     format: float
+    process_reward: float = 0.0  # the process term inside `reward` (`with_process`; 0 without it)
 
     def as_dict(self) -> dict[str, float]:
         """Plain dict of all fields."""
@@ -123,3 +136,20 @@ def score_model_text(
     return score_answer(
         final_answer(model_text), find_blocks(model_text, REFINE), follows_format(model_text), golds, settings
     )
+
+
+def with_process(
+    breakdown: RewardBreakdown, process: float, has_evidence: bool, settings: RewardSettings
+) -> RewardBreakdown:
+    """The reward plus `settings.process_weight` × the process score, for a question with gold evidence.
+
+    The term is added to whatever the AutoRefine reward gave (F1 when the answer scores, else the refine bonus
+    on a hit, else 0; plus the format term). It also rewards the search path of a wrong answer: a wrong answer
+    outscores a right one only when weight × their process gap exceeds their outcome gap, so keep the weight
+    well below 1. Without evidence the process score falls back to answer F1 per search, which would count the
+    outcome twice: those questions keep the plain reward.
+    """
+    if not settings.process_weight or not has_evidence:
+        return breakdown
+    term = settings.process_weight * process
+    return dataclasses.replace(breakdown, reward=breakdown.reward + term, process_reward=term)

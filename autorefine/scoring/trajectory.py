@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from autorefine.scoring.metrics import METRICS, ScoreContext
 from autorefine.scoring.process import ChannelWeights, LexicalMatcher, Matcher, process_scores
-from autorefine.scoring.reward import RewardSettings, trajectory_reward
+from autorefine.scoring.reward import RewardSettings, trajectory_reward, with_process
 
 if TYPE_CHECKING:
     from autorefine.data import Question
@@ -68,6 +68,7 @@ def score_trajectories(
     for trajectory, question, breakdown, process in zip(
         trajectories, questions, rewards, processes, strict=True
     ):
+        breakdown = with_process(breakdown, process.process, process.evidence_items > 0, reward)
         context = ScoreContext(trajectory, question, breakdown, process)
         out.append(TrajectoryScores({m.name: float(m.value(context)) for m in METRICS}))
     return out

@@ -8,7 +8,8 @@ launch (a file that exists is read and checked), and nothing contacts a server o
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -95,3 +96,18 @@ class Preflight:
         for refusal in self.refusals:
             print(f"- {refusal}")
         return 2
+
+
+def require_evidence(evidence: Sequence[str], config: Any) -> None:
+    """Refuse a process-aware reward (`reward.process_weight`) on training data without any gold evidence.
+
+    `evidence`: each training question's `metadata.evidence` as JSON (GRPO's dataset column). Questions without
+    evidence get the plain reward; when none has any, the weight would silently change nothing.
+    """
+    with_evidence = sum(1 for items in evidence if json.loads(items))
+    if not with_evidence:
+        raise RunError(
+            f"reward.process_weight={config.reward.process_weight} needs gold evidence, but none of the "
+            f"{len(evidence)} questions of {config.data.train_file} has any (metadata.evidence): add evidence "
+            "to the data (docs/process-score.md: Where evidence comes from) or set reward.process_weight=0"
+        )

@@ -34,6 +34,7 @@ from autorefine.rollout.agent import longest_prompt
 from autorefine.rollout.engine import GenerationError
 from autorefine.rollout.engines import TrainerEngine, vllm_server_url
 from autorefine.rollout.vllm_engine import colocated_max_model_len, served_models, serving_card
+from autorefine.scoring.process import build_matcher
 from autorefine.settings import check_trainer_args
 from autorefine.training.arguments import RunError, check_saving, require_devices, with_trainer_defaults
 from autorefine.training.callbacks import (
@@ -57,7 +58,7 @@ from autorefine.training.grpo.samples import LatestSamples, SampleTableCallback,
 from autorefine.training.guard import check_guard
 from autorefine.training.guardrails import GuardCallback, Guardrails
 from autorefine.training.health import rollout_means
-from autorefine.training.preflight import Preflight
+from autorefine.training.preflight import Preflight, require_evidence
 from autorefine.training.rewards import TrajectoryRewards, question_rows, reward_weights
 from autorefine.training.search_rollout import SearchRollout, rollout_sampling
 from autorefine.trl_private import save_full_checkpoint
@@ -341,6 +342,8 @@ def preflight(config: GRPORunConfig, pre: Preflight) -> dict[str, Any]:
     pre.run("model", lambda: trained_weights_dtype(config.model, config.lora))
     built["template"] = pre.run("template", lambda: PromptTemplate.load(config.template))
     built["train"] = pre.file("data.train_file", config.data.train_file, build_dataset)
+    if config.reward.process_weight > 0 and built["train"] is not None:
+        pre.run("reward.process_weight", lambda: require_evidence(built["train"]["evidence"], config))
     if config.heldout.file and config.heldout.every > 0:
         pre.file("heldout.file", config.heldout.file, lambda f: read_questions(f, limit=config.heldout.limit))
     built["tokenizer"] = pre.run("tokenizer", lambda: tokenizer_for_check(config, pre))
@@ -394,7 +397,7 @@ def build_trainer(
     state = check_job(config, args)
     if args.use_vllm and args.vllm_mode == "server":
         on_every_process(state, lambda: check_context_window(config, args, tokenizer))
-    rewards = TrajectoryRewards(config.reward, means=rollout_means)
+    rewards = TrajectoryRewards(config.reward, build_matcher(config.reward.matcher), means=rollout_means)
     client = client or on_every_process(state, lambda: connect_retriever(config.retriever))
     difficulty = config.data.difficulty_filter
     if difficulty.enabled and state.num_processes > 1:
