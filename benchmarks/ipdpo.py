@@ -31,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.synthetic_setup import load_average  # noqa: E402
+from benchmarks.synthetic_setup import hops_of_heldout, load_average, read_jsonl, run  # noqa: E402
 from testbed.retriever import ensure_bm25_index, running_retriever  # noqa: E402
 
 TASK = REPO / "data" / "synthetic_multihop"
@@ -40,27 +40,6 @@ GRPO_PRESET = REPO / "configs" / "grpo" / "tiny-cpu.yaml"
 CLI = [sys.executable, "-m", "autorefine.cli"]
 IPDPO_OVERRIDES: list[str] = []  # --set: applied to every IP-DPO run (e.g. a smaller smoke run)
 DEVICE_OVERRIDES: list[str] = []  # --gpu: every run trains and samples on the GPU (float32, as on the CPU)
-
-
-def run(command: list[str], log: Path) -> float:
-    """Run a command from the repository root (output to `log`); returns its wall time."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    with log.open("a", encoding="utf-8") as out:
-        subprocess.run(command, check=True, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-    return time.perf_counter() - started
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """Rows of a JSONL file."""
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def hops_of_heldout() -> dict[str, int]:
-    """Question id → number of hops, from the held-out file's metadata."""
-    return {
-        row["id"]: int(row.get("metadata", {}).get("hops", 1)) for row in read_jsonl(TASK / "heldout.jsonl")
-    }
 
 
 def summarize(predictions: list[dict], hops: dict[str, int]) -> dict[str, float]:

@@ -27,15 +27,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.synthetic_setup import load_average  # noqa: E402
+from benchmarks.synthetic_setup import hops_of_heldout, load_average, read_jsonl, run  # noqa: E402
 from testbed.retriever import ensure_bm25_index, running_retriever  # noqa: E402
 
 TASK = REPO / "data" / "synthetic_multihop"
@@ -55,25 +53,6 @@ MODEL: list[
     str
 ] = []  # --model: another starting policy than the presets' (a smoke run before the warm start)
 SHOWN = ("em", "f1", "searches", "model_tokens", "refine_words")
-
-
-def run(command: list[str], log: Path) -> float:
-    """Run a command from the repository root (output appended to `log`); its wall time in seconds."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    with log.open("a", encoding="utf-8") as out:
-        subprocess.run(command, check=True, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-    return time.perf_counter() - started
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """Rows of a JSONL file."""
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def hops_of_heldout() -> dict[str, int]:
-    """Held-out question id → its number of hops."""
-    return {r["id"]: int(r["metadata"]["hops"]) for r in read_jsonl(TASK / "heldout.jsonl")}
 
 
 def write_eval(rows: list[dict], folder: Path) -> None:

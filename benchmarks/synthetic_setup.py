@@ -1,10 +1,13 @@
-"""Shared setup for benchmarks on the synthetic task: the BM25 index, paths, machine load, medians."""
+"""Shared setup for benchmarks on the synthetic tasks: the BM25 index, paths, commands, machine load, medians."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -13,12 +16,34 @@ sys.path.insert(0, str(REPO))  # testbed/ (the bench) is not installed; benchmar
 from testbed.retriever import ensure_bm25_index  # noqa: E402
 
 SYNTHETIC = REPO / "data" / "synthetic"
+MULTIHOP = REPO / "data" / "synthetic_multihop"
 INDEX = REPO / "runs" / "bench" / "synthetic-bm25"
 
 
 def ensure_index(index: Path = INDEX) -> Path:
     """The BM25 index over the synthetic corpus, built on first use (~1 s)."""
     return ensure_bm25_index(SYNTHETIC / "corpus.jsonl", index)
+
+
+def run(command: list[str], log: Path) -> float:
+    """Run a command from the repository root (output appended to `log`); its wall time in seconds."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with log.open("a", encoding="utf-8") as out:
+        subprocess.run(command, check=True, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    return time.perf_counter() - started
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Rows of a JSONL file."""
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def hops_of_heldout() -> dict[str, int]:
+    """Multi-hop held-out question id → its number of hops."""
+    return {
+        row["id"]: int(row.get("metadata", {}).get("hops", 1)) for row in read_jsonl(MULTIHOP / "heldout.jsonl")
+    }
 
 
 def load_average() -> str:
