@@ -2,6 +2,7 @@
 
     python benchmarks/retrieval_quality.py [--index-root runs/bench/quality] [--chunk-tokens 64]
         [--rerank .cache/models/smollm2-135m-instruct] [--rerank-depths 10 20] [--rerank-questions 30] [--threads 2]
+        [--rerank-modes query-likelihood yes-no] [--weights 0.3 0.7 --rerank-only]
         [--replay QUERY_LOG ...]
 
 Builds (once, then reused) a hybrid index (BM25 + embedded MiniLM, flat) and a chunked hybrid index of
@@ -12,7 +13,8 @@ questions and reported on the 100 *dev* ones (both carry their supporting paragr
 `metadata.evidence`; the demo MuSiQue and 2Wiki samples carry none). Recall is that of
 `retriever-server audit`: the share of gold paragraphs in the top k, plus the share of questions with
 both paragraphs in the top k. Also: MiniLM recall with a bf16 query encoder against fp32, the reranker's
-latency per query (2 cores: say the load), and with --replay the result-cache hit rate of recorded query
+latency per query in each --rerank-modes (2 cores: say the load); --weights skips the fusion sweep and
+--rerank-only skips the first-stage table but the reranked subset's own baseline; and with --replay the result-cache hit rate of recorded query
 logs (`serve --query-log`) at several cache sizes.
 
 Prints markdown tables.
@@ -39,6 +41,7 @@ from retriever_server.audit import audit  # noqa: E402
 from retriever_server.build import build_index  # noqa: E402
 from retriever_server.cache import ResultCache  # noqa: E402
 from retriever_server.indexes import configure_threads  # noqa: E402
+from retriever_server.rerank import RERANK_MODES  # noqa: E402
 from retriever_server.search import Fusion  # noqa: E402
 
 CORPUS = REPO / "data" / "demo" / "corpus.jsonl"
@@ -114,6 +117,11 @@ def main() -> None:
     parser.add_argument("--rerank", type=Path, default=SMOLLM2, help="causal LM folder (skipped if absent)")
     parser.add_argument("--rerank-depths", type=int, nargs="+", default=[10, 20])
     parser.add_argument("--rerank-questions", type=int, default=30, help="dev questions reranked (30)")
+    parser.add_argument("--rerank-modes", nargs="+", choices=RERANK_MODES, default=["query-likelihood"])
+    parser.add_argument(
+        "--weights", type=float, nargs=2, default=None, help="fusion weights; skips the sweep"
+    )
+    parser.add_argument("--rerank-only", action="store_true", help="only the reranked subset's rows")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--replay", type=Path, nargs="*", default=[], help="query logs to replay")
     parser.add_argument("--cache-sizes", type=int, nargs="+", default=[256, 4096])
@@ -138,14 +146,34 @@ def main() -> None:
     hybrid = Retriever.load(plan_serving(ServeConfig(index_dir=hybrid_dir, threads=args.threads)))
     chunked = Retriever.load(plan_serving(ServeConfig(index_dir=chunked_dir, threads=args.threads)))
 
-    # Fusion weights, chosen on train.
-    sweep = []
-    for bm25, dense in [(1.0, 0.0), (0.0, 1.0), *SWEEP]:
-        sweep.append((f"bm25 {bm25} : dense {dense}", recall(with_fusion(hybrid, bm25, dense), TRAIN)))
-    print(f"### Fusion weights on the 400 train questions (RRF k = 60)\n\n{table(sweep)}\n")
-    best = max(SWEEP, key=lambda w: sum(dict(sweep)[f"bm25 {w[0]} : dense {w[1]}"].values()))
-    print(f"- best on train: bm25 {best[0]} : dense {best[1]}\n")
+    if args.weights is None:  # fusion weights, chosen on train
+        sweep = []
+        for bm25, dense in [(1.0, 0.0), (0.0, 1.0), *SWEEP]:
+            sweep.append((f"bm25 {bm25} : dense {dense}", recall(with_fusion(hybrid, bm25, dense), TRAIN)))
+        print(f"### Fusion weights on the 400 train questions (RRF k = 60)\n\n{table(sweep)}\n")
+        best = max(SWEEP, key=lambda w: sum(dict(sweep)[f"bm25 {w[0]} : dense {w[1]}"].values()))
+        print(f"- best on train: bm25 {best[0]} : dense {best[1]}\n")
+    else:
+        best = tuple(args.weights)
 
+    rows: list[tuple[str, dict[str, Any]]] = []
+    precision: list[str] = []
+    if not args.rerank_only:
+        rows, precision = first_stage(args, hybrid, chunked, hybrid_dir, best)
+    rerank_rows(args, hybrid, best, rows)
+    print(f"### Evidence recall on the 100 dev questions\n\n{table(rows, 'ms/query')}\n")
+    print("\n".join(precision) + "\n")
+    load_after = os.getloadavg()
+    print(
+        f"- load average (1/5/15 min) before: {'/'.join(f'{x:.2f}' for x in load_before)}, "
+        f"after: {'/'.join(f'{x:.2f}' for x in load_after)}; {os.cpu_count()} CPUs"
+    )
+
+
+def first_stage(
+    args: argparse.Namespace, hybrid: Retriever, chunked: Retriever, hybrid_dir: Path, best: tuple[float, ...]
+) -> tuple[list[tuple[str, dict[str, Any]]], list[str]]:
+    """Dev recall of every first-stage configuration, and MiniLM's bf16 against fp32 lines."""
     rows = []
     for name, retriever, weights in (
         ("BM25", hybrid, (1.0, 0.0)),
@@ -172,38 +200,40 @@ def main() -> None:
         precision.append(
             f"- MiniLM recall@3 on {name}: fp32 query encoder {a['recall@3']:.3f}, bf16 {b['recall@3']:.3f}"
         )
+    return rows, precision
 
-    if args.rerank.is_dir():
-        from retriever_server.rerank import load_reranker
 
-        # A 135M judge costs ~1 s per candidate on 2 busy cores: rerank the first N dev questions only, and
-        # compare with the first stage on the same N.
-        subset = args.index_root / f"dev-first{args.rerank_questions}.jsonl"
-        subset.write_text("".join(DEV.read_text("utf-8").splitlines(keepends=True)[: args.rerank_questions]))
-        judge = load_reranker(str(args.rerank), dtype="bf16")
-        base = with_fusion(hybrid, *best)
-        rows.append(
-            (f"hybrid {best[0]}:{best[1]}, first {args.rerank_questions} questions", recall(base, subset))
+def rerank_rows(
+    args: argparse.Namespace,
+    hybrid: Retriever,
+    best: tuple[float, ...],
+    rows: list[tuple[str, dict[str, Any]]],
+) -> None:
+    """Append the reranked subset's baseline and each (mode, depth) row to `rows`."""
+    if not args.rerank.is_dir():
+        print(
+            f"- reranking skipped: no model folder at {args.rerank} (autorefine fetch-model smollm2-135m-instruct)"
         )
+        return
+    from retriever_server.rerank import load_reranker
+
+    # A 135M judge costs ~1 s per candidate on 2 busy cores: rerank the first N dev questions only, and
+    # compare with the first stage on the same N.
+    n = args.rerank_questions
+    subset = args.index_root / f"dev-first{n}.jsonl"
+    subset.write_text("".join(DEV.read_text("utf-8").splitlines(keepends=True)[:n]))
+    base = with_fusion(hybrid, *best)
+    rows.append((f"hybrid {best[0]}:{best[1]}, first {n} questions", recall(base, subset)))
+    for mode in args.rerank_modes:
+        judge = load_reranker(str(args.rerank), dtype="bf16", mode=mode)
         for depth in args.rerank_depths:
             base.reranker, base.plan.config.rerank_depth = judge, depth
             judge.seconds = 0.0
             r: dict[str, Any] = recall(base, subset)
-            r["ms/query"] = round(1000 * judge.seconds / args.rerank_questions)
-            rows.append((f"  + SmolLM2 rerank top-{depth}, first {args.rerank_questions} questions", r))
-            print(f"rerank {depth}: {r}", file=sys.stderr)
-        base.reranker = None
-    else:
-        print(
-            f"- reranking skipped: no model folder at {args.rerank} (autorefine fetch-model smollm2-135m-instruct)"
-        )
-    print(f"### Evidence recall on the 100 dev questions\n\n{table(rows, 'ms/query')}\n")
-    print("\n".join(precision) + "\n")
-    load_after = os.getloadavg()
-    print(
-        f"- load average (1/5/15 min) before: {'/'.join(f'{x:.2f}' for x in load_before)}, "
-        f"after: {'/'.join(f'{x:.2f}' for x in load_after)}; {os.cpu_count()} CPUs"
-    )
+            r["ms/query"] = round(1000 * judge.seconds / n)
+            rows.append((f"  + SmolLM2 {mode} rerank top-{depth}, first {n} questions", r))
+            print(f"{mode} rerank {depth}: {r}", file=sys.stderr, flush=True)
+    base.reranker = None
 
 
 if __name__ == "__main__":

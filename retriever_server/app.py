@@ -80,6 +80,7 @@ class ServeConfig:
     rerank: str | None = None  # a causal LM folder judging relevance; None: no reranking
     rerank_depth: int = 10  # candidates re-scored per query
     rerank_dtype: str = "bf16"
+    rerank_mode: str = "query-likelihood"  # or "yes-no" (see retriever_server/rerank.py)
     rerank_batch: int = 16
     cache_size: int = 4096  # results kept for repeated queries; 0 disables the cache
     query_log: Path | None = None  # append every /retrieve request's queries here (JSONL), to replay later
@@ -138,7 +139,7 @@ def check_options(config: ServeConfig, manifest: dict[str, Any], spec: EncoderSp
     if config.rerank is not None:
         from retriever_server.rerank import check_reranker
 
-        check_reranker(config.rerank, config.rerank_dtype)
+        check_reranker(config.rerank, config.rerank_dtype, config.rerank_mode)
         if config.rerank_depth < 1:
             raise ValueError(f"--rerank-depth must be positive, got {config.rerank_depth}")
         if config.rerank_depth > config.max_topk * 10:
@@ -193,7 +194,12 @@ class Retriever:
         if config.rerank is not None:
             from retriever_server.rerank import load_reranker
 
-            reranker = load_reranker(config.rerank, dtype=config.rerank_dtype, batch_size=config.rerank_batch)
+            reranker = load_reranker(
+                config.rerank,
+                dtype=config.rerank_dtype,
+                batch_size=config.rerank_batch,
+                mode=config.rerank_mode,
+            )
         retriever = cls(plan, searcher, store, reranker)
         if dense:
             retriever.process([(["warm-up query"], 1)])  # first passes allocate; keep that out of latency
@@ -442,6 +448,7 @@ def create_app(
                 "score_kind": retriever.score_kind,
                 "rerank": config.rerank,
                 "rerank_depth": config.rerank_depth if config.rerank else None,
+                "rerank_mode": config.rerank_mode if config.rerank else None,
                 "encoder_dtype": config.encoder_dtype if plan.spec is not None else None,
                 "cache": retriever.cache.to_dict(),
             }

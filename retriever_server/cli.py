@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from autorefine.api_key import API_KEY_ENV, read_api_key
+from retriever_server.rerank import RERANK_MODES
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -280,10 +281,17 @@ def build_parser() -> argparse.ArgumentParser:
         default="fp32",
         help="dense query encoder precision on CPU (bf16: faster where the CPU has AVX512-BF16/AMX)",
     )
-    rerank = serve.add_argument_group("reranking: a causal LM judges each of the top candidates (yes/no)")
+    rerank = serve.add_argument_group("reranking: a causal LM judges each of the top candidates")
     rerank.add_argument("--rerank", default=None, metavar="MODEL_DIR", help="causal LM folder (none)")
     rerank.add_argument(
         "--rerank-depth", type=_positive_int, default=10, help="candidates re-scored per query (10)"
+    )
+    rerank.add_argument(
+        "--rerank-mode",
+        choices=RERANK_MODES,
+        default="query-likelihood",
+        help="query-likelihood: mean log P(query | passage); yes-no: log-odds of a yes/no verdict "
+        "(query-likelihood)",
     )
     rerank.add_argument("--rerank-dtype", choices=("fp32", "bf16"), default="bf16", help="(bf16)")
     rerank.add_argument("--rerank-batch", type=_positive_int, default=16, help="pairs per forward pass (16)")
@@ -470,6 +478,7 @@ def _serve(args: argparse.Namespace) -> int:
         rerank=args.rerank,
         rerank_depth=args.rerank_depth,
         rerank_dtype=args.rerank_dtype,
+        rerank_mode=args.rerank_mode,
         rerank_batch=args.rerank_batch,
         cache_size=args.cache_size,
         query_log=args.query_log,

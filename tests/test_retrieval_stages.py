@@ -189,21 +189,25 @@ def tiny_judge(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.parametrize(
+    ("mode", "score_kind"), [("query-likelihood", "rerank_query_logprob"), ("yes-no", "rerank_logodds")]
+)
 def test_rerank_rescores_the_top_candidates(
-    small_corpus: Path, tmp_path: Path, tiny_judge: Path, start_retriever: Any
+    small_corpus: Path, tmp_path: Path, tiny_judge: Path, start_retriever: Any, mode: str, score_kind: str
 ) -> None:
     build_index(small_corpus, tmp_path, encoder="bm25", index_type="bm25", progress=False)
     plain = Retriever.load(plan_serving(ServeConfig(index_dir=tmp_path)))
-    with start_retriever(tmp_path, rerank=tiny_judge, rerank_depth=6, rerank_dtype="fp32") as (url, _):
+    config = {"rerank": tiny_judge, "rerank_depth": 6, "rerank_dtype": "fp32", "rerank_mode": mode}
+    with start_retriever(tmp_path, **config) as (url, _):
         payload = _retrieve(url, QUERIES, 3)
         health = httpx.get(f"{url}/health").json()
         stats = httpx.get(f"{url}/stats").json()
-    assert payload["score_kind"] == health["score_kind"] == "rerank_logodds"
-    assert health["rerank_depth"] == 6 and stats["rerank_seconds"] > 0
+    assert payload["score_kind"] == health["score_kind"] == score_kind
+    assert health["rerank_depth"] == 6 and health["rerank_mode"] == mode and stats["rerank_seconds"] > 0
     candidates = plain.search(QUERIES, 6)[1]
     from retriever_server.rerank import load_reranker
 
-    judge = load_reranker(str(tiny_judge), dtype="fp32")
+    judge = load_reranker(str(tiny_judge), dtype="fp32", mode=mode)
     for query, rows, hits in zip(QUERIES, candidates, payload["result"], strict=True):
         pool = [plain.store.get(int(r)) for r in rows]
         scores = judge.score([(query, doc["contents"]) for doc in pool])
@@ -212,12 +216,69 @@ def test_rerank_rescores_the_top_candidates(
         assert [hit["score"] for hit in hits] == pytest.approx([scores[i] for i in order], abs=1e-4)
 
 
+def _ql_pairs(small_corpus: Path) -> list[tuple[str, str]]:
+    """Queries and passages of clearly different token lengths, so a batch is padded."""
+    passages = [json.loads(line)["contents"] for line in small_corpus.read_text("utf-8").splitlines()[:4]]
+    passages.append("Short.")
+    queries = [*QUERIES, "who?", "which 1945 film starred the actress who later became a diplomat"]
+    return [(q, p) for q, p in zip(queries, passages, strict=True)]
+
+
+def test_query_likelihood_batched_equals_one_at_a_time(small_corpus: Path, tiny_judge: Path) -> None:
+    from retriever_server.rerank import load_reranker
+
+    judge = load_reranker(str(tiny_judge), dtype="fp32", batch_size=8, mode="query-likelihood")
+    pairs = _ql_pairs(small_corpus)
+    lengths = {sum(map(len, judge.query_tokens(q, p))) for q, p in pairs}
+    assert len(lengths) == len(pairs)  # every row of the batch but the longest is padded
+    batched = judge.score(pairs)
+    alone = [judge.score([pair])[0] for pair in pairs]
+    assert batched == pytest.approx(alone, abs=1e-4)
+    assert len({round(x, 4) for x in batched}) == len(pairs)
+
+
+def test_query_likelihood_scores_only_query_tokens(small_corpus: Path, tiny_judge: Path) -> None:
+    import torch
+
+    from retriever_server.rerank import MAX_PASSAGE_TOKENS, load_reranker
+
+    judge = load_reranker(str(tiny_judge), dtype="fp32", mode="query-likelihood")
+    long_passage = " ".join(["Corliss Archer"] * 400)
+    pairs = [*_ql_pairs(small_corpus), ("Corliss Archer radio program", long_passage)]
+    scores = judge.score(pairs)
+    for (query, passage), score in zip(pairs, scores, strict=True):
+        prefix, target = judge.query_tokens(query, passage)
+        assert target == judge.tokenizer.encode(" " + query, add_special_tokens=False)
+        assert len(prefix) < MAX_PASSAGE_TOKENS + 40  # the passage is cut
+        ids = torch.tensor([prefix + target])
+        with torch.inference_mode():
+            logp = torch.log_softmax(judge.model(ids).logits[0, :-1].float(), -1)
+        per_token = logp[torch.arange(ids.shape[1] - 1), ids[0, 1:]]
+        assert score == pytest.approx(per_token[-len(target) :].mean().item(), abs=1e-4)
+        assert score != pytest.approx(per_token.mean().item(), abs=1e-4)  # the passage part is not counted
+
+
 def test_unknown_reranker_is_refused_at_start(small_corpus: Path, tmp_path: Path, minilm_dir: Path) -> None:
     build_index(small_corpus, tmp_path, encoder="bm25", index_type="bm25", progress=False)
     with pytest.raises(ValueError, match="unknown reranker 'cross-encoder/ms-marco"):
         plan_serving(ServeConfig(index_dir=tmp_path, rerank="cross-encoder/ms-marco-MiniLM-L-6-v2"))
     with pytest.raises(ValueError, match="is not a causal language model"):
         plan_serving(ServeConfig(index_dir=tmp_path, rerank=str(minilm_dir)))
+
+
+def test_unknown_rerank_mode_is_refused_at_start(
+    small_corpus: Path, tmp_path: Path, tiny_judge: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    build_index(small_corpus, tmp_path, encoder="bm25", index_type="bm25", progress=False)
+    with pytest.raises(
+        ValueError, match="unknown rerank mode 'listwise' \\(choose from query-likelihood, yes-no\\)"
+    ):
+        plan_serving(ServeConfig(index_dir=tmp_path, rerank=str(tiny_judge), rerank_mode="listwise"))
+    args = ["serve", "--index", str(tmp_path), "--rerank", str(tiny_judge), "--rerank-mode", "listwise"]
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(args)
+    assert exit_info.value.code == 2
+    assert "--rerank-mode: invalid choice: 'listwise'" in capsys.readouterr().err
 
 
 # ---- cache and bf16 ------------------------------------------------------------------------------------
