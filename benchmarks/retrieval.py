@@ -171,7 +171,11 @@ async def _load(
     latencies: list[float] = []
     bodies = [
         json.dumps(
-            {"queries": [questions[(i + j) % len(questions)] for j in range(per_request)], "topk": TOPK}
+            {
+                "queries": [questions[(i + j) % len(questions)] for j in range(per_request)],
+                "topk": TOPK,
+                "return_scores": True,  # as Search-R1's clients send it (its server crashes without)
+            }
         ).encode()
         for i in range(0, len(questions), per_request if per_request > 1 else 1)
     ]
