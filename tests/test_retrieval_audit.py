@@ -56,6 +56,11 @@ def test_matcher_tells_exact_from_near_duplicates() -> None:
     assert matcher.match("Louis Aragon", "James Gordon Farrell was a novelist.") == (None, "missing")
 
 
+def _bm25_build(corpus: Path, out: Path) -> list[str]:
+    """`retriever-server build` arguments for a BM25 index of `corpus` in `out`."""
+    return ["build", "--encoder", "bm25", "--no-progress", "--corpus", str(corpus), "--out", str(out)]
+
+
 def test_audit_finds_missing_evidence_and_add_evidence_fixes_it(
     files: dict[str, Path], tmp_path: Path, capsys: Any, start_retriever: Any
 ) -> None:
@@ -92,16 +97,7 @@ def test_audit_finds_missing_evidence_and_add_evidence_fixes_it(
 def test_question_file_without_evidence_is_refused(
     files: dict[str, Path], tmp_path: Path, capsys: Any
 ) -> None:
-    args = [
-        "build",
-        "--encoder",
-        "bm25",
-        "--no-progress",
-        "--corpus",
-        str(files["corpus"]),
-        "--out",
-        str(tmp_path),
-    ]
+    args = _bm25_build(files["corpus"], tmp_path)
     assert cli_main([*args, "--add-evidence", str(files["root"] / "no-evidence.jsonl")]) == 1
     assert "carries no evidence" in capsys.readouterr().err
 
@@ -112,16 +108,7 @@ def test_added_evidence_that_would_duplicate_an_id_is_refused(
     clash = {"id": f"evidence:{QUESTIONS[0]['id']}:0", "contents": '"Elsewhere"\nAnother passage.'}
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text(files["corpus"].read_text() + json.dumps(clash) + "\n")
-    args = [
-        "build",
-        "--encoder",
-        "bm25",
-        "--no-progress",
-        "--corpus",
-        str(corpus),
-        "--out",
-        str(tmp_path / "i"),
-    ]
+    args = _bm25_build(corpus, tmp_path / "i")
     assert cli_main([*args, "--add-evidence", str(files["questions"])]) == 1
     assert (
         f"added evidence id 'evidence:{QUESTIONS[0]['id']}:0' is already a passage id"
