@@ -65,8 +65,7 @@ def test_audit_finds_missing_evidence_and_add_evidence_fixes_it(
     files: dict[str, Path], tmp_path: Path, capsys: Any, start_retriever: Any
 ) -> None:
     before_dir, after_dir = tmp_path / "before", tmp_path / "after"
-    base = ["build", "--encoder", "bm25", "--no-progress"]
-    assert cli_main([*base, "--corpus", str(files["corpus"]), "--out", str(before_dir)]) == 0
+    assert cli_main(_bm25_build(files["corpus"], before_dir)) == 0
     before = _audit(before_dir, files["questions"], tmp_path / "before.json", capsys)
     overall = before["evidence_in_corpus"]["overall"]
     assert (overall["questions"], overall["evidence"], overall["missing"]) == (6, 12, 3)
@@ -74,7 +73,7 @@ def test_audit_finds_missing_evidence_and_add_evidence_fixes_it(
     assert set(before["recall_at_k"]) == {"overall", "hotpotqa", "other"}
     assert before["recall_at_k"]["overall"]["5"] <= 9 / 12
 
-    args = [*base, "--corpus", str(files["corpus"]), "--out", str(after_dir), "--add-evidence"]
+    args = [*_bm25_build(files["corpus"], after_dir), "--add-evidence"]
     assert cli_main([*args, str(files["questions"])]) == 0
     assert "plus 3 evidence passages" in capsys.readouterr().out
     added = [row for row in _rows(after_dir / "corpus+evidence.jsonl") if "provenance" in row]
