@@ -55,7 +55,7 @@ REPEAT_FRACTION = {"employer": 0.15, "city": 0.7, "two_hop": 0.15}
 # The over-searching warm start (see oversearch_plans): weights of 0, 1, 2 extra searches per hop count (the
 # rollout allows 3 searches, so a two-hop trace has at most one extra), and of each redundant habit. Clear
 # majorities over-search, so that greedy decoding does too.
-EXTRA_SEARCHES = {1: (0.1, 0.7, 0.2), 2: (0.15, 0.85)}
+EXTRA_SEARCHES = {1: (0.1, 0.9), 2: (0.15, 0.85)}
 HABIT_WEIGHTS = {"repeat": 0.4, "paraphrase": 0.35, "unneeded": 0.25}
 
 
