@@ -52,9 +52,9 @@ OUT = {"multihop-oversearch": "warmstart-oversearch"}
 # stable (it re-checks city questions, answers the rest in the fewest searches) and sampling shows the rest.
 EARLY_FRACTION = 0.3
 REPEAT_FRACTION = {"employer": 0.15, "city": 0.7, "two_hop": 0.15}
-# The over-searching warm start (see oversearch_plans): weights of 0, 1, 2 extra searches per hop count (the
-# rollout allows 3 searches, so a two-hop trace has at most one extra), and of each redundant habit. Clear
-# majorities over-search, so that greedy decoding does too.
+# The over-searching warm start (see oversearch_plans): weights of 0, 1 extra searches per hop count, and of
+# each redundant habit. Clear majorities over-search, so that greedy decoding does too. At most one extra: with
+# two (the first build) the policy learnt "one more after an extra" and ran into the 3-search limit unanswered.
 EXTRA_SEARCHES = {1: (0.1, 0.9), 2: (0.15, 0.85)}
 HABIT_WEIGHTS = {"repeat": 0.4, "paraphrase": 0.35, "unneeded": 0.25}
 
