@@ -77,7 +77,9 @@ def train(seed: int, name: str, url: str, out: Path, questions: int) -> None:
         command = [*CLI, "train-ipdpo", "--config", str(IPDPO_PRESET), f"retriever.url={url}",
                    f"trainer.output_dir={folder}", f"trainer.seed={seed}", f"rounds={ROUNDS[0]}", *MODEL,
                    f"sampling.questions_per_round={questions}", f"sampling.samples_per_question={SAMPLES}",
-                   *extra]  # fmt: skip
+                   # outcome-only ranking cannot tell two right answers apart and finds 14-19 pairs per round
+                   # here: both arms train on what they find rather than stop at the preset's 16
+                   "pairs.min_pairs=1", *extra]  # fmt: skip
         if (folder / "round-0").exists():
             command.append("--resume")
         seconds["train"] = run(command, log)
