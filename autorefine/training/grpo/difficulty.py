@@ -137,7 +137,7 @@ class FilterResult:
     kept: list[Question]
     rates: dict[str, float]
     folder: Path
-    sampled: int  # questions sampled by this call (0: everything came from the cache)
+    sampled: int  # questions sampled by this call, on all processes (0: everything came from the cache)
     refilter: Refilter | None = None  # the re-filtering callback, when `refilter_every` is set
 
     @property
