@@ -2,7 +2,7 @@
 
     accelerate launch --config_file configs/accelerate/cpu_2proc.yaml tests/launch_grpo.py \
         --report DIR [--fake-vllm] [--fail-search-on-rank R --fail-at-search N]
-        [--fail-generate-on-rank R --fail-generate-after-step S] -- OVERRIDE...
+        [--fail-generate-on-rank R --fail-generate-after-step S] [--build-only] -- OVERRIDE...
 
 `--fake-vllm` swaps vLLM and TRL's vLLM server client for tests/fake_vllm.py (colocate or server mode, as the
 overrides say). `--fail-search-on-rank R` makes rank R's retriever connection drop at its N-th search call (as
@@ -10,6 +10,10 @@ a lost server would: `RetrieverUnavailableError`). `--fail-generate-on-rank R` m
 TRL's vLLM client does on an HTTP 400) once S optimizer steps are done. Each rank writes DIR/rank-R.json: its held-out history,
 how often its engine was called with and without prompts of its own, the vLLM calls it saw, its retriever
 client's per-replica counters, and the error that stopped it, if any. The exit status is `autorefine`'s: 0, or 2 for a run that stopped with a message.
+With `data.difficulty_filter` on, the report also holds the filter's batches this rank sampled (question ids;
+an empty one took its turns without prompts), what the filter returned on that rank (kept ids, rates,
+questions sampled), the ids still trained on at the end, and the re-filter's latest group of each question.
+`--build-only` builds the trainer (the filter included) and stops before training.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ def main() -> int:
     parser.add_argument("--fail-at-search", type=int, default=1)
     parser.add_argument("--fail-generate-on-rank", type=int)
     parser.add_argument("--fail-generate-after-step", type=int, default=1)
+    parser.add_argument("--build-only", action="store_true")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     if args.fake_vllm:
@@ -64,6 +69,9 @@ def main() -> int:
     from autorefine.settings import load_config
     from autorefine.training.arguments import RunError
     from autorefine.training.callbacks import HeldoutEvalCallback
+    from autorefine.training.grpo import difficulty
+    from autorefine.training.grpo import trainer as grpo_trainer
+    from autorefine.training.grpo.difficulty import KeptQuestions, Refilter
     from autorefine.training.grpo.trainer import build_trainer, run_grpo
     from tests.helpers import REPO_ROOT
 
@@ -74,7 +82,27 @@ def main() -> int:
     if args.fail_search_on_rank == rank:
         client = FailingSearcher(client, args.fail_at_search)
     report: dict[str, Any] = {"rank": rank, "calls_with_prompts": 0, "calls_without_prompts": 0}
+    report["filter_batches"] = []
+    sample_batch = difficulty.sample_batch
+
+    def recording_batch(chunk: Any, *rest: Any) -> Any:
+        report["filter_batches"].append([q.id for q in chunk])
+        return sample_batch(chunk, *rest)
+
+    difficulty.sample_batch = recording_batch
+    apply_difficulty_filter = grpo_trainer.apply_difficulty_filter
+
+    def reporting_filter(*given: Any, **named: Any) -> Any:
+        result = apply_difficulty_filter(*given, **named)
+        kept = [q.id for q in result.kept]
+        report["difficulty"] = {"kept": kept, "rates": result.rates, "sampled": result.sampled}
+        return result
+
+    grpo_trainer.apply_difficulty_filter = reporting_filter
     trainer, rollout = build_trainer(config, client=client)
+    if args.build_only:
+        write_report(Path(args.report), report)
+        return 0
     engine = rollout.engine.engine
     generate = engine.generate
 
@@ -101,11 +129,20 @@ def main() -> int:
         report["vllm_calls"] = getattr(llm, "calls", None)
         report["global_step"] = trainer.state.global_step
         report["retriever"] = connection.stats()
-        Path(args.report).mkdir(parents=True, exist_ok=True)
-        (Path(args.report) / f"rank-{rank}.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
+        if isinstance(trainer.train_dataset, KeptQuestions):
+            report["train_ids"] = trainer.train_dataset.active_ids()
+        refilter = [c for c in trainer.callback_handler.callbacks if isinstance(c, Refilter)]
+        report["refilter_latest"] = refilter[0].latest if refilter else None
+        write_report(Path(args.report), report)
     if status:
         print(f"error: {report['error']}", file=sys.stderr)
     return status
+
+
+def write_report(folder: Path, report: dict[str, Any]) -> None:
+    """This rank's report, as DIR/rank-R.json."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"rank-{report['rank']}.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,13 @@ With `refilter_every` N, every N optimizer steps the rollouts already sampled fo
 questions they were sampled for (the latest group of each): a question whose latest group left the band is
 dropped from then on. The dropped ids are recorded per step in `<output_dir>/difficulty/refilter.json`, so a
 resumed run drops the same ones.
+
+On several processes (`accelerate launch`: DDP, DeepSpeed, FSDP) the batches are dealt out in turn, each process
+sampling its share with its own engine, and every round's rewards are gathered to all processes, so every one
+keeps the same questions. Only the main process reads and writes the files and hands what it read to the
+others. The batches and their seeds do not depend on the number of processes, so a cache is reused on any.
+Every process runs the same number of batches, the last ones possibly empty: a lockstep engine needs every
+process in every turn. The re-filter sees every process's groups, so it drops the same questions everywhere.
 """
 
 from __future__ import annotations
@@ -36,8 +43,10 @@ from autorefine.rollout.agent import AgentLoop, RolloutSettings
 from autorefine.scoring.reward import RewardSettings
 from autorefine.scoring.trajectory import score_trajectories
 from autorefine.training.arguments import RunError
+from autorefine.training.distributed import on_main
 
 if TYPE_CHECKING:
+    from accelerate import PartialState
     from trl import GRPOTrainer
 
     from autorefine.rollout.engine import SamplingParams
@@ -54,12 +63,46 @@ HISTOGRAM_BINS = 10
 
 
 def policy_hash(model: torch.nn.Module) -> str:
-    """sha256 of a model's weights (names, dtypes, shapes and bytes): which policy the samples came from."""
+    """sha256 of a model's weights (names, dtypes, shapes and bytes): which policy the samples came from.
+
+    A model that DeepSpeed ZeRO-3 partitioned as it loaded is hashed whole, one gathered parameter at a time:
+    then every process must call it (each gather is a collective).
+    """
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    for name, tensor in sorted(model.state_dict(keep_vars=True).items()):
+        with gathered_whole(tensor):
+            data = tensor.detach()
+            digest.update(f"{name}:{data.dtype}:{tuple(data.shape)}".encode())
+            digest.update(data.cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def zero3_partitioned(model: torch.nn.Module) -> bool:
+    """Whether DeepSpeed ZeRO-3 partitioned the model's parameters as it loaded (`zero.Init`)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def gathered_whole(tensor: torch.Tensor) -> contextlib.AbstractContextManager[Any]:
+    """A ZeRO-3 partitioned parameter gathered whole on every process while inside; anything else as it is."""
+    if not hasattr(tensor, "ds_id"):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([tensor], modifier_rank=None)
+
+
+def agreed_policy_hash(state: PartialState, model: torch.nn.Module) -> str:
+    """`policy_hash` of the starting policy (before `accelerator.prepare`), the main process's on every process.
+
+    The main process is the one sure to hold the whole weights then (FSDP's cpu_ram_efficient_loading trusts
+    only local rank 0's, which it broadcasts at `prepare`), so it hashes alone and broadcasts: one hash, one
+    cache folder, and no process's hash can differ. Under ZeRO-3 no process holds them whole: every process
+    takes part in gathering each parameter, and the main process's digest is the one kept.
+    """
+    if zero3_partitioned(model):
+        digest = policy_hash(model)
+        return on_main(state, lambda: digest)
+    return on_main(state, lambda: policy_hash(model))
 
 
 def cache_key(
@@ -94,7 +137,7 @@ class FilterResult:
     kept: list[Question]
     rates: dict[str, float]
     folder: Path
-    sampled: int  # questions sampled by this call (0: everything came from the cache)
+    sampled: int  # questions sampled by this call, on all processes (0: everything came from the cache)
     refilter: Refilter | None = None  # the re-filtering callback, when `refilter_every` is set
 
     @property
@@ -141,6 +184,57 @@ def read_cached(path: Path) -> dict[str, list[float]]:
     return cached
 
 
+def shard_batches(todo: Sequence[Question], size: int, rank: int, world_size: int) -> list[list[Question]]:
+    """This process's sampling batches: every `world_size`-th batch of `size` questions of `todo`, from `rank`.
+
+    Every process gets as many batches as the busiest, the last ones possibly empty: under a lockstep engine
+    each batch is collective (every process takes every turn, a sharded model's forward passes included), and
+    the engines take part without prompts of their own, so no question is repeated to fill a batch.
+    """
+    batches = [list(todo[start : start + size]) for start in range(0, len(todo), size)]
+    rounds = -(-len(batches) // world_size)
+    mine = batches[rank::world_size]
+    return mine + [[] for _ in range(rounds - len(mine))]
+
+
+def sample_batch(
+    chunk: list[Question],
+    loop_for_batch: Any,
+    params: SamplingParams,
+    settings: DifficultyFilterSettings,
+    reward: RewardSettings,
+    seed: int,
+) -> list[list[float]]:
+    """The K rewards of each question of one batch (an empty batch still takes its turns with the others)."""
+    if chunk:
+        # Seeded per batch by its first question's position, on whichever process samples it, so a resumed
+        # filter samples what an uninterrupted one would have.
+        torch.manual_seed(seed)
+    k = settings.samples
+    repeated = [q for q in chunk for _ in range(k)]
+    with loop_for_batch() as loop:
+        trajectories = loop.run([q.question for q in repeated], params)
+    scores = score_trajectories(trajectories, repeated, reward=reward) if chunk else []
+    return [[s["reward"] for s in scores[i * k : (i + 1) * k]] for i in range(len(chunk))]
+
+
+def gathered(state: PartialState, items: list[Any]) -> list[Any]:
+    """Every process's `items`, concatenated in process order (on one process, `items` itself)."""
+    if state.num_processes == 1:
+        return items
+    from accelerate.utils import gather_object
+
+    return gather_object(items)
+
+
+def append_batches(path: Path, batches: list[tuple[list[str], list[list[float]]]]) -> None:
+    """Append one line per sampled batch to the rewards file (the main process's job)."""
+    with path.open("a", encoding="utf-8") as out:
+        for ids, rewards in batches:
+            if ids:
+                out.write(json.dumps({"ids": ids, "rewards": rewards}) + "\n")
+
+
 def filter_questions(
     questions: Sequence[Question],
     loop_for_batch: Any,
@@ -149,38 +243,43 @@ def filter_questions(
     reward: RewardSettings,
     folder: Path,
     seed: int = 0,
+    *,
+    state: PartialState,
 ) -> FilterResult:
     """Sample the questions not yet in `folder`'s cache, then keep those whose success rate is in the band.
 
-    `loop_for_batch()` is a context manager yielding the `AgentLoop` to sample one batch with.
+    `loop_for_batch()` is a context manager yielding the `AgentLoop` to sample one batch with. On several
+    processes (`state`), every process calls this with the same questions: each samples its share of the
+    batches, and all return the same result.
     """
-    folder.mkdir(parents=True, exist_ok=True)
     position = {q.id: i for i, q in enumerate(questions)}
     path = folder / REWARDS_FILE
-    cached = read_cached(path)
+
+    def read() -> dict[str, list[float]]:
+        folder.mkdir(parents=True, exist_ok=True)
+        return read_cached(path)
+
+    # The main process reads (and mends) the file, the others take its reading: all agree on what is left.
+    cached = on_main(state, read)
     todo = [q for q in questions if q.id not in cached]
-    batch = settings.batch_questions
+    shard = shard_batches(todo, settings.batch_questions, state.process_index, state.num_processes)
     sampled = 0
     # The filter's own seeds must not move training's random stream: a run whose samples come from the cache
     # then trains exactly like one that sampled them.
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices), path.open("a", encoding="utf-8") as out:
-        for start in range(0, len(todo), batch):
-            chunk = todo[start : start + batch]
-            # Seeded per batch by its first question's position, so a resumed filter samples what an
-            # uninterrupted one would have.
-            torch.manual_seed(seed + position[chunk[0].id])
-            with loop_for_batch() as loop:
-                trajectories = loop.run([q.question for q in chunk for _ in range(settings.samples)], params)
-            repeated = [q for q in chunk for _ in range(settings.samples)]
-            scores = score_trajectories(trajectories, repeated, reward=reward)
-            k = settings.samples
-            rewards = [[s["reward"] for s in scores[i * k : (i + 1) * k]] for i in range(len(chunk))]
-            cached.update(zip([q.id for q in chunk], rewards, strict=True))
-            out.write(json.dumps({"ids": [q.id for q in chunk], "rewards": rewards}) + "\n")
-            out.flush()
-            sampled += len(chunk)
-            logger.info("difficulty filter: %d/%d questions sampled", len(cached), len(questions))
+    with torch.random.fork_rng(devices=devices):
+        for chunk in shard:
+            first = seed + position[chunk[0].id] if chunk else seed
+            rewards = sample_batch(chunk, loop_for_batch, params, settings, reward, first)
+            # One batch from each process per round, in process order: the order of the batches in `todo`.
+            batches = gathered(state, [([q.id for q in chunk], rewards)])
+            for ids, batch_rewards in batches:
+                cached.update(zip(ids, batch_rewards, strict=True))
+                sampled += len(ids)
+            # Written by the main process after every round (the resume unit); a failure there stops all.
+            on_main(state, lambda batches=batches: append_batches(path, batches))
+            if state.is_main_process:
+                logger.info("difficulty filter: %d/%d questions sampled", len(cached), len(questions))
     rates = {q.id: success_rate(cached[q.id], settings) for q in questions}
     kept = [q for q in questions if settings.keeps(rates[q.id])]
     result = FilterResult(kept, rates, folder, sampled)
@@ -194,21 +293,27 @@ def filter_questions(
         "rate_histogram": {"bins": HISTOGRAM_BINS, "counts": histogram(list(rates.values()))},
         "kept_ids": [q.id for q in kept],
     }
-    (folder / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    logger.info(
-        "difficulty filter: kept %d of %d questions (%.0f%%; success rate in (%g, %g)); %.0f%% had K equal "
-        "rewards; success-rate histogram over [0, 1] in %d bins: %s (%s)",
-        len(kept),
-        len(questions),
-        100 * result.kept_share,
-        settings.low,
-        settings.high,
-        100 * summary["flat_share"],
-        HISTOGRAM_BINS,
-        summary["rate_histogram"]["counts"],
-        "all from the cache" if sampled == 0 else f"{sampled} sampled now",
-    )
+    on_main(state, lambda: write_summary(folder, summary))
+    if state.is_main_process:
+        logger.info(
+            "difficulty filter: kept %d of %d questions (%.0f%%; success rate in (%g, %g)); %.0f%% had K equal "
+            "rewards; success-rate histogram over [0, 1] in %d bins: %s (%s)",
+            len(kept),
+            len(questions),
+            100 * result.kept_share,
+            settings.low,
+            settings.high,
+            100 * summary["flat_share"],
+            HISTOGRAM_BINS,
+            summary["rate_histogram"]["counts"],
+            "all from the cache" if sampled == 0 else f"{sampled} sampled now",
+        )
     return result
+
+
+def write_summary(folder: Path, summary: dict[str, Any]) -> None:
+    """`summary.json`: the kept ids, the kept share and the histogram of success rates."""
+    (folder / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
 
 
 class KeptQuestions(Dataset):
@@ -239,20 +344,35 @@ class KeptQuestions(Dataset):
 
 
 class Refilter(TrainerCallback):
-    """Every `every` steps, drops the kept questions whose latest training group left the band."""
+    """Every `every` steps, drops the kept questions whose latest training group left the band.
 
-    def __init__(self, dataset: KeptQuestions, settings: DifficultyFilterSettings, output_dir: Path) -> None:
+    Every process sees every process's groups (a group may even be split across processes), so all drop the
+    same questions: their datasets must stay alike, or TRL's shared sampler would deal them different prompts.
+    """
+
+    def __init__(
+        self,
+        dataset: KeptQuestions,
+        settings: DifficultyFilterSettings,
+        output_dir: Path,
+        state: PartialState,
+    ) -> None:
         self.dataset = dataset
         self.settings = settings
         self.path = output_dir / FOLDER / REFILTER_FILE
+        self.state = state
         self.latest: dict[str, list[float]] = {}
 
     def observe(self, batch: ScoredBatch) -> None:
         """Remember each question's latest group of training rewards (a `TrajectoryRewards` subscriber)."""
-        if not batch.training:
+        if not batch.training:  # the same on every process: the gather below is one call on each
             return
-        for start in range(0, len(batch.ids), batch.group_size):
-            self.latest[batch.ids[start]] = batch.rewards[start : start + batch.group_size]
+        # `all_rewards` holds every process's rows in process order; the ids are gathered to match.
+        ids = gathered(self.state, list(batch.ids))
+        if len(ids) != len(batch.all_rewards):
+            raise RuntimeError(f"{len(ids)} ids gathered for {len(batch.all_rewards)} rewards")
+        for start in range(0, len(ids), batch.group_size):
+            self.latest[ids[start]] = batch.all_rewards[start : start + batch.group_size]
 
     def _history(self) -> list[dict[str, Any]]:
         if not self.path.is_file():
@@ -261,7 +381,8 @@ class Refilter(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """A resumed run drops what the interrupted one had dropped by the step it resumes from."""
-        for entry in self._history():
+        # Read by the main process for all: a node with an older view of the file would drop other questions.
+        for entry in on_main(self.state, self._history):
             if entry["step"] <= state.global_step:
                 self.dataset.drop(set(entry["dropped"]))
 
@@ -306,10 +427,22 @@ def apply_difficulty_filter(
     settings = config.data.difficulty_filter
     args = trainer.args
     params = rollout_sampling(args)
-    key = cache_key(
-        policy, config.data.train_file, settings, params, config.rollout, template, config.reward, args.seed
-    )
-    folder = Path(args.output_dir) / FOLDER / key
+    processes = trainer.accelerator
+
+    def key() -> str:
+        return cache_key(
+            policy,
+            config.data.train_file,
+            settings,
+            params,
+            config.rollout,
+            template,
+            config.reward,
+            args.seed,
+        )
+
+    # The main process's key for all (it alone reads the question file's bytes for it): one cache folder.
+    folder = Path(args.output_dir) / FOLDER / on_main(processes, key)
 
     @contextlib.contextmanager
     def loop_for_batch():
@@ -317,7 +450,9 @@ def apply_difficulty_filter(
         with engine.current_policy(push_weights=True) as current:
             yield AgentLoop(current, searcher, config.rollout, template)
 
-    result = filter_questions(questions, loop_for_batch, params, settings, config.reward, folder, args.seed)
+    result = filter_questions(
+        questions, loop_for_batch, params, settings, config.reward, folder, args.seed, state=processes
+    )
     per_batch = args.generation_batch_size // args.num_generations
     if len(result.kept) < per_batch:
         counts = histogram(list(result.rates.values()))
@@ -331,7 +466,7 @@ def apply_difficulty_filter(
     dataset = KeptQuestions(question_rows(result.kept))
     trainer.train_dataset = dataset
     if settings.refilter_every:
-        refilter = Refilter(dataset, settings, Path(args.output_dir))
+        refilter = Refilter(dataset, settings, Path(args.output_dir), processes)
         trainer.add_callback(refilter)
         result.refilter = refilter
     return result

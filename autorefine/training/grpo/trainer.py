@@ -52,7 +52,7 @@ from autorefine.training.distributed import (
     process_hosts,
     start_processes,
 )
-from autorefine.training.grpo.difficulty import apply_difficulty_filter, policy_hash
+from autorefine.training.grpo.difficulty import agreed_policy_hash, apply_difficulty_filter
 from autorefine.training.grpo.flat_groups import DropFlatGroups
 from autorefine.training.grpo.samples import LatestSamples, SampleTableCallback, SaveRolloutsCallback
 from autorefine.training.guard import check_guard
@@ -400,15 +400,10 @@ def build_trainer(
     rewards = TrajectoryRewards(config.reward, build_matcher(config.reward.matcher), means=rollout_means)
     client = client or on_every_process(state, lambda: connect_retriever(config.retriever))
     difficulty = config.data.difficulty_filter
-    if difficulty.enabled and state.num_processes > 1:
-        raise RunError(
-            "data.difficulty_filter samples on one process; this job has "
-            f"{state.num_processes}: filter on one process first (the samples are cached under the run's "
-            "trainer.output_dir), or turn it off"
-        )
     tokenizer, model = load_tokenizer_and_policy(config.model, tokenizer=tokenizer, lora=config.lora)
-    # The starting policy, before TRL wraps it (a LoRA run: the base weights its adapter starts from).
-    policy = policy_hash(model) if difficulty.enabled else ""
+    # The starting policy, before TRL wraps it (a LoRA run: the base weights its adapter starts from); the main
+    # process's hash on every process (see `agreed_policy_hash`).
+    policy = agreed_policy_hash(state, model) if difficulty.enabled else ""
     rollout = SearchRollout(client, config.rollout, template, config.eval_temperature)
     trainer = GRPOTrainer(
         model=model,
