@@ -42,7 +42,8 @@ def read_jsonl(path: Path) -> list[dict]:
 def hops_of_heldout() -> dict[str, int]:
     """Multi-hop held-out question id → its number of hops."""
     return {
-        row["id"]: int(row.get("metadata", {}).get("hops", 1)) for row in read_jsonl(MULTIHOP / "heldout.jsonl")
+        row["id"]: int(row.get("metadata", {}).get("hops", 1))
+        for row in read_jsonl(MULTIHOP / "heldout.jsonl")
     }
 
 
