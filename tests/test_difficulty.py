@@ -10,6 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 from transformers import TrainerCallback
 
 from autorefine.config import GRPORunConfig, SFTRunConfig
@@ -26,6 +27,7 @@ from autorefine.training.grpo.difficulty import (
     Refilter,
     filter_questions,
     histogram,
+    policy_on_accelerator,
     read_cached,
     shard_batches,
     success_rate,
@@ -193,6 +195,34 @@ def test_refilter_drops_questions_whose_latest_group_left_the_band_and_a_resume_
         args, SimpleNamespace(global_step=2), None
     )
     assert resumed.active_ids() == ["b", "c"]  # resumed from step 2: step 4's drop is not yet made
+
+
+class MovesRecorded(torch.nn.Linear):
+    """A policy whose `.to` records the device instead of moving (no accelerator here)."""
+
+    def __init__(self) -> None:
+        super().__init__(2, 2)
+        self.moves: list[str] = []
+
+    def to(self, device):
+        self.moves.append(str(device))
+        return self
+
+
+@pytest.mark.parametrize(
+    ("accelerator", "engine_mode", "moves"),
+    [
+        ("cuda:0", "transformers", ["cuda:0", "cpu"]),  # ZeRO-1/2, FSDP: the Trainer has not placed it yet
+        ("cuda:0", "colocate", []),  # vLLM samples with its own copy
+        ("cpu", "transformers", []),
+    ],
+)
+def test_the_filter_samples_with_the_policy_on_the_accelerator(accelerator, engine_mode, moves):
+    model = MovesRecorded()
+    trainer = SimpleNamespace(model=model, accelerator=SimpleNamespace(device=torch.device(accelerator)))
+    with policy_on_accelerator(trainer, engine_mode):
+        assert model.moves == moves[:1]
+    assert model.moves == moves
 
 
 def test_batches_are_dealt_out_in_turn_and_padded_to_the_same_count():

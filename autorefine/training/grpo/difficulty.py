@@ -27,7 +27,7 @@ import contextlib
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -411,6 +411,31 @@ class Refilter(TrainerCallback):
         )
 
 
+@contextlib.contextmanager
+def policy_on_accelerator(trainer: GRPOTrainer, engine_mode: str) -> Iterator[None]:
+    """The policy on the accelerator while the filter samples with it, back where it was afterwards."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    model, target = trainer.model, trainer.accelerator.device
+    start = next(model.parameters()).device
+    # Under ZeRO-1/2 and FSDP the Trainer leaves the model on the CPU until `train()` prepares it, so the
+    # transformers engine would sample there. ZeRO-3 weights are already partitioned; vLLM holds its own copy
+    # (moving the policy beside it would only take its memory).
+    move = (
+        engine_mode == "transformers"
+        and start.type == "cpu"
+        and target.type != "cpu"
+        and not is_deepspeed_zero3_enabled()
+    )
+    if move:
+        model.to(target)
+    try:
+        yield
+    finally:
+        if move:
+            model.to(start)
+
+
 def apply_difficulty_filter(
     trainer: GRPOTrainer,
     engine: TrainerEngine,
@@ -450,9 +475,10 @@ def apply_difficulty_filter(
         with engine.current_policy(push_weights=True) as current:
             yield AgentLoop(current, searcher, config.rollout, template)
 
-    result = filter_questions(
-        questions, loop_for_batch, params, settings, config.reward, folder, args.seed, state=processes
-    )
+    with policy_on_accelerator(trainer, engine.mode):
+        result = filter_questions(
+            questions, loop_for_batch, params, settings, config.reward, folder, args.seed, state=processes
+        )
     per_batch = args.generation_batch_size // args.num_generations
     if len(result.kept) < per_batch:
         counts = histogram(list(result.rates.values()))
