@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -382,3 +385,27 @@ class RefusingProxy:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=10)
+
+
+def launch_grpo_2proc(
+    tmp_path, port: int, *overrides: str, flags: tuple[str, ...] = ()
+) -> tuple[int, list[dict], str]:
+    """Train the tiny-cpu preset on 2 processes; returns the exit status, each rank's report and stderr."""
+    report = tmp_path / "report"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(REPO_ROOT / "configs/accelerate/cpu_2proc.yaml"),
+        "--main_process_port", str(port),
+        str(REPO_ROOT / "tests/launch_grpo.py"), "--report", str(report), *flags, "--",
+        f"trainer.output_dir={tmp_path / 'run'}",
+        "trainer.per_device_train_batch_size=8",  # 2 × 8 = 16 trajectories = 4 questions × 4 per step
+        "trainer.num_generations=4",
+        "trainer.save_strategy=no",
+        "trainer.report_to=[]",
+        "logging.sample_table_every=0",
+        *overrides,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=900)
+    reports = [json.loads(p.read_text()) for p in sorted(report.glob("rank-*.json"))]
+    return result.returncode, reports, result.stderr

@@ -33,8 +33,7 @@ from autorefine.training.grpo.difficulty import (
     success_rate,
 )
 from autorefine.training.grpo.trainer import build_trainer
-from tests.helpers import REPO_ROOT, SYNTHETIC_DIR, tiny_grpo_config
-from tests.test_multiprocess import launch
+from tests.helpers import REPO_ROOT, SYNTHETIC_DIR, launch_grpo_2proc, tiny_grpo_config
 
 QUESTIONS = 12
 # What `filter_questions` needs of a single process's accelerate state.
@@ -296,7 +295,7 @@ def test_two_processes_share_the_filter_keep_the_same_questions_and_reuse_its_ca
 
     # Sample, filter, then train 2 steps, re-filtering after each.
     fresh = tmp_path / "fresh"
-    status, reports, stderr = launch(
+    status, reports, stderr = launch_grpo_2proc(
         fresh, free_port(), *overrides, "trainer.max_steps=2", "data.difficulty_filter.refilter_every=1"
     )
     assert status == 0, stderr[-4000:]
@@ -343,7 +342,7 @@ def test_two_processes_share_the_filter_keep_the_same_questions_and_reuse_its_ca
     cache.parent.mkdir(parents=True)
     whole = rewards_file.read_text().splitlines(keepends=True)
     cache.write_text(whole[0] + whole[1][: len(whole[1]) // 2])
-    status, reports, stderr = launch(resumed, free_port(), *overrides, flags=("--build-only",))
+    status, reports, stderr = launch_grpo_2proc(resumed, free_port(), *overrides, flags=("--build-only",))
     assert status == 0, stderr[-4000:]
     # what is left, (3, 1): rank 0 samples 3 questions, rank 1 one
     assert [r["filter_batches"] for r in reports] == [[ids[3:6]], [ids[6:7]]]
@@ -353,7 +352,7 @@ def test_two_processes_share_the_filter_keep_the_same_questions_and_reuse_its_ca
 
     # A rerun samples nothing, on either process, and changes nothing.
     shutil.rmtree(resumed / "report")
-    status, reports, stderr = launch(resumed, free_port(), *overrides, flags=("--build-only",))
+    status, reports, stderr = launch_grpo_2proc(resumed, free_port(), *overrides, flags=("--build-only",))
     assert status == 0, stderr[-4000:]
     assert [r["filter_batches"] for r in reports] == [[], []]
     assert [r["difficulty"] for r in reports] == [{**first, "sampled": 0}] * 2

@@ -11,7 +11,7 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from tests.helpers import REPO_ROOT
+from tests.helpers import REPO_ROOT, launch_grpo_2proc
 
 
 def train_grpo_on_two_processes(port: int, *overrides: str) -> subprocess.CompletedProcess[str]:
@@ -73,35 +73,13 @@ def test_two_cpu_processes_train_with_whole_groups(synthetic_bm25_server, tmp_pa
 # --- lockstep generation, shared failures and vLLM modes over 2 gloo processes (tests/launch_grpo.py) ---------
 
 
-def launch(tmp_path, port: int, *overrides: str, flags: tuple[str, ...] = ()) -> tuple[int, list[dict], str]:
-    """Train the tiny-cpu preset on 2 processes; returns the exit status, each rank's report and stderr."""
-    report = tmp_path / "report"
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(REPO_ROOT / "configs/accelerate/cpu_2proc.yaml"),
-        "--main_process_port", str(port),
-        str(REPO_ROOT / "tests/launch_grpo.py"), "--report", str(report), *flags, "--",
-        f"trainer.output_dir={tmp_path / 'run'}",
-        "trainer.per_device_train_batch_size=8",  # 2 × 8 = 16 trajectories = 4 questions × 4 per step
-        "trainer.num_generations=4",
-        "trainer.save_strategy=no",
-        "trainer.report_to=[]",
-        "logging.sample_table_every=0",
-        *overrides,
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=900)
-    reports = [json.loads(p.read_text()) for p in sorted(report.glob("rank-*.json"))]
-    return result.returncode, reports, result.stderr
-
-
 @pytest.mark.slow
 def test_heldout_evaluation_with_uneven_shards_gives_both_ranks_the_same_metrics(
     synthetic_bm25_server, tmp_path, free_port
 ):
     # 3 questions in batches of 1: rank 0 evaluates 2, rank 1 evaluates 1 and then an empty batch, whose turns
     # it takes without prompts while rank 0 is still generating
-    status, reports, stderr = launch(
+    status, reports, stderr = launch_grpo_2proc(
         tmp_path, free_port(), f"retriever.url={synthetic_bm25_server}", "trainer.max_steps=2",
         "heldout.every=1", "heldout.limit=3", "heldout.batch_size=1", "heldout.save_best=true",
     )  # fmt: skip
@@ -118,7 +96,7 @@ def test_heldout_evaluation_with_uneven_shards_gives_both_ranks_the_same_metrics
 def test_a_retriever_lost_on_one_rank_stops_both_with_a_checkpoint(
     synthetic_bm25_server, tmp_path, free_port
 ):
-    status, reports, stderr = launch(
+    status, reports, stderr = launch_grpo_2proc(
         tmp_path, free_port(), f"retriever.url={synthetic_bm25_server}", "trainer.max_steps=3",
         "heldout.every=0", flags=("--fail-search-on-rank", "1", "--fail-at-search", "2"),
     )  # fmt: skip
@@ -140,7 +118,7 @@ def test_a_retriever_refusing_the_key_mid_run_stops_both_with_a_checkpoint(
 
     # from the 5th search on (each step, each rank searches once or twice) the retriever answers 401
     with RefusingProxy(synthetic_bm25_server, allow=4) as proxy:
-        status, reports, stderr = launch(
+        status, reports, stderr = launch_grpo_2proc(
             tmp_path, free_port(), f"retriever.url={proxy.url}", "trainer.max_steps=3", "heldout.every=0"
         )
     assert status != 0
@@ -159,7 +137,7 @@ def test_a_retriever_refusing_the_key_mid_run_stops_both_with_a_checkpoint(
 def test_an_engine_failure_on_one_rank_stops_both_with_a_checkpoint(
     synthetic_bm25_server, tmp_path, free_port
 ):
-    status, reports, stderr = launch(
+    status, reports, stderr = launch_grpo_2proc(
         tmp_path, free_port(), f"retriever.url={synthetic_bm25_server}", "trainer.max_steps=3",
         "heldout.every=0", flags=("--fail-generate-on-rank", "1", "--fail-generate-after-step", "1"),
     )  # fmt: skip
@@ -181,7 +159,7 @@ def test_colocated_vllm_with_tensor_parallel_2_generates_in_lockstep(
     synthetic_bm25_server, tmp_path, free_port
 ):
     # the fake vllm.LLM checks, with a collective over its TP group, that both ranks send the same requests
-    status, reports, stderr = launch(
+    status, reports, stderr = launch_grpo_2proc(
         tmp_path, free_port(), f"retriever.url={synthetic_bm25_server}", "trainer.max_steps=1",
         "trainer.use_vllm=true", "trainer.vllm_mode=colocate", "trainer.vllm_tensor_parallel_size=2",
         "heldout.every=1", "heldout.limit=3", "heldout.batch_size=1",
@@ -199,7 +177,7 @@ def test_vllm_server_mode_waits_for_the_weight_push_on_every_rank(synthetic_bm25
 
     # a slow push: a rank that does not wait for rank 0 sends its first requests mid-update or to old weights
     with FakeVLLMServer(str(REPO_ROOT / "data/synthetic/warmstart"), free_port(), push_delay_s=1.5) as server:
-        status, reports, stderr = launch(
+        status, reports, stderr = launch_grpo_2proc(
             tmp_path, free_port(), f"retriever.url={synthetic_bm25_server}", "trainer.max_steps=2",
             "heldout.every=0", "trainer.use_vllm=true", "trainer.vllm_mode=server",
             f"trainer.vllm_server_base_url={server.url}", flags=("--fake-vllm",),
