@@ -29,6 +29,8 @@ JSON (`<out>/smollm2_rl.{md,json,png}`).
 Resume: each finished stage is recorded in `<out>/stages/`; rerun the same command after an interruption. A
 training stage that did not finish resumes from its last checkpoint (GRPO, every `--save-every` steps) or its
 last finished stage inside the round (IP-DPO); wall times add up over the attempts (`<run>.wall.json`).
+To train a finished GRPO run longer, delete its two records (`seedN-grpo.json`, `seedN-eval-grpo.json`) and
+rerun with more `--steps`: it resumes from its last checkpoint (the constant learning rate makes that exact).
 
 Time (2 cores, smoke test under other load, see BENCHMARKS.md): a GRPO step of 16 trajectories ≈ 2–4 min
 (a third rollout, the rest the update), the filter ≈ 3–4 s per trajectory, a held-out evaluation of 100
@@ -201,7 +203,7 @@ def train_ipdpo(seed: int, args: argparse.Namespace, url: str, warm: Path, quest
                f"trainer.output_dir={run_dir}", f"trainer.seed={seed}", f"rounds={args.ipdpo_rounds}",
                f"sampling.questions_per_round={questions}", f"heldout.limit={args.heldout_limit}",
                *args.ipdpo_set]  # fmt: skip
-    resumed = (run_dir / "round-0").exists()
+    resumed = any(run_dir.glob("round-*"))  # train-ipdpo refuses a folder with rounds unless resumed
     wall = timed_attempt([*command, "--resume"] if resumed else command, run_dir, resumed)
     final = run_dir / f"round-{args.ipdpo_rounds}"
     return {"final": str(final), "wall_s": wall, "attempts": len(attempts(run_dir))}
