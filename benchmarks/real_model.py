@@ -53,6 +53,7 @@ def run(command: list[str], log: Path) -> float:
     """Run a command from the repository root with its output in `log`; returns its wall time."""
     print(f"$ {' '.join(command)}", flush=True)
     started = time.perf_counter()
+    log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w", encoding="utf-8") as out:
         result = subprocess.run(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
     if result.returncode != 0:

@@ -32,11 +32,22 @@ last finished stage inside the round (IP-DPO); wall times add up over the attemp
 To train a finished GRPO run longer, delete its two records (`seedN-grpo.json`, `seedN-eval-grpo.json`) and
 rerun with more `--steps`: it resumes from its last checkpoint (the constant learning rate makes that exact).
 
-Time (2 cores, smoke test under other load, see BENCHMARKS.md): a GRPO step of 16 trajectories ≈ 2–4 min
-(a third rollout, the rest the update), the filter ≈ 3–4 s per trajectory, a held-out evaluation of 100
-questions ≈ 3–5 min. The defaults (200 questions × K 4, 48 steps, held-out every 8 steps) are sized for
-about 3 hours per seed on idle cores. Extra settings go to the runs with `--grpo-set KEY=VALUE ...` and
-`--ipdpo-set KEY=VALUE ...` (e.g. `trainer.learning_rate=1e-4`, the first lever if nothing moves).
+Time, measured by the smoke test (2 cores, load 3-4 from another job, so upper bounds): a rollout costs
+~4 s and an update ~9 s per trajectory, so a preset step of 16 trajectories takes ~3.5 min (70 s rollout,
+150 s update); the filter ~2.4 s per trajectory (batched); a held-out evaluation ~3.5 s per question. The
+defaults (200 questions × K 4 = 800 filter trajectories ≈ 32 min, 48 steps, 7 held-out evaluations of 100
+questions) need ~4 h per seed at that load and should fit 3 h on idle cores (a step of ~2.5 min); if the first
+steps log `time/step_s` above ~180 s on an idle machine, use `--steps 40` (or `--heldout-limit 50`).
+Extra settings go to the runs with `--grpo-set KEY=VALUE ...` and `--ipdpo-set KEY=VALUE ...` (e.g.
+`trainer.learning_rate=1e-4`, the first lever if nothing moves). An IP-DPO round with fewer than
+`pairs.min_pairs` pairs (preset: 8) stops the script with train-ipdpo's reasons; rerun with other `pairs.*`
+settings and it rebuilds the pairs from the same samples. The smoke test (~10 min; GRPO 1 question × 4 per
+step so that a checkpoint lands every step):
+
+    python benchmarks/smollm2_rl.py --out runs/bench/smollm2-rl-smoke --seeds 0 --steps 2 --train-questions 8 \
+        --heldout-every 1 --heldout-limit 8 --save-every 1 --limit 8 --ipdpo-rounds 1 --ipdpo-questions 4 \
+        --grpo-set trainer.per_device_train_batch_size=4 trainer.gradient_accumulation_steps=1 \
+        trainer.steps_per_generation=1 --ipdpo-set pairs.min_pairs=1
 """
 
 from __future__ import annotations
@@ -552,6 +563,7 @@ def main() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args.out = args.out.resolve()  # the commands run from the repository root
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"budget: {plan}; load {load_average()}", flush=True)
     if not args.report_only:
