@@ -53,6 +53,7 @@ def run(command: list[str], log: Path) -> float:
     """Run a command from the repository root with its output in `log`; returns its wall time."""
     print(f"$ {' '.join(command)}", flush=True)
     started = time.perf_counter()
+    log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w", encoding="utf-8") as out:
         result = subprocess.run(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
     if result.returncode != 0:
@@ -79,6 +80,15 @@ def stage(out: Path, name: str, work: Callable[[], dict[str, Any]]) -> dict[str,
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return record
+
+
+def prepare(model_dir: Path, index: Path, logs: Path) -> dict[str, Any]:
+    """The converted model (`fetch-model`, reused when verified) and the MiniLM demo index; fetch timings."""
+    run([*CLI, "fetch-model", "smollm2-135m-instruct", "--out", str(model_dir)], logs / "fetch.log")
+    if not (index / "manifest.json").is_file():
+        run([sys.executable, "-m", "retriever_server.cli", "build", "--corpus", "data/demo/corpus.jsonl",
+             "--out", str(index)], logs / "index.log")  # fmt: skip
+    return json.loads((model_dir / "provenance.json").read_text(encoding="utf-8"))["timings_s"]
 
 
 def evaluate(model: Path, out: Path, url: str | None, limit: int | None) -> dict[str, Any]:
@@ -240,13 +250,7 @@ def main() -> None:
     started = time.perf_counter()
     results: dict[str, Any] = {"load_start": load_average(), "cpus": os.cpu_count()}
 
-    run([*CLI, "fetch-model", "smollm2-135m-instruct", "--out", str(args.model_dir)], args.out / "fetch.log")
-    results["fetch"] = json.loads((args.model_dir / "provenance.json").read_text(encoding="utf-8"))[
-        "timings_s"
-    ]
-    if not (args.index / "manifest.json").is_file():
-        run([sys.executable, "-m", "retriever_server.cli", "build", "--corpus", "data/demo/corpus.jsonl",
-             "--out", str(args.index)], args.out / "index.log")  # fmt: skip
+    results["fetch"] = prepare(args.model_dir, args.index, args.out)
 
     evals: dict[str, dict[str, Any]] = {}
     out, limit = args.out, args.limit
