@@ -42,7 +42,7 @@ Extra settings go to the runs with `--grpo-set KEY=VALUE ...` and `--ipdpo-set K
 `trainer.learning_rate=1e-4`, the first lever if nothing moves). An IP-DPO round with fewer than
 `pairs.min_pairs` pairs (preset: 8) stops the script with train-ipdpo's reasons; rerun with other `pairs.*`
 settings and it rebuilds the pairs from the same samples. The smoke test (~10 min; GRPO 1 question × 4 per
-step so that a checkpoint lands every step):
+step):
 
     python benchmarks/smollm2_rl.py --out runs/bench/smollm2-rl-smoke --seeds 0 --steps 2 --train-questions 8 \
         --heldout-every 1 --heldout-limit 8 --save-every 1 --limit 8 --ipdpo-rounds 1 --ipdpo-questions 4 \
@@ -540,7 +540,7 @@ def main() -> None:
         "--heldout-limit", type=int, default=100, help="dev questions of the held-out evaluations"
     )
     parser.add_argument(
-        "--save-every", type=int, default=8, help="GRPO steps between checkpoints (resume points)"
+        "--save-every", type=int, default=2, help="GRPO steps between checkpoints (resume points)"
     )
     parser.add_argument("--ipdpo-rounds", type=int, default=3)
     parser.add_argument(

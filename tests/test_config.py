@@ -154,6 +154,24 @@ def test_checkpoints_must_fall_on_generation_boundaries():
         make_grpo_args(config)
 
 
+def test_a_checkpoint_every_optimizer_step_is_allowed_when_each_step_generates():
+    # The SmolLM2 preset's shape: 8 micro-batches per optimizer step, one generation per optimizer step, so
+    # every optimizer step ends on a generation boundary (TRL counts both in micro-batches).
+    config = load_config(
+        GRPORunConfig,
+        None,
+        [
+            "trainer.gradient_accumulation_steps=8",
+            "trainer.steps_per_generation=8",
+            "trainer.save_strategy=steps",
+            "trainer.save_steps=1",
+            "trainer.use_cpu=true",
+            "trainer.report_to=[]",
+        ],
+    )
+    assert make_grpo_args(config).save_steps == 1
+
+
 def test_cli_reports_config_errors_in_one_line(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "autorefine.cli", "train-grpo", "--config", str(tmp_path / "missing.yaml")],

@@ -320,11 +320,14 @@ def check_grpo_args(args: Any) -> None:
     """Refuse trainer arguments a multi-turn GRPO run cannot honour (`check_rollout_args`) or resume exactly."""
     check_rollout_args(args)
     generate_every = args.steps_per_generation * args.num_iterations
-    if args.save_steps and args.save_strategy == "steps" and args.save_steps % generate_every:
-        # TRL re-uses one generation batch for `generate_every` optimizer steps and does not checkpoint it.
+    micro_steps = args.save_steps * args.gradient_accumulation_steps
+    if args.save_steps and args.save_strategy == "steps" and micro_steps % generate_every:
+        # TRL re-uses one generation batch for `generate_every` micro-batches (it counts `training_step` calls,
+        # gradient_accumulation_steps per optimizer step) and does not checkpoint it.
         raise RunError(
-            f"trainer.save_steps={args.save_steps} must be a multiple of steps_per_generation × num_iterations "
-            f"= {generate_every}, or a resumed run would not match an uninterrupted one"
+            f"trainer.save_steps × gradient_accumulation_steps = {args.save_steps} × "
+            f"{args.gradient_accumulation_steps} must be a multiple of steps_per_generation × num_iterations = "
+            f"{generate_every} (both count micro-batches), or a resumed run would not match an uninterrupted one"
         )
 
 
