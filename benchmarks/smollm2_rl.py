@@ -207,11 +207,15 @@ def train_grpo(seed: int, args: argparse.Namespace, url: str, warm: Path, train:
     return {"final": str(run_dir / "final"), "wall_s": wall, "attempts": len(attempts(run_dir))}
 
 
-def train_ipdpo(seed: int, args: argparse.Namespace, url: str, warm: Path, questions: int) -> dict[str, Any]:
-    """IP-DPO rounds from the warm start on GRPO's trajectory budget; resumed inside its rounds."""
+def train_ipdpo(
+    seed: int, args: argparse.Namespace, url: str, warm: Path, questions: int, train: Path
+) -> dict[str, Any]:
+    """IP-DPO rounds from the warm start on GRPO's trajectory budget and question pool; resumed inside rounds."""
     run_dir = args.out / f"seed{seed}" / "ipdpo"
+    # The questions GRPO's filter chose from (train-ipdpo has no difficulty filter: it samples them all).
     command = [*CLI, "train-ipdpo", "--config", IPDPO_CONFIG, f"model.name_or_path={warm}", f"retriever.url={url}",
                f"trainer.output_dir={run_dir}", f"trainer.seed={seed}", f"rounds={args.ipdpo_rounds}",
+               f"data.train_file={train}",
                f"sampling.questions_per_round={questions}", f"heldout.limit={args.heldout_limit}",
                *args.ipdpo_set]  # fmt: skip
     resumed = any(run_dir.glob("round-*"))  # train-ipdpo refuses a folder with rounds unless resumed
@@ -248,7 +252,9 @@ def run_all(args: argparse.Namespace, plan: dict[str, int]) -> None:
                     record = stage(
                         out,
                         f"seed{seed}-ipdpo",
-                        lambda s=seed: train_ipdpo(s, args, url, warm, plan["ipdpo_questions_per_round"]),
+                        lambda s=seed: train_ipdpo(
+                            s, args, url, warm, plan["ipdpo_questions_per_round"], train
+                        ),
                     )
                 stage(
                     out,
