@@ -41,6 +41,8 @@ from testbed.retriever import running_retriever  # noqa: E402
 
 CLI = [sys.executable, "-m", "autorefine.cli"]
 DEV = REPO / "data/demo/hotpotqa_dev.jsonl"
+MODEL_DIR = REPO / "runs" / "models" / "smollm2"  # `autorefine fetch-model smollm2-135m-instruct`
+INDEX = REPO / "runs" / "index" / "demo-minilm"  # MiniLM over the demo corpus
 SFT_CONFIG = "configs/sft/smollm2-hotpotqa.yaml"
 GRPO_CONFIG = "configs/grpo/smollm2-hotpotqa-lora.yaml"
 IPDPO_CONFIG = "configs/ipdpo/smollm2-hotpotqa-lora.yaml"
@@ -80,6 +82,13 @@ def stage(out: Path, name: str, work: Callable[[], dict[str, Any]]) -> dict[str,
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return record
+
+
+def child_environment() -> None:
+    """Defaults every command this benchmark runs inherits."""
+    # A shared machine stalls spinning OpenMP threads; W&B has no network here.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("WANDB_MODE", "offline")
 
 
 def prepare(model_dir: Path, index: Path, logs: Path) -> dict[str, Any]:
@@ -234,8 +243,8 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench" / "real-model")
-    parser.add_argument("--model-dir", type=Path, default=REPO / "runs" / "models" / "smollm2")
-    parser.add_argument("--index", type=Path, default=REPO / "runs" / "index" / "demo-minilm")
+    parser.add_argument("--model-dir", type=Path, default=MODEL_DIR)
+    parser.add_argument("--index", type=Path, default=INDEX)
     parser.add_argument("--limit", type=int, help="evaluate on the first N dev questions (default: all 100)")
     parser.add_argument("--sft-steps", type=int, default=16)
     parser.add_argument("--grpo-steps", type=int, default=10)
@@ -243,9 +252,7 @@ def main() -> None:
         "--ipdpo-questions", type=int, default=32, help="training questions sampled by IP-DPO"
     )
     args = parser.parse_args()
-    # A shared machine stalls spinning OpenMP threads; every child process inherits this.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    os.environ.setdefault("WANDB_MODE", "offline")
+    child_environment()
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     results: dict[str, Any] = {"load_start": load_average(), "cpus": os.cpu_count()}

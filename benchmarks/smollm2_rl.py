@@ -69,7 +69,10 @@ from benchmarks.real_model import (  # noqa: E402
     CLI,
     DEV,
     GRPO_CONFIG,
+    INDEX,
     IPDPO_CONFIG,
+    MODEL_DIR,
+    child_environment,
     evaluate,
     history,
     prepare,
@@ -529,8 +532,8 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench" / "smollm2-rl")
-    parser.add_argument("--model-dir", type=Path, default=REPO / "runs" / "models" / "smollm2")
-    parser.add_argument("--index", type=Path, default=REPO / "runs" / "index" / "demo-minilm")
+    parser.add_argument("--model-dir", type=Path, default=MODEL_DIR)
+    parser.add_argument("--index", type=Path, default=INDEX)
     parser.add_argument("--adapter", type=Path, default=ADAPTER, help="the SFT LoRA adapter (the warm start)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--methods", nargs="+", choices=["grpo", "ipdpo"], default=["grpo", "ipdpo"])
@@ -565,9 +568,7 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true", help="report what already ran in --out")
     args = parser.parse_args()
     plan = budget(args)
-    # A shared machine stalls spinning OpenMP threads; every child process inherits this.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    os.environ.setdefault("WANDB_MODE", "offline")
+    child_environment()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args.out = args.out.resolve()  # the commands run from the repository root
     args.out.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ from autorefine.rollout.agent import AgentLoop, RolloutSettings, Searcher
 from autorefine.rollout.engines import TrainerEngine
 from autorefine.scoring.metrics import mean_metrics
 from autorefine.settings import to_dict, write_run_config
-from autorefine.training.distributed import on_main
+from autorefine.training.distributed import gathered, on_main
 from autorefine.trl_private import record_metric
 
 if TYPE_CHECKING:
@@ -86,8 +86,6 @@ class HeldoutEvalCallback(TrainerCallback):
 
     def evaluate(self) -> dict[str, float]:
         """Held-out metrics of the current policy, the same on every process."""
-        from accelerate.utils import gather_object
-
         trainer = self.trainer
         acc = trainer.accelerator
         if self.engine is None:
@@ -107,7 +105,7 @@ class HeldoutEvalCallback(TrainerCallback):
                 )
         finally:
             model.train(was_training)
-        predictions: list[Prediction] = gather_object(local) if acc.num_processes > 1 else local
+        predictions: list[Prediction] = gathered(acc, local)
         return aggregate(predictions)
 
     def on_step_end(

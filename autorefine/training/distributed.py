@@ -23,12 +23,18 @@ logger = logging.getLogger(__name__)
 SHARED_FILE_WAIT_S = 15.0
 
 
-def all_succeeded(state: PartialState, error: str | None) -> None:
-    """Every process reports how its share went; if any failed, every process raises the same RunError."""
+def gathered(state: PartialState, items: list[Any]) -> list[Any]:
+    """Every process's `items`, concatenated in process order (on one process, `items` itself)."""
+    if state.num_processes == 1:
+        return items
     from accelerate.utils import gather_object
 
-    errors = gather_object([error]) if state.num_processes > 1 else [error]
-    failed = [e for e in errors if e]
+    return gather_object(items)
+
+
+def all_succeeded(state: PartialState, error: str | None) -> None:
+    """Every process reports how its share went; if any failed, every process raises the same RunError."""
+    failed = [e for e in gathered(state, [error]) if e]
     if failed:
         raise RunError("\n".join(failed))
 
@@ -91,10 +97,7 @@ def free_accelerator_memory() -> None:
 
 def process_hosts(state: PartialState) -> list[str]:
     """The host name of every process, by process index (logged once: which node runs which ranks)."""
-    from accelerate.utils import gather_object
-
-    host = socket.gethostname()
-    hosts = gather_object([host]) if state.num_processes > 1 else [host]
+    hosts = gathered(state, [socket.gethostname()])
     if state.is_main_process and len(set(hosts)) > 1:
         ranks = {h: [i for i, x in enumerate(hosts) if x == h] for h in dict.fromkeys(hosts)}
         layout = "; ".join(

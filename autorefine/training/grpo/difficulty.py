@@ -43,7 +43,7 @@ from autorefine.rollout.agent import AgentLoop, RolloutSettings
 from autorefine.scoring.reward import RewardSettings
 from autorefine.scoring.trajectory import score_trajectories
 from autorefine.training.arguments import RunError
-from autorefine.training.distributed import on_main
+from autorefine.training.distributed import gathered, on_main
 
 if TYPE_CHECKING:
     from accelerate import PartialState
@@ -216,15 +216,6 @@ def sample_batch(
         trajectories = loop.run([q.question for q in repeated], params)
     scores = score_trajectories(trajectories, repeated, reward=reward) if chunk else []
     return [[s["reward"] for s in scores[i * k : (i + 1) * k]] for i in range(len(chunk))]
-
-
-def gathered(state: PartialState, items: list[Any]) -> list[Any]:
-    """Every process's `items`, concatenated in process order (on one process, `items` itself)."""
-    if state.num_processes == 1:
-        return items
-    from accelerate.utils import gather_object
-
-    return gather_object(items)
 
 
 def append_batches(path: Path, batches: list[tuple[list[str], list[list[float]]]]) -> None:
@@ -454,8 +445,10 @@ def apply_difficulty_filter(
     params = rollout_sampling(args)
     processes = trainer.accelerator
 
-    def key() -> str:
-        return cache_key(
+    # The main process's key for all (it alone reads the question file's bytes for it): one cache folder.
+    key = on_main(
+        processes,
+        lambda: cache_key(
             policy,
             config.data.train_file,
             settings,
@@ -464,10 +457,9 @@ def apply_difficulty_filter(
             template,
             config.reward,
             args.seed,
-        )
-
-    # The main process's key for all (it alone reads the question file's bytes for it): one cache folder.
-    folder = Path(args.output_dir) / FOLDER / on_main(processes, key)
+        ),
+    )
+    folder = Path(args.output_dir) / FOLDER / key
 
     @contextlib.contextmanager
     def loop_for_batch():

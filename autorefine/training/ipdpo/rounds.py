@@ -42,6 +42,7 @@ from autorefine.training.distributed import (
     all_succeeded,
     check_shared_folder,
     free_accelerator_memory,
+    gathered,
     on_every_process,
     on_main,
     process_hosts,
@@ -509,8 +510,6 @@ class IPDPORun:
 
     def evaluate(self, files: RoundFiles, policy: str) -> dict[str, float]:
         """Greedy held-out metrics of `policy`, questions split across processes; predictions saved."""
-        from accelerate.utils import gather_object
-
         from autorefine.evaluation.predictions import Prediction
         from autorefine.evaluation.runner import GREEDY, predict
         from autorefine.rollout.engines import engine_from_checkpoint
@@ -526,7 +525,7 @@ class IPDPORun:
             loop = AgentLoop(engine, self.searcher, config.rollout, self.template)
             local = predict(loop, share, GREEDY, batch_size=config.heldout.batch_size, reward=config.reward)
             del engine, loop
-        predictions = gather_object(local) if state.num_processes > 1 else local
+        predictions = gathered(state, local)
         metrics = heldout_metrics(self.heldout, predictions)
         metrics["seconds"] = time.perf_counter() - started
 
